@@ -1,0 +1,368 @@
+"""Generation throughput: our engine against plain transformers, measured side by side in one run.
+
+Three methods, same model, same prompts, greedy decoding, same stop tokens:
+
+1. naive:  one prompt at a time through ``model.generate`` (what the reference scripts do);
+2. plain:  batched ``model.generate`` with left padding, prompts in their given order;
+3. ours:   ``prism_lightning.generation.generate`` (length-sorted batches, finished rows dropped).
+
+Rows stop at different points, so throughput counts the new tokens each method actually produced
+(up to, not including, the first stop token). A GPU timing only means something beside a baseline
+from the same run, hence the ratios.
+
+Examples::
+
+    # CPU, embedded SmolLM2-135M-Instruct
+    python benchmarks/generation_throughput.py --prompts 16 --max-new-tokens 32 --batch-size 8
+    # GPU, random weights of Qwen2.5-7B's shape (speed does not depend on the weights)
+    python benchmarks/generation_throughput.py --random-shape qwen2.5-7b --device cuda --dtype bf16 \\
+        --prompts 128 --prompt-tokens 256 --max-new-tokens 128 --batch-size 128 --naive-prompts 4 \\
+        --repeats 3 --json results/generation_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prism_lightning.generation import SamplingConfig, generate, stop_token_ids  # noqa: E402
+
+# Model shapes for --random-shape (architecture class, config kwargs).
+SHAPES: dict[str, tuple[str, dict]] = {
+    "tiny": (
+        "llama",
+        dict(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+        ),
+    ),
+    "qwen2.5-7b": (
+        "qwen2",
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "llama-3.1-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+}
+
+PERSONAS = [
+    None,
+    "You are a mathematician.",
+    "You are an experienced software engineer who writes clear, correct and well-tested code, "
+    "and explains the trade-offs of each design decision briefly.",
+    "You are a careful safety monitor. You refuse requests that could cause harm and explain why, "
+    "and otherwise you help as fully as you can.",
+]
+QUERIES = [
+    "What is 17 times 23?",
+    "Write a haiku about autumn rain.",
+    "Explain the difference between a list and a tuple in Python.",
+    "Summarise the causes of the First World War in three sentences.",
+    "I have a meeting with my manager tomorrow about a raise. How should I prepare, and what should I "
+    "say if she tells me the budget is frozen this year?",
+    "Prove that the square root of two is irrational.",
+    "Extract every date from this text: The contract was signed on 3 March 2021, amended on "
+    "14 July 2022 and terminated on 1 January 2024.",
+    "Pretend you are a pirate captain and greet your new crew.",
+    "What causes the seasons on Earth?",
+    "Write a Python function that returns the n-th Fibonacci number using memoisation.",
+    "Is it ethical to eat meat? Give the strongest argument on each side.",
+    "How do vaccines train the immune system?",
+    "Translate 'Where is the train station?' into French and Spanish.",
+    "A bat and a ball cost 1.10 in total. The bat costs 1.00 more than the ball. How much does the "
+    "ball cost? Think step by step.",
+    "Give me three ideas for a birthday party for a seven-year-old who loves dinosaurs.",
+    "What is the capital of Australia?",
+]
+
+
+def machine_description(device: torch.device) -> dict:
+    info = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    from prism_lightning.backbone import resolve_dtype as _resolve
+
+    return _resolve(name, device)
+
+
+def load_real(args, device: torch.device):
+    """Embedded name, local dir or hub id through the project's loader; varied chat prompts."""
+    from prism_lightning.backbone import load_backbone
+
+    backbone = load_backbone(
+        args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation
+    )
+    prompts = [
+        backbone.formatter.prompt(QUERIES[i % len(QUERIES)], PERSONAS[(i // 2) % len(PERSONAS)])
+        for i in range(args.prompts)
+    ]
+    ids = [backbone.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return backbone.model, backbone.tokenizer, ids, args.model
+
+
+def load_random(args, device: torch.device):
+    """Random weights of a known shape (speed does not depend on weights); random token prompts."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from prism_lightning.testing import build_tiny_tokenizer
+
+    arch, kwargs = SHAPES[args.random_shape]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = config_cls(max_position_embeddings=32768, **kwargs)
+    if args.attn_implementation:
+        config._attn_implementation = args.attn_implementation
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(args.dtype, device))
+    model.eval()
+    # The tiny tokenizer only pads and decodes (ids beyond its vocabulary decode to nothing); its
+    # stop token is id 2, which random weights essentially never pick: every row runs to the limit.
+    tokenizer = build_tiny_tokenizer()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    rng = random.Random(0)
+    low = max(1, round(args.prompt_tokens * (1 - args.length_spread)))
+    ids = [
+        [rng.randrange(3, config.vocab_size) for _ in range(rng.randint(low, args.prompt_tokens))]
+        for _ in range(args.prompts)
+    ]
+    return model, tokenizer, ids, f"random:{args.random_shape}"
+
+
+def count_new(rows: list[list[int]], stops: set[int]) -> list[list[int]]:
+    """New tokens up to (not including) the first stop token; drops the padding after it."""
+    out = []
+    for row in rows:
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def hf_generate(model, tokenizer, batch: list[list[int]], max_new: int, stops: list[int]) -> list[list[int]]:
+    device = next(model.parameters()).device
+    width = max(len(r) for r in batch)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new,
+        eos_token_id=stops,
+        pad_token_id=pad,
+    )
+    return out[:, width:].tolist()
+
+
+def timed(fn: Callable[[], list[list[int]]], device: torch.device, repeats: int) -> tuple[list[float], list]:
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, local dir or hub id")
+    parser.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="random-shape prompts: max length")
+    parser.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.5,
+        help="random-shape prompts: lengths uniform in [(1-spread)*L, L]; 0 = all of length L",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--naive-prompts", type=int, default=16, help="time the naive loop on the first K")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per method (median)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    parser.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager, flash_attention_2")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loader = load_random if args.random_shape else load_real
+    model, tokenizer, ids, model_name = loader(args, device)
+    stops = stop_token_ids(tokenizer, model)
+    stop_set = set(stops)
+    max_new, bs = args.max_new_tokens, args.batch_size
+    naive_ids = ids[: args.naive_prompts]
+    lengths = [len(r) for r in ids]
+    print(
+        f"model {model_name} on {device} ({next(model.parameters()).dtype}); {len(ids)} prompts of "
+        f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); "
+        f"{max_new} new tokens max; batch {bs}; naive loop on {len(naive_ids)} prompts",
+        flush=True,
+    )
+
+    methods: dict[str, Callable[[], list[list[int]]]] = {
+        "naive (model.generate x1)": lambda: [
+            hf_generate(model, tokenizer, [r], max_new, stops)[0] for r in naive_ids
+        ],
+        "plain batched model.generate": lambda: [
+            row
+            for k in range(0, len(ids), bs)
+            for row in hf_generate(model, tokenizer, ids[k : k + bs], max_new, stops)
+        ],
+        "ours (generation.generate)": lambda: [
+            g.token_ids
+            for g in generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=max_new), batch_size=bs)
+        ],
+    }
+    # Warm-up (kernels, allocator, lazy init) on a short run of each method.
+    warm = [ids[0][: min(len(ids[0]), 32)]]
+    hf_generate(model, tokenizer, warm * 2, 4, stops)
+    generate(model, tokenizer, warm * 2, SamplingConfig(max_new_tokens=4), batch_size=2)
+    sync(device)
+
+    results: dict[str, dict] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for name, fn in methods.items():
+        times, rows = timed(fn, device, args.repeats)
+        rows = count_new(rows, stop_set)
+        outputs[name] = rows
+        new_tokens = sum(len(r) for r in rows)
+        seconds = statistics.median(times)
+        results[name] = {
+            "rows": len(rows),
+            "new_tokens": new_tokens,
+            "seconds": seconds,
+            "all_seconds": times,
+            "tokens_per_s": new_tokens / seconds,
+        }
+        print(f"  {name}: {new_tokens} tokens in {seconds:.2f} s", flush=True)
+
+    naive, plain, ours = (results[k]["tokens_per_s"] for k in methods)
+    names = list(methods)
+    same_as_naive = sum(a == b for a, b in zip(outputs[names[0]], outputs[names[2]], strict=False))
+    same_as_plain = sum(a == b for a, b in zip(outputs[names[1]], outputs[names[2]], strict=True))
+    print()
+    print(f"| {'method':<30} | {'rows':>4} | {'new tokens':>10} | {'seconds':>8} | {'tokens/s':>9} |")
+    print(f"|{'-' * 32}|{'-' * 6}|{'-' * 12}|{'-' * 10}|{'-' * 11}|")
+    for name, r in results.items():
+        print(
+            f"| {name:<30} | {r['rows']:>4} | {r['new_tokens']:>10} | {r['seconds']:>8.2f} | "
+            f"{r['tokens_per_s']:>9.1f} |"
+        )
+    ratios = {"ours/plain": ours / plain, "ours/naive": ours / naive, "plain/naive": plain / naive}
+    print()
+    print("  ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()))
+    print(
+        f"greedy outputs identical to ours: naive {same_as_naive}/{len(naive_ids)}, "
+        f"plain {same_as_plain}/{len(ids)} (differences come from batched floating-point sums)"
+    )
+
+    report = {
+        "benchmark": "generation_throughput",
+        "model": model_name,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine_description(device),
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
+        "results": results,
+        "ratios": ratios,
+        "identical_to_ours": {"naive": same_as_naive, "plain": same_as_plain},
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stage 2: every query gets a base answer (no persona) and a matched-persona answer.
+
+Row: ``{"id", "persona", "query", "base_answer", "persona_answer", "base_finish", "persona_finish",
+"base_tokens", "persona_tokens"}`` (finish: "stop" | "length"; tokens: generated tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.contexts import Context
+from prism_lightning.generation import SamplingConfig, generate_batch, row_seed
+
+
+class DegenerateAnswersError(RuntimeError):
+    """The model ended every answer at once."""
+
+
+def answer_jobs(
+    formatter,
+    queries: Sequence[Mapping[str, Any]],
+    personas: Mapping[str, Context],
+    length: str,
+    placement: str,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": q["id"],
+            "persona": q["persona"],
+            "query": q["query"],
+            "base_prompt": formatter.prompt(q["query"]),
+            "persona_prompt": formatter.prompt(q["query"], personas[q["persona"]].text(length), placement),
+        }
+        for q in queries
+    ]
+
+
+class AnswerTask(StageTask):
+    def __init__(self, backbone, sampling: SamplingConfig, seed: int) -> None:
+        super().__init__()
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.sampling = sampling
+        self.seed = seed
+
+    def process(self, jobs):
+        prompts = [j["base_prompt"] for j in jobs] + [j["persona_prompt"] for j in jobs]
+        seeds = [row_seed(self.seed, f"answers:{j['id']}:base") for j in jobs] + [
+            row_seed(self.seed, f"answers:{j['id']}:persona") for j in jobs
+        ]
+        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, seeds=seeds)
+        base, persona = gens[: len(jobs)], gens[len(jobs) :]
+        return [
+            {
+                "id": job["id"],
+                "persona": job["persona"],
+                "query": job["query"],
+                "base_answer": b.text,
+                "persona_answer": p.text,
+                "base_finish": b.finish_reason,
+                "persona_finish": p.finish_reason,
+                "base_tokens": len(b.token_ids),
+                "persona_tokens": len(p.token_ids),
+            }
+            for job, b, p in zip(jobs, base, persona, strict=True)
+        ]
+
+
+def finalize_answers(rows):
+    empty_base = sum(1 for r in rows if not r["base_answer"].strip())
+    empty_persona = sum(1 for r in rows if not r["persona_answer"].strip())
+    warnings = []
+    if rows and (empty_base == len(rows) or empty_persona == len(rows)):
+        raise DegenerateAnswersError(
+            f"the model ended every answer at once ({empty_base}/{len(rows)} base and "
+            f"{empty_persona}/{len(rows)} persona answers are empty). Check the model and its chat "
+            "template (does it stop on its first token?), or use another backbone."
+        )
+    if empty_base or empty_persona:
+        warnings.append(
+            f"{empty_base} base and {empty_persona} persona answers ended at once (empty); they stay in "
+            "the data and mostly land in retain"
+        )
+    stats = {
+        "pairs": len(rows),
+        "empty_base": empty_base,
+        "empty_persona": empty_persona,
+        "truncated_base": sum(1 for r in rows if r["base_finish"] == "length"),
+        "truncated_persona": sum(1 for r in rows if r["persona_finish"] == "length"),
+        "warnings": warnings,
+    }
+    return rows, stats

@@ -1,0 +1,65 @@
+"""The prompt texts of the bootstrap: query writing (stage 1) and the pairwise judge (stage 3).
+
+Bump :data:`PROMPT_VERSION` when a text changes: it is part of the stage hashes, so cached stages
+that used the old text are recomputed.
+"""
+
+from __future__ import annotations
+
+from prism_lightning.contexts import Context
+
+PROMPT_VERSION = 1
+
+#: One hint per query index (cycled) so that N samples for one persona ask for different things.
+QUERY_ANGLES: tuple[str, ...] = (
+    "a practical, everyday problem",
+    "a request to explain a concept clearly",
+    "a task that needs careful step-by-step work",
+    "a creative or open-ended request",
+    "a comparison or a trade-off to weigh",
+    "a tricky question where beginners often go wrong",
+    "a question from a complete beginner",
+    "an advanced question from a specialist",
+    "a request to review or improve something",
+    "a short, concrete question with a definite answer",
+)
+
+
+def query_prompt_text(context: Context, index: int) -> str:
+    """The user message asking the base model for ONE query that ``context`` would excel at."""
+    angle = QUERY_ANGLES[index % len(QUERY_ANGLES)]
+    return (
+        f"Write one realistic question or request that a user might send to {context.description}, "
+        f"someone skilled in {context.expertise}. It should be something this expert would answer "
+        f"exceptionally well. Make it {angle}. This is question number {index + 1} of a varied set.\n"
+        "Reply with the question only, on a single line, with no numbering, quotes or explanation."
+    )
+
+
+JUDGE_TEMPLATE = (
+    "Please act as an impartial judge and evaluate the quality of the answers given by two AI "
+    "assistants to the user question below. Choose the assistant that answers the question better. "
+    "Judge correctness, relevance, helpfulness and clarity. Do not let the length of the answers "
+    "influence you, do not favour an answer because of its position, and do not favour a name.\n"
+    "Reply with exactly one of: A, B, TIE.\n\n"
+    "[User Question]\n{question}\n\n"
+    "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+    "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
+)
+#: Appended after the formatted judge prompt (assistant turn), so the next token is the verdict.
+JUDGE_PRIMER = "Verdict:"
+#: Verdict options and the surface forms whose first token is scored (log-sum-exp over variants).
+VERDICT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "A": (" A", "A"),
+    "B": (" B", "B"),
+    "TIE": (" TIE", "TIE", " Tie", " tie"),
+}
+
+
+def judge_prompt_text(question: str, answer_a: str, answer_b: str) -> str:
+    return JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
+
+
+def judge_prompt(formatter, question: str, answer_a: str, answer_b: str) -> str:
+    """The full judge prompt: the judge's chat format with no persona, reply primed for the verdict."""
+    return formatter.prompt(judge_prompt_text(question, answer_a, answer_b)) + JUDGE_PRIMER

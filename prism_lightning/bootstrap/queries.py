@@ -1,0 +1,187 @@
+"""Stage 1: the base model writes queries that each persona would excel at.
+
+Shard row (one per generation): ``{"id": "<persona>-<i>", "persona", "index", "raw", "finish",
+"tokens"}``. Final row (``rows.jsonl``, kept queries only, in persona/index order):
+``{"id", "persona", "index", "query", "raw"}``. Drops are counted per persona and reason
+(``empty``, ``too_short``, ``duplicate``, ``near_duplicate``) in meta.json's ``stats``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from collections.abc import Sequence
+from typing import Any
+
+from prism_lightning.bootstrap.prompts import query_prompt_text
+from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.contexts import Context
+from prism_lightning.generation import SamplingConfig, generate_batch, row_seed, stop_token_ids
+
+DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "not_a_query", "duplicate", "near_duplicate")
+NEAR_DUP_RATIO = 0.9
+NEAR_DUP_JACCARD = 0.8
+
+_PREFIX = re.compile(
+    r"^\s*(?:"
+    r"(?:#+|[-*•>]+)\s*"  # markdown heading / bullet / quote
+    r"|\(?(?:q|question)?\s*\d+\s*[.):\]-]\s*"  # 1.  1)  (1)  Q1:  Question 3 -
+    r"|\*\*[^*]{0,40}\*\*\s*:?\s*"  # **Query:**
+    r"|(?:query|question|request|prompt|user|task|example)\s*(?:\d+\s*)?[:\-]\s*"  # Query: ...
+    r")",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'“”‘’`*_ "
+
+
+def clean_query(raw: str) -> str:
+    """First non-empty line, without numbering, bullets, quotes or a "Query:" style prefix."""
+    line = next((ln.strip() for ln in raw.splitlines() if ln.strip()), "")
+    previous = None
+    while line != previous:
+        previous = line
+        line = _PREFIX.sub("", line, count=1).strip()
+        line = line.strip(_QUOTES).strip()
+    return line
+
+
+def normalise(text: str) -> str:
+    """Lowercase, punctuation-free, single-spaced: the key for exact-duplicate detection."""
+    table = str.maketrans(dict.fromkeys(string.punctuation + "“”‘’", " "))
+    return " ".join(text.lower().translate(table).split())
+
+
+def is_near_duplicate(a: str, b: str) -> bool:
+    """difflib ratio >= 0.9 or token Jaccard >= 0.8 between two normalised queries."""
+    if difflib.SequenceMatcher(None, a, b).ratio() >= NEAR_DUP_RATIO:
+        return True
+    ta, tb = set(a.split()), set(b.split())
+    return bool(ta | tb) and len(ta & tb) / len(ta | tb) >= NEAR_DUP_JACCARD
+
+
+def filter_queries(
+    rows: Sequence[dict[str, Any]], min_chars: int = 16
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], list[dict[str, Any]]]:
+    """Clean, length-filter and de-duplicate (across all personas, first occurrence wins).
+
+    Returns (kept rows with a ``query`` field, drop counts ``{persona: {reason: n}}``, dropped rows
+    with their ``reason``).
+    """
+    kept: list[dict[str, Any]] = []
+    kept_norm: list[str] = []
+    seen: set[str] = set()
+    drops: dict[str, dict[str, int]] = {}
+    dropped: list[dict[str, Any]] = []
+    for row in rows:
+        drops.setdefault(row["persona"], dict.fromkeys(DROP_REASONS, 0))
+        query = clean_query(row.get("raw", ""))
+        norm = normalise(query)
+        if not norm:
+            reason = "empty"
+        elif len(query) < min_chars:
+            reason = "too_short"
+        elif query.endswith(":"):  # a heading such as "Here is one example:"
+            reason = "not_a_query"
+        elif norm in seen:
+            reason = "duplicate"
+        elif any(is_near_duplicate(norm, other) for other in kept_norm):
+            reason = "near_duplicate"
+        else:
+            reason = None
+        if reason is not None:
+            drops[row["persona"]][reason] += 1
+            dropped.append(
+                {"id": row["id"], "persona": row["persona"], "reason": reason, "raw": row.get("raw")}
+            )
+            continue
+        seen.add(norm)
+        kept_norm.append(norm)
+        kept.append(
+            {
+                "id": row["id"],
+                "persona": row["persona"],
+                "index": row["index"],
+                "query": query,
+                "raw": row["raw"],
+            }
+        )
+    return kept, drops, dropped
+
+
+def query_jobs(formatter, personas: Sequence[Context], per_persona: int) -> list[dict[str, Any]]:
+    """One job per (persona, index); the prompt has no persona (the base model writes queries)."""
+    return [
+        {
+            "id": f"{ctx.name}-{i}",
+            "persona": ctx.name,
+            "index": i,
+            "prompt": formatter.prompt(query_prompt_text(ctx, i)),
+        }
+        for ctx in personas
+        for i in range(per_persona)
+    ]
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every vocabulary token whose text contains a line break."""
+    ids = range(len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return [i for i, text in zip(ids, texts, strict=True) if "\n" in text]
+
+
+class QueryTask(StageTask):
+    def __init__(self, backbone, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True) -> None:
+        super().__init__()
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.sampling = sampling
+        self.seed = seed
+        self.stop_ids = None
+        if stop_at_newline:
+            self.stop_ids = stop_token_ids(backbone.tokenizer, backbone.model) + newline_token_ids(
+                backbone.tokenizer
+            )
+
+    def process(self, jobs):
+        seeds = [row_seed(self.seed, f"queries:{job['id']}") for job in jobs]
+        prompts = [j["prompt"] for j in jobs]
+        gens = generate_batch(
+            self.model, self.tokenizer, prompts, self.sampling, seeds=seeds, stop_ids=self.stop_ids
+        )
+        return [
+            {
+                "id": job["id"],
+                "persona": job["persona"],
+                "index": job["index"],
+                "raw": gen.text,
+                "finish": gen.finish_reason,
+                "tokens": len(gen.token_ids),
+            }
+            for job, gen in zip(jobs, gens, strict=True)
+        ]
+
+
+class NoQueriesError(RuntimeError):
+    """Every generated query was dropped."""
+
+
+def finalize_queries(rows, min_chars: int, persona_names: Sequence[str]):
+    kept, drops, dropped = filter_queries(rows, min_chars)
+    per_persona = {name: sum(1 for r in kept if r["persona"] == name) for name in persona_names}
+    if not kept:
+        raise NoQueriesError(
+            f"no queries left after filtering: {len(rows)} generated, drops by persona and reason: {drops}. "
+            "Raise bootstrap.queries_per_persona or bootstrap.query_max_new_tokens, lower "
+            "bootstrap.min_query_chars, or use a stronger base model."
+        )
+    stats = {
+        "generated": len(rows),
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "kept_per_persona": per_persona,
+        "dropped_by_reason": drops,
+        "dropped_rows": dropped,
+        "empty_personas": [name for name, n in per_persona.items() if n == 0],
+    }
+    return kept, stats

@@ -1,0 +1,440 @@
+"""Orchestration of the bootstrap: queries -> answers -> verdicts -> teacher targets.
+
+Each stage is a :class:`~prism_lightning.bootstrap.store.StageStore` keyed by its settings and its
+upstream stages. A finished stage is read from disk (no Trainer, no model); the backbone (and the
+judge, when it is another model) is loaded lazily, once, only when some stage has work to do, and is
+freed at the end. :func:`run_bootstrap` writes ``<run_dir>/bootstrap/summary.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism_lightning.backbone import Backbone, BackboneConfig
+from prism_lightning.bootstrap import answers as answers_mod
+from prism_lightning.bootstrap import queries as queries_mod
+from prism_lightning.bootstrap import teacher as teacher_mod
+from prism_lightning.bootstrap import verdicts as verdicts_mod
+from prism_lightning.bootstrap.config import BootstrapConfig
+from prism_lightning.bootstrap.prompts import PROMPT_VERSION
+from prism_lightning.bootstrap.stage import barrier, global_rank, run_stage
+from prism_lightning.bootstrap.store import (
+    FORMAT_VERSION,
+    StageStore,
+    atomic_write_json,
+    read_jsonl,
+    stage_hash,
+)
+from prism_lightning.contexts import Context, ContextLibrary
+from prism_lightning.generation import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("queries", "answers", "verdicts", "teacher")
+
+
+@dataclass
+class BootstrapResult:
+    """Where each finished stage lives and the run summary (also in ``summary_path``)."""
+
+    run_dir: Path
+    stages: dict[str, StageStore]
+    summary: dict[str, Any]
+    summary_path: Path
+    personas: list[Context] = field(default_factory=list)
+
+    @property
+    def stage_dirs(self) -> dict[str, Path]:
+        return {name: store.path for name, store in self.stages.items()}
+
+    def rows(self, stage: str) -> list[dict[str, Any]]:
+        return self.stages[stage].read_rows()
+
+
+class _Models:
+    """Loads the base model (and a distinct judge) on first use, once per run."""
+
+    def __init__(self, base: BackboneConfig, judge: BackboneConfig | None, device: str) -> None:
+        self.base_config, self.judge_config, self.device = base, judge, device
+        self._base: Backbone | None = None
+        self._judge: Backbone | None = None
+        self.loaded: list[str] = []
+
+    def base(self) -> Backbone:
+        if self._base is None:
+            start = time.perf_counter()
+            self._base = self.base_config.load(self.device)
+            self.loaded.append(f"{self.base_config.model} ({time.perf_counter() - start:.1f} s)")
+        return self._base
+
+    def judge(self) -> Backbone:
+        if self.judge_config is None or self.judge_config == self.base_config:
+            return self.base()
+        if self._judge is None:
+            self._judge = self.judge_config.load(self.device)
+            self.loaded.append(self.judge_config.model)
+        return self._judge
+
+    def close(self) -> None:
+        self._base = self._judge = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _load_device(trainer_kwargs: dict[str, Any]) -> str:
+    accelerator = str(trainer_kwargs.get("accelerator") or "auto").lower()
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_personas(config: BootstrapConfig) -> list[Context]:
+    """The selected contexts; unknown names and empty selections fail here, before anything is written."""
+    library = ContextLibrary.from_config(config.context_files)
+    if isinstance(config.personas, (list, tuple)) and not config.personas:
+        raise ValueError(
+            f"bootstrap.personas is empty; give names from: {', '.join(library.names)}, or 'all'"
+        )
+    return library.select(config.personas)
+
+
+def stage_settings(
+    config: BootstrapConfig, backbone: BackboneConfig, personas: list[Context]
+) -> dict[str, dict[str, Any]]:
+    """The settings that affect each stage (the stage hash covers these plus the upstream hashes)."""
+    model = asdict(backbone)
+    judge = asdict(config.judge) if config.judge is not None else model
+    texts = {c.name: c.text(config.persona_length) for c in personas}
+    return {
+        "queries": {
+            "model": model,
+            "personas": [[c.name, c.description, c.expertise] for c in personas],
+            "queries_per_persona": config.queries_per_persona,
+            "query_temperature": config.query_temperature,
+            "query_max_new_tokens": config.query_max_new_tokens,
+            "min_query_chars": config.min_query_chars,
+            "query_stop_at_newline": config.query_stop_at_newline,
+            "seed": config.seed,
+            "prompt_version": PROMPT_VERSION,
+        },
+        "answers": {
+            "model": model,
+            "persona_texts": texts,
+            "placement": config.placement,
+            "answer_temperature": config.answer_temperature,
+            "answer_max_new_tokens": config.answer_max_new_tokens,
+            "seed": config.seed,
+        },
+        "verdicts": {
+            "judge": judge,
+            "judge_max_new_tokens": config.judge_max_new_tokens,
+            "prompt_version": PROMPT_VERSION,
+            "verdict_rule": config.verdict_rule,
+        },
+        "teacher": {
+            "model": model,
+            "persona_texts": texts,
+            "placement": config.placement,
+            "teacher_top_k": config.teacher_top_k,
+            "max_response_tokens": config.max_response_tokens,
+        },
+    }
+
+
+def stage_stores(
+    config: BootstrapConfig,
+    backbone: BackboneConfig,
+    run_dir: str | Path,
+    personas: list[Context] | None = None,
+) -> dict[str, StageStore]:
+    personas = personas if personas is not None else resolve_personas(config)
+    settings = stage_settings(config, backbone, personas)
+    root = Path(run_dir) / "bootstrap"
+    q = StageStore(root, "queries", settings["queries"])
+    a = StageStore(root, "answers", settings["answers"], [q])
+    v = StageStore(root, "verdicts", settings["verdicts"], [a])
+    t = StageStore(root, "teacher", settings["teacher"], [v])
+    return {"queries": q, "answers": a, "verdicts": v, "teacher": t}
+
+
+def _judge_key(store: StageStore) -> str:
+    """Hash of the verdict stage without its rule: the same judgments serve both rules."""
+    settings = {k: v for k, v in store.settings.items() if k != "verdict_rule"}
+    return stage_hash("judgments", settings, list(store.upstream.values()))
+
+
+def _reusable_judgments(store: StageStore) -> list[dict[str, Any]] | None:
+    key = _judge_key(store)
+    for meta_path in sorted(store.path.parent.glob("verdicts-*/meta.json")):
+        other = meta_path.parent
+        if other == store.path or not (other / "DONE").exists():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("format_version") == FORMAT_VERSION and meta.get("stats", {}).get("judge_key") == key:
+            return read_jsonl(other / "rows.jsonl")
+    return None
+
+
+def run_bootstrap(
+    config: BootstrapConfig,
+    backbone_config: BackboneConfig,
+    run_dir: str | Path,
+    trainer_kwargs: dict[str, Any] | None = None,
+    *,
+    _fail_after: dict[str, int] | None = None,
+) -> BootstrapResult:
+    """Bring every bootstrap stage under ``run_dir`` to done and return where they are + the summary.
+
+    A second call with the same settings loads no model and creates no Trainer. ``trainer_kwargs``
+    go to the predict Trainers (``devices``, ``accelerator``, ``strategy``, ...). ``_fail_after``
+    (tests) simulates a kill: ``{stage: batches}``.
+    """
+    start_all = time.perf_counter()
+    trainer_kwargs = dict(trainer_kwargs or {})
+    run_dir = Path(run_dir)
+    personas = resolve_personas(config)
+    by_name = {c.name: c for c in personas}
+    stores = stage_stores(config, backbone_config, run_dir, personas)
+    models = _Models(backbone_config, config.judge, _load_device(trainer_kwargs))
+    fail = _fail_after or {}
+    timings: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, jobs_fn, task_fn, finalize, batch_size: int, token_keys=()):
+        store = stores[name]
+        t0 = time.perf_counter()
+        if store.is_done():
+            timings[name] = {"cached": True, "seconds": 0.0}
+            return store.meta()
+        jobs = jobs_fn()
+        meta = run_stage(
+            store,
+            jobs,
+            task_fn,
+            finalize,
+            batch_size=batch_size,
+            trainer_kwargs=trainer_kwargs,
+            token_keys=token_keys,
+            fail_after=fail.get(name),
+        )
+        timings[name] = {"cached": False, "seconds": round(time.perf_counter() - t0, 3)}
+        return meta
+
+    try:
+        # 1. queries
+        run(
+            "queries",
+            lambda: queries_mod.query_jobs(models.base().formatter, personas, config.queries_per_persona),
+            lambda: queries_mod.QueryTask(
+                models.base(),
+                SamplingConfig(
+                    max_new_tokens=config.query_max_new_tokens, temperature=config.query_temperature
+                ),
+                config.seed,
+                stop_at_newline=config.query_stop_at_newline,
+            ),
+            lambda rows: queries_mod.finalize_queries(rows, config.min_query_chars, list(by_name)),
+            config.batch_size,
+            ("tokens",),
+        )
+        # 2. answers
+        run(
+            "answers",
+            lambda: answers_mod.answer_jobs(
+                models.base().formatter,
+                stores["queries"].read_rows(),
+                by_name,
+                config.persona_length,
+                config.placement,
+            ),
+            lambda: answers_mod.AnswerTask(
+                models.base(),
+                SamplingConfig(
+                    max_new_tokens=config.answer_max_new_tokens, temperature=config.answer_temperature
+                ),
+                config.seed,
+            ),
+            answers_mod.finalize_answers,
+            config.batch_size,
+            ("base_tokens", "persona_tokens"),
+        )
+        # 3. verdicts (judgments are reused across rules)
+        vstore = stores["verdicts"]
+        judge_key = _judge_key(vstore)
+
+        def finalize_verdicts(rows):
+            rows, stats = verdicts_mod.finalize_verdicts(rows, config.verdict_rule)
+            stats["judge_key"] = judge_key
+            return rows, stats
+
+        reused = None if vstore.is_done() else _reusable_judgments(vstore)
+        if reused is not None:  # same judgments, another rule: relabel instead of re-judging
+            t0 = time.perf_counter()
+            if global_rank() == 0:
+                vstore.begin()
+                rows, stats = finalize_verdicts(reused)
+                vstore.finish(
+                    rows,
+                    {
+                        "seconds": 0.0,
+                        "jobs": len(rows),
+                        "computed_rows": 0,
+                        "resumed_rows": 0,
+                        "tokens_generated": 0,
+                        "tokens_per_second": 0.0,
+                        "stats": stats,
+                        "reused_judgments": True,
+                    },
+                )
+            barrier()
+            timings["verdicts"] = {
+                "cached": False,
+                "reused": True,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        else:
+            run(
+                "verdicts",
+                lambda: verdicts_mod.verdict_jobs(models.judge().formatter, stores["answers"].read_rows()),
+                lambda: verdicts_mod.VerdictTask(
+                    models.judge(), config.judge_max_new_tokens, config.verdict_rule
+                ),
+                finalize_verdicts,
+                config.batch_size,
+                ("judge_tokens",),
+            )
+
+        # 4. teacher targets for the distill rows
+        def teacher_jobs():
+            verdicts = stores["verdicts"].read_rows()
+            answers = {r["id"]: r for r in stores["answers"].read_rows()}
+            distill = [r for r in verdicts if r["gate_target"] == 1]
+            return teacher_mod.teacher_jobs(
+                models.base().formatter, distill, answers, by_name, config.persona_length, config.placement
+            )
+
+        run(
+            "teacher",
+            teacher_jobs,
+            lambda: teacher_mod.TeacherTask(models.base(), config.teacher_top_k, config.max_response_tokens),
+            teacher_mod.finalize_teacher,
+            config.batch_size,
+        )
+    finally:
+        loaded = list(models.loaded)
+        models.close()
+
+    summary = build_summary(config, stores, timings, time.perf_counter() - start_all, loaded, run_dir)
+    summary_path = run_dir / "bootstrap" / "summary.json"
+    if global_rank() == 0:
+        atomic_write_json(summary_path, summary)
+    for message in summary["warnings"]:
+        log.warning(message)
+    return BootstrapResult(run_dir, stores, summary, summary_path, personas)
+
+
+def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> dict[str, Any]:
+    metas = {name: store.meta() for name, store in stores.items()}
+    stages = {}
+    for name in STAGES:
+        meta = metas[name]
+        this_run = timings.get(name, {"cached": True, "seconds": 0.0})
+        stages[name] = {
+            "dir": str(stores[name].path),
+            "cached": this_run.get("cached", False),
+            "seconds_this_run": this_run.get("seconds", 0.0),
+            "seconds_when_computed": meta.get("seconds"),
+            "rows": meta.get("rows"),
+            "jobs": meta.get("jobs"),
+            "resumed_rows": meta.get("resumed_rows"),
+            "tokens_generated": meta.get("tokens_generated"),
+            "tokens_per_second": meta.get("tokens_per_second"),
+        }
+    qs = metas["queries"].get("stats", {})
+    ans = metas["answers"].get("stats", {})
+    vs = metas["verdicts"].get("stats", {})
+    split = vs.get("split", {})
+    rule = config.verdict_rule
+    warnings: list[str] = list(ans.get("warnings", []))
+    for name in qs.get("empty_personas", []):
+        warnings.append(f"persona {name!r} kept no queries")
+    unparsable = vs.get("unparsable", {})
+    if sum(unparsable.values()):
+        warnings.append(
+            f"unparsable free-text verdicts: {unparsable} (the strict rule counts them as retain)"
+        )
+    total = split.get(rule, {}).get("total", {})
+    if total and (total.get("distill", 0) == 0 or total.get("retain", 0) == 0):
+        warnings.append(
+            f"the {rule} rule gives {total.get('distill', 0)} distill / {total.get('retain', 0)} retain "
+            "rows: training needs both; raise queries_per_persona, switch verdict_rule, or change "
+            "persona_length/placement"
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "run_dir": str(run_dir),
+        "verdict_rule": rule,
+        "models_loaded": loaded,
+        "total_seconds": round(total_seconds, 3),
+        "stages": stages,
+        "queries": {
+            k: qs.get(k) for k in ("generated", "kept", "dropped", "kept_per_persona", "dropped_by_reason")
+        },
+        "answers": {k: v for k, v in ans.items() if k != "warnings"},
+        "verdicts": {
+            "pairs": vs.get("pairs"),
+            "unparsable": unparsable,
+            "parsed_counts": vs.get("parsed_counts"),
+            "split": split,
+        },
+        "warnings": warnings,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of the summary for the terminal."""
+    lines = [f"bootstrap summary ({summary['run_dir']}, rule: {summary['verdict_rule']})"]
+    lines.append(
+        f"{'stage':<10}{'status':<10}{'rows':>6}{'tokens':>9}{'tok/s':>8}{'s (run)':>9}{'s (made)':>10}"
+    )
+    for name, st in summary["stages"].items():
+        status = "cached" if st["cached"] else "computed"
+        lines.append(
+            f"{name:<10}{status:<10}{st['rows'] or 0:>6}{st['tokens_generated'] or 0:>9}"
+            f"{st['tokens_per_second'] or 0:>8.1f}{st['seconds_this_run']:>9.1f}"
+            f"{st['seconds_when_computed'] or 0:>10.1f}"
+        )
+    q = summary["queries"]
+    lines.append(f"queries: {q['generated']} generated, {q['kept']} kept, {q['dropped']} dropped")
+    for persona, reasons in (q.get("dropped_by_reason") or {}).items():
+        nonzero = {k: v for k, v in reasons.items() if v}
+        kept = (q.get("kept_per_persona") or {}).get(persona, 0)
+        lines.append(f"  {persona:<16} kept {kept:>3}  dropped {nonzero or '-'}")
+    v = summary["verdicts"]
+    lines.append(f"verdicts: {v['pairs']} pairs, unparsable free-text verdicts {v['unparsable']}")
+    split = v.get("split") or {}
+    personas = [p for p in (split.get("logprob") or {}) if p != "total"]
+    lines.append(f"  {'persona':<16}{'strict d/r':>12}{'logprob d/r':>13}")
+    for p in [*personas, "total"]:
+        s = split.get("strict", {}).get(p, {})
+        lp = split.get("logprob", {}).get(p, {})
+        lines.append(
+            f"  {p:<16}{s.get('distill', 0):>6}/{s.get('retain', 0):<5}"
+            f"{lp.get('distill', 0):>7}/{lp.get('retain', 0):<5}"
+        )
+    for w in summary["warnings"]:
+        lines.append(f"WARNING: {w}")
+    lines.append(f"total {summary['total_seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Stage 5's teacher targets: top-k logits of the persona-prompted base model over the persona answer.
+
+For each distill row: prompt ids = ``formatter.prompt(query, persona_text, placement)`` (tokenized
+without added special tokens), response ids = :func:`response_token_ids` of the persona answer
+(answer tokens + the chat end-of-turn token, truncated). One no-grad forward of the adapter-free base
+model over prompt + response; the logits at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those
+predicting the n response tokens) are reduced to their top-k.
+
+Row: ``{"id", "persona", "n_tokens", "prompt_tokens", "top_k", "tensor_file"}``; the tensors live in
+safetensors files in the stage directory under keys ``"<id>.values"`` (float16, (n, k)),
+``"<id>.indices"`` (int32, (n, k)) and ``"<id>.response_ids"`` (int32, (n,)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
+from prism_lightning.contexts import Context
+from prism_lightning.generation import END_OF_TURN_TOKENS
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template puts after an assistant message (e.g. <|im_end|>), else EOS."""
+    marker = "PRISM-END-PROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        tail = text.split(marker, 1)[1]
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+        if ids and ids[0] in set(tokenizer.all_special_ids):
+            return int(ids[0])
+    except Exception:  # templates without an assistant role etc.
+        pass
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither an end-of-turn token nor an EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def response_token_ids(tokenizer, text: str, max_tokens: int, eot_id: int | None = None) -> list[int]:
+    """Answer tokens followed by the end-of-turn token, truncated to ``max_tokens``. Shared by the
+    teacher and the student rows, so both see exactly the same response tokens."""
+    eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eot]
+    return ids[:max_tokens]
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def teacher_jobs(
+    formatter,
+    distill_rows: Sequence[Mapping[str, Any]],
+    answers: Mapping[str, Mapping[str, Any]],
+    personas: Mapping[str, Context],
+    length: str,
+    placement: str,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": r["id"],
+            "persona": r["persona"],
+            "prompt": formatter.prompt(r["query"], personas[r["persona"]].text(length), placement),
+            "response": answers[r["id"]]["persona_answer"],
+        }
+        for r in distill_rows
+    ]
+
+
+@torch.no_grad()
+def topk_over_response(model, prompt_ids: list[int], response_ids: list[int], k: int):
+    """(values fp16 (n, k), indices int32 (n, k)) of the logits predicting each response token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + response_ids], dtype=torch.long, device=device)
+    n = len(response_ids)
+    try:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1]
+    except TypeError:
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
+    values, indices = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+    return values.to(torch.float16).cpu(), indices.to(torch.int32).cpu()
+
+
+class TeacherTask(StageTask):
+    def __init__(self, backbone, top_k: int, max_response_tokens: int) -> None:
+        super().__init__()
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.top_k = top_k
+        self.max_response_tokens = max_response_tokens
+        self.eot = end_of_turn_id(backbone.tokenizer)
+
+    def process(self, jobs):
+        rows = []
+        for job in jobs:  # one row per forward: the logits of a whole response are large (n x vocab)
+            prompt_ids = prompt_token_ids(self.tokenizer, job["prompt"])
+            response_ids = response_token_ids(
+                self.tokenizer, job["response"], self.max_response_tokens, self.eot
+            )
+            values, indices = topk_over_response(self.model, prompt_ids, response_ids, self.top_k)
+            rows.append(
+                {
+                    "id": job["id"],
+                    "persona": job["persona"],
+                    "n_tokens": len(response_ids),
+                    "prompt_tokens": len(prompt_ids),
+                    "top_k": int(values.shape[-1]),
+                    TENSORS_KEY: {
+                        f"{job['id']}.values": values,
+                        f"{job['id']}.indices": indices,
+                        f"{job['id']}.response_ids": torch.tensor(response_ids, dtype=torch.int32),
+                    },
+                }
+            )
+        return rows
+
+
+def load_teacher_targets(
+    stage_dir: str | Path, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{id: {"values", "indices", "response_ids"}} for the given teacher rows (files opened once each)."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    by_file: dict[str, list[str]] = {}
+    for r in rows:
+        by_file.setdefault(r["tensor_file"], []).append(r["id"])
+    for name, ids in by_file.items():
+        with safe_open(str(Path(stage_dir) / name), framework="pt") as fh:
+            for i in ids:
+                out[i] = {key: fh.get_tensor(f"{i}.{key}") for key in ("values", "indices", "response_ids")}
+    return out
+
+
+def finalize_teacher(rows):
+    return rows, {"rows": len(rows), "response_tokens": sum(r["n_tokens"] for r in rows)}

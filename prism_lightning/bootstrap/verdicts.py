@@ -1,0 +1,236 @@
+"""Stage 3: the model judges each (base, persona) answer pair twice, with positions swapped.
+
+Two verdicts per order:
+
+* free text: greedy generation of a few tokens after the primed judge prompt, parsed tolerantly by
+  :func:`parse_verdict` into "A" / "B" / "TIE" or ``None`` (unparsable, counted);
+* log-probabilities of the options' first tokens at the verdict position (never unparsable).
+
+Row: ``{"id", "persona", "query", "order_persona_first": {"raw", "parsed", "logprobs": {"A", "B",
+"TIE"}}, "order_base_first": {...}, "strict_label": 0|1, "logprob_score": float,
+"logprob_label": 0|1, "gate_target": 0|1}``. ``strict_label`` is the paper's rule (the parsed verdict
+prefers the persona in both orders); ``logprob_score`` is the persona's log-odds
+(logp(persona letter) - logp(base letter)) summed over both orders, which cancels a constant
+position bias; ``logprob_label = score > 0``. ``gate_target`` is the label of the configured rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from prism_lightning.bootstrap.prompts import VERDICT_OPTIONS, judge_prompt
+from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.generation import SamplingConfig, generate_batch
+
+ORDERS = ("order_persona_first", "order_base_first")
+#: Which letter the persona answer has in each order.
+PERSONA_LETTER = {"order_persona_first": "A", "order_base_first": "B"}
+BASE_LETTER = {"order_persona_first": "B", "order_base_first": "A"}
+
+_BRACKETED = re.compile(r"\[\[\s*(A|B|C|TIE|tie|Tie)\s*\]\]")
+_TOKEN = re.compile(r"(?<![A-Za-z])(A|B)(?![A-Za-z])|\b(tie|equal|equally|neither|both)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """Map free judge text to "A", "B", "TIE", or ``None`` when it names no verdict.
+
+    Accepts "[[A]]", "A", "Output A:", "Assistant B is better", "tie", "[[C]]" (MT-Bench's tie).
+    The first verdict-like token wins; an "A"/"B" must stand alone (not inside a word) and be a
+    capital letter unless it follows "assistant"/"answer"/"output"/"response".
+    """
+    if not text:
+        return None
+    text = text.strip()
+    match = _BRACKETED.search(text)
+    if match:
+        value = match.group(1).upper()
+        return "TIE" if value in ("C", "TIE") else value
+    for match in _TOKEN.finditer(text):
+        if match.group(2):
+            return "TIE"
+        letter = match.group(1)
+        if letter.isupper():
+            return letter
+        before = text[: match.start()].rstrip().lower()
+        if before.endswith(("assistant", "answer", "output", "response")):
+            return letter.upper()
+    return None
+
+
+def option_token_ids(tokenizer) -> dict[str, list[int]]:
+    """First token of each surface form of each option (deduplicated; shared first tokens dropped)."""
+    ids: dict[str, list[int]] = {}
+    for option, variants in VERDICT_OPTIONS.items():
+        firsts = []
+        for variant in variants:
+            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if toks:
+                firsts.append(int(toks[0]))
+        ids[option] = list(dict.fromkeys(firsts))
+    counts: dict[int, int] = {}
+    for toks in ids.values():
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+    shared = {t for t, c in counts.items() if c > 1}
+    out = {opt: [t for t in toks if t not in shared] for opt, toks in ids.items()}
+    empty = [opt for opt, toks in out.items() if not toks]
+    if empty:
+        raise ValueError(f"judge tokenizer cannot tell verdict options {empty} apart by their first token")
+    return out
+
+
+def option_logprobs(log_probs: torch.Tensor, option_ids: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """logsumexp over each option's token variants of a log-softmax vector ``log_probs`` (V,)."""
+    return {
+        opt: float(torch.logsumexp(log_probs[list(toks)].float(), dim=0)) for opt, toks in option_ids.items()
+    }
+
+
+def persona_log_odds(logprobs: Mapping[str, float], order: str) -> float:
+    return logprobs[PERSONA_LETTER[order]] - logprobs[BASE_LETTER[order]]
+
+
+def logprob_verdict(pf: Mapping[str, float], bf: Mapping[str, float]) -> tuple[float, int]:
+    """(score, label): the persona's log-odds summed over both orders; label = score > 0.
+
+    A constant position bias c (the judge adds c to "A" in every prompt) adds +c in the
+    persona-first order and -c in the base-first order, so it cancels in the sum.
+    """
+    score = persona_log_odds(pf, "order_persona_first") + persona_log_odds(bf, "order_base_first")
+    return score, int(score > 0)
+
+
+def strict_verdict(parsed_pf: str | None, parsed_bf: str | None) -> int:
+    """The paper's rule: 1 only when the persona wins in both orders."""
+    return int(
+        parsed_pf == PERSONA_LETTER["order_persona_first"] and parsed_bf == PERSONA_LETTER["order_base_first"]
+    )
+
+
+def verdict_jobs(formatter, answers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Judge prompts in the judge's chat format (no persona), persona answer as A then as B."""
+    return [
+        {
+            "id": a["id"],
+            "persona": a["persona"],
+            "query": a["query"],
+            "order_persona_first": judge_prompt(formatter, a["query"], a["persona_answer"], a["base_answer"]),
+            "order_base_first": judge_prompt(formatter, a["query"], a["base_answer"], a["persona_answer"]),
+        }
+        for a in answers
+    ]
+
+
+@torch.no_grad()
+def last_token_log_probs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """log-softmax of the next-token logits after each prompt, (N, V) float32, one left-padded forward."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    except TypeError:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+
+
+class VerdictTask(StageTask):
+    def __init__(self, judge, max_new_tokens: int, rule: str) -> None:
+        super().__init__()
+        self.model = judge.model
+        self.tokenizer = judge.tokenizer
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+        self.option_ids = option_token_ids(judge.tokenizer)
+        self.rule = rule
+
+    def process(self, jobs):
+        prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
+        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling)
+        log_probs = last_token_log_probs(self.model, self.tokenizer, prompts)
+        rows = []
+        n = len(jobs)
+        for i, job in enumerate(jobs):
+            orders = {}
+            for k, order in enumerate(ORDERS):
+                gen = gens[i + k * n]
+                orders[order] = {
+                    "raw": gen.text,
+                    "parsed": parse_verdict(gen.text),
+                    "logprobs": option_logprobs(log_probs[i + k * n], self.option_ids),
+                    "tokens": len(gen.token_ids),
+                }
+            rows.append(label_row(job, orders, self.rule))
+        return rows
+
+
+def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], rule: str) -> dict[str, Any]:
+    pf, bf = orders["order_persona_first"], orders["order_base_first"]
+    score, lp_label = logprob_verdict(pf["logprobs"], bf["logprobs"])
+    strict = strict_verdict(pf["parsed"], bf["parsed"])
+    return {
+        "id": job["id"],
+        "persona": job["persona"],
+        "query": job["query"],
+        "order_persona_first": dict(pf),
+        "order_base_first": dict(bf),
+        "strict_label": strict,
+        "logprob_score": score if math.isfinite(score) else 0.0,
+        "logprob_label": lp_label,
+        "gate_target": strict if rule == "strict" else lp_label,
+        "judge_tokens": int(pf.get("tokens", 0)) + int(bf.get("tokens", 0)),
+    }
+
+
+def relabel(rows: Sequence[Mapping[str, Any]], rule: str) -> list[dict[str, Any]]:
+    """The same judgments under another rule (no re-judging needed)."""
+    return [{**r, "gate_target": r["strict_label"] if rule == "strict" else r["logprob_label"]} for r in rows]
+
+
+def split_counts(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    """{persona: {"distill": n, "retain": m}} plus a "total" entry, for label field ``key``."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        slot = out.setdefault(r["persona"], {"distill": 0, "retain": 0})
+        slot["distill" if r[key] else "retain"] += 1
+    out["total"] = {
+        "distill": sum(v["distill"] for v in out.values()),
+        "retain": sum(v["retain"] for v in out.values()),
+    }
+    return out
+
+
+def finalize_verdicts(rows, rule: str):
+    rows = relabel(rows, rule)
+    stats = {
+        "pairs": len(rows),
+        "rule": rule,
+        "unparsable": {order: sum(1 for r in rows if r[order]["parsed"] is None) for order in ORDERS},
+        "parsed_counts": {
+            order: {v: sum(1 for r in rows if r[order]["parsed"] == v) for v in ("A", "B", "TIE")}
+            for order in ORDERS
+        },
+        "split": {
+            "strict": split_counts(rows, "strict_label"),
+            "logprob": split_counts(rows, "logprob_label"),
+        },
+    }
+    return rows, stats

@@ -1,0 +1,114 @@
+"""`python -m prism_lightning chat`: one answer, or an interactive conversation, from the base model
+with an optional persona in the prompt, or from an exported PRISM checkpoint with routing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
+from prism_lightning.chat_format import PLACEMENTS
+from prism_lightning.contexts import LENGTHS, ContextLibrary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prism_lightning chat",
+        description="Ask the model one question (MESSAGE given) or chat interactively (no MESSAGE; "
+        "/reset clears the conversation, /quit or Ctrl-D leaves).",
+    )
+    p.add_argument("message", nargs="?", help="the user message; omit for an interactive session")
+    p.add_argument("--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})")
+    p.add_argument("--persona", default=None, help="persona/context name put in the prompt (base model only)")
+    p.add_argument("--persona_length", default="short", choices=LENGTHS)
+    p.add_argument("--placement", default="system", choices=PLACEMENTS)
+    p.add_argument("--context_file", action="append", default=[], help="extra persona/context file (repeatable)")
+    p.add_argument("--checkpoint", default=None, help="exported PRISM run directory: answer with routing")
+    p.add_argument("--route", default="gated", choices=("gated", "on", "off"), help="routing mode with --checkpoint")
+    p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--trust_remote_code", action="store_true")
+    return p
+
+
+class _Session:
+    """Holds the conversation so follow-up turns see earlier ones."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from prism_lightning.generation import SamplingConfig
+
+        self.args = args
+        self.sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+        )
+        self.turns: list[str] = []
+        self.replies: list[str] = []
+        self.route: bool | None = None
+        if args.checkpoint:
+            if args.persona:
+                raise SystemExit("--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt.")
+            from prism_lightning.model.export import load_checkpoint
+
+            override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
+            self.routed = load_checkpoint(args.checkpoint, device=args.device, backbone_override=override)
+            self.backbone = self.routed.backbone
+            self.context = None
+        else:
+            self.routed = None
+            self.context = None
+            if args.persona:  # resolved before the model loads, so a typo fails at once
+                library = ContextLibrary.from_config(args.context_file)
+                self.context = library.get(args.persona).text(args.persona_length)
+            self.backbone = BackboneConfig(
+                model=args.model or DEFAULT_MODEL, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+            ).load(args.device)
+
+    def ask(self, message: str) -> str:
+        from prism_lightning.generation import generate_batch
+
+        self.turns.append(message)
+        if self.routed is not None:
+            out = self.routed.chat(
+                self.turns, self.replies, mode=self.args.route, threshold=self.args.threshold,
+                sampling=self.sampling, route=self.route,
+            )
+            self.route = out.route
+            reply = out.text
+            print(f"[route: {'adapter' if out.route else 'base'}  gate p={out.gate_prob:.3f}]", file=sys.stderr)
+        else:
+            prompt = self.backbone.formatter.prompt(self.turns, self.context, self.args.placement, self.replies)
+            gen = generate_batch(self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling)[0]
+            reply = gen.text
+        self.replies.append(reply)
+        return reply
+
+    def reset(self) -> None:
+        self.turns, self.replies, self.route = [], [], None
+
+
+def chat_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    session = _Session(args)
+    if args.message is not None:
+        print(session.ask(args.message))
+        return 0
+    print("Interactive chat. /reset clears the conversation, /quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            continue
+        print(f"model> {session.ask(line)}")

@@ -1,0 +1,78 @@
+"""Command dispatch: Lightning's verbs go to LightningCLI, PRISM's own verbs to their modules.
+
+Only commands that are built are listed; each module is imported when its command runs so
+`--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+LIGHTNING_COMMANDS = {
+    "fit": "bootstrap (cached stages reused), train the gate and LoRA jointly, export, sanity-check",
+    "validate": "run the validation loop on the bootstrapped validation split",
+    "test": "run the test loop",
+    "predict": "routed generation over a JSONL of prompts",
+}
+PRISM_COMMANDS: dict[str, tuple[str, str]] = {
+    "bootstrap": ("prism_lightning.bootstrap.cli:bootstrap_main", "write queries, answers, verdicts, teacher logits"),
+    "chat": ("prism_lightning.chat:chat_main", "talk to a model, with a persona or a routed checkpoint"),
+    "assets": ("prism_lightning.asset_cli:assets_main", "fetch the embedded model and benchmark files"),
+}
+
+
+def repo_configs_dir() -> Path:
+    """`configs/` of a source checkout, else of the current directory."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    return here if here.is_dir() else Path.cwd() / "configs"
+
+
+def _usage() -> str:
+    lines = ["usage: python -m prism_lightning <command> [options]", "", "commands:"]
+    for name, text in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    for name, (_, text) in PRISM_COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    lines += ["", "`python -m prism_lightning <command> --help` shows a command's options.",
+              "`fit` with no --config uses configs/default.yaml (the embedded SmolLM2 default)."]
+    return "\n".join(lines)
+
+
+def _load(target: str) -> Callable[[Sequence[str]], int | None]:
+    module, func = target.split(":")
+    return getattr(__import__(module, fromlist=[func]), func)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: shown as one clear line, not a traceback."""
+    from prism_lightning.assets import AssetError
+    from prism_lightning.backbone import ModelNotFoundError
+    from prism_lightning.contexts import ContextFileError, UnknownContextError
+
+    return (AssetError, ModelNotFoundError, UnknownContextError, ContextFileError)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        from prism_lightning.lightning_cli import run_lightning_cli
+
+        run_lightning_cli(command, rest)
+        return
+    if command in PRISM_COMMANDS:
+        try:
+            code = _load(PRISM_COMMANDS[command][0])(rest)
+        except _user_errors() as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SystemExit(code or 0)
+    print(f"Unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,19 @@
+"""LightningDataModules and datasets over the bootstrap artifacts (see :mod:`prism_lightning.bootstrap`)."""
+
+from prism_lightning.data.datamodule import (
+    EmptySplitError,
+    JsonlRows,
+    PrismDataModule,
+    PrismExamples,
+    collate_examples,
+    stratified_split,
+)
+
+__all__ = [
+    "EmptySplitError",
+    "JsonlRows",
+    "PrismDataModule",
+    "PrismExamples",
+    "collate_examples",
+    "stratified_split",
+]

@@ -1,0 +1,327 @@
+"""Training rows for joint gate + LoRA training, built from a finished bootstrap.
+
+One example per judged query:
+
+* distill (gate target 1): response = the persona answer, with the teacher's top-k logits;
+* retain (gate target 0): response = the base answer, no teacher targets.
+
+The student prompt is ``formatter.prompt(query)``: no persona, exactly what inference sees.
+
+Batch schema (:func:`collate_examples`)::
+
+    input_ids        LongTensor (B, T)     right-padded: student prompt ids + response ids
+    attention_mask   LongTensor (B, T)
+    prompt_lengths   LongTensor (B,)       prompt tokens; the gate reads the hidden state at prompt_lengths-1
+    response_lengths LongTensor (B,)
+    gate_target      FloatTensor (B,)      1.0 distill / 0.0 retain
+    teacher_values   FloatTensor (B, R, K) teacher top-k logits (float32); zeros where absent
+    teacher_indices  LongTensor (B, R, K)
+    teacher_mask     BoolTensor (B, R)     True where a teacher target exists (distill rows, real tokens)
+
+R = the longest response in the batch, K = ``bootstrap.teacher_top_k``. Student logits at position
+``prompt_lengths[b] - 1 + j`` predict response token ``j``. Sequences longer than ``max_length`` lose
+response tokens first (teacher targets are cut the same way), then prompt tokens from the left.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.bootstrap.config import BootstrapConfig
+from prism_lightning.bootstrap.runner import run_bootstrap, stage_stores
+from prism_lightning.bootstrap.stage import dist_ready
+from prism_lightning.bootstrap.store import read_jsonl
+from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class EmptySplitError(ValueError):
+    """The bootstrap produced no distill rows or no retain rows: training needs both."""
+
+
+class JsonlRows(Dataset):
+    """Rows of a bootstrap ``rows.jsonl`` (queries, answers or verdicts) as a map-style dataset."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows = read_jsonl(self.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+class PrismExamples(Dataset):
+    """Tokenized training examples (see the module docstring); items are dicts of tensors."""
+
+    def __init__(self, examples: Sequence[Mapping[str, Any]]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.examples[i]
+
+
+def split_table(verdicts: Sequence[Mapping[str, Any]], key: str = "gate_target") -> str:
+    per: dict[str, list[int]] = {}
+    for r in verdicts:
+        per.setdefault(r["persona"], [0, 0])[0 if r[key] else 1] += 1
+    lines = [f"  {'persona':<18}{'distill':>8}{'retain':>8}"]
+    lines += [f"  {p:<18}{d:>8}{r:>8}" for p, (d, r) in per.items()]
+    lines.append(f"  {'total':<18}{sum(v[0] for v in per.values()):>8}{sum(v[1] for v in per.values()):>8}")
+    return "\n".join(lines)
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices), stratified by label; val gets >= 1 of a class that has >= 2 rows."""
+    rng = random.Random(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for label in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == label]
+        rng.shuffle(idx)
+        n_val = round(len(idx) * val_fraction) if val_fraction > 0 else 0
+        if val_fraction > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val += idx[:n_val]
+        train += idx[n_val:]
+    return sorted(train), sorted(val)
+
+
+def build_example(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    gate_target: int,
+    teacher: Mapping[str, torch.Tensor] | None,
+    max_length: int,
+    row_id: str = "",
+) -> dict[str, Any]:
+    if len(prompt_ids) >= max_length:  # keep at least one response token; inference would see more
+        log.warning(
+            "prompt of %s has %d tokens >= max_length %d; cutting it from the left",
+            row_id,
+            len(prompt_ids),
+            max_length,
+        )
+        prompt_ids = prompt_ids[-(max_length - 1) :]
+    n = min(len(response_ids), max_length - len(prompt_ids))
+    example = {
+        "id": row_id,
+        "input_ids": torch.tensor(prompt_ids + response_ids[:n], dtype=torch.long),
+        "prompt_length": len(prompt_ids),
+        "response_length": n,
+        "gate_target": float(gate_target),
+        "teacher_values": None,
+        "teacher_indices": None,
+    }
+    if teacher is not None:
+        example["teacher_values"] = teacher["values"][:n].float()
+        example["teacher_indices"] = teacher["indices"][:n].long()
+    return example
+
+
+def collate_examples(batch: Sequence[Mapping[str, Any]], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into the batch schema of the module docstring."""
+    b = len(batch)
+    t = max(len(ex["input_ids"]) for ex in batch)
+    r = max(max(ex["response_length"] for ex in batch), 1)
+    k = max([top_k] + [ex["teacher_values"].shape[-1] for ex in batch if ex["teacher_values"] is not None])
+    out = {
+        "input_ids": torch.full((b, t), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((b, t), dtype=torch.long),
+        "prompt_lengths": torch.tensor([ex["prompt_length"] for ex in batch], dtype=torch.long),
+        "response_lengths": torch.tensor([ex["response_length"] for ex in batch], dtype=torch.long),
+        "gate_target": torch.tensor([ex["gate_target"] for ex in batch], dtype=torch.float32),
+        "teacher_values": torch.zeros((b, r, k), dtype=torch.float32),
+        "teacher_indices": torch.zeros((b, r, k), dtype=torch.long),
+        "teacher_mask": torch.zeros((b, r), dtype=torch.bool),
+    }
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        out["input_ids"][i, :n] = ex["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        if ex["teacher_values"] is not None:
+            m, kk = ex["teacher_values"].shape
+            out["teacher_values"][i, :m, :kk] = ex["teacher_values"]
+            out["teacher_indices"][i, :m, :kk] = ex["teacher_indices"]
+            out["teacher_mask"][i, :m] = True
+    return out
+
+
+def load_tokenizer_and_formatter(backbone: BackboneConfig):
+    """Tokenizer + chat formatter of a backbone without loading its weights."""
+    from transformers import AutoTokenizer
+
+    from prism_lightning.backbone import prepare_tokenizer, resolve_model_source
+    from prism_lightning.chat_format import ChatFormatter
+
+    source = resolve_model_source(backbone.model)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=backbone.trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    return tokenizer, ChatFormatter(tokenizer, base_system_prompt=backbone.base_system_prompt)
+
+
+class PrismDataModule(L.LightningDataModule):
+    """Train/val rows (prompt without persona + response + teacher targets + gate target).
+
+    ``prepare_data`` runs the bootstrap when it is not finished yet (outside a distributed run; it
+    is a no-op when cached). ``setup`` reads the finished stages, tokenizes, and splits train/val
+    stratified by gate target with ``seed``. Refuses (:class:`EmptySplitError`) when either class is
+    empty.
+    """
+
+    def __init__(
+        self,
+        run_dir: str = "runs/default",
+        bootstrap: BootstrapConfig = BootstrapConfig(),
+        backbone: BackboneConfig = BackboneConfig(),
+        batch_size: int = 4,
+        val_fraction: float = 0.2,
+        max_length: int = 1024,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.run_dir = run_dir
+        self.bootstrap = replace(bootstrap)  # own copies: the defaults are shared objects
+        self.backbone = replace(backbone)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = None
+        self.formatter = None
+        self.train_set: PrismExamples | None = None
+        self.val_set: PrismExamples | None = None
+        self.split_summary: dict[str, Any] = {}
+
+    def connect(self, tokenizer, formatter) -> None:
+        """Reuse an already loaded tokenizer/formatter (e.g. the model's backbone) instead of loading one."""
+        self.tokenizer, self.formatter = tokenizer, formatter
+
+    def _stores(self):
+        return stage_stores(self.bootstrap, self.backbone, self.run_dir)
+
+    def prepare_data(self) -> None:
+        stores = self._stores()
+        if all(store.is_done() for store in stores.values()):
+            return
+        if dist_ready():
+            raise RuntimeError(
+                f"the bootstrap under {self.run_dir} is not finished; run `python -m prism_lightning "
+                "bootstrap` with the same config before a distributed fit"
+            )
+        run_bootstrap(self.bootstrap, self.backbone, self.run_dir, {"devices": 1})
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        stores = self._stores()
+        unfinished = [name for name, store in stores.items() if not store.is_done()]
+        if unfinished:
+            raise RuntimeError(
+                f"bootstrap stages {unfinished} under {self.run_dir} are not finished; call prepare_data() "
+                "or run `python -m prism_lightning bootstrap` with the same config first"
+            )
+        verdicts = stores["verdicts"].read_rows()
+        labels = [int(r["gate_target"]) for r in verdicts]
+        n_distill, n_retain = sum(labels), len(labels) - sum(labels)
+        if n_distill == 0 or n_retain == 0:
+            empty = "distill" if n_distill == 0 else "retain"
+            raise EmptySplitError(
+                f"cannot train: the {empty} set is empty (verdict_rule={self.bootstrap.verdict_rule!r}).\n"
+                f"{split_table(verdicts)}\nTo change it: raise bootstrap.queries_per_persona, use "
+                "bootstrap.verdict_rule=logprob (or strict), or try another bootstrap.persona_length / "
+                "bootstrap.placement."
+            )
+        if self.tokenizer is None:
+            self.tokenizer, self.formatter = load_tokenizer_and_formatter(self.backbone)
+        answers = {r["id"]: r for r in stores["answers"].read_rows()}
+        teacher_rows = stores["teacher"].read_rows()
+        targets = load_teacher_targets(stores["teacher"].path, teacher_rows)
+        eot = end_of_turn_id(self.tokenizer)
+        examples = []
+        for row in verdicts:
+            prompt_ids = list(
+                self.tokenizer(self.formatter.prompt(row["query"]), add_special_tokens=False)["input_ids"]
+            )
+            if row["gate_target"]:
+                if row["id"] not in targets:
+                    raise RuntimeError(
+                        f"teacher targets for distill row {row['id']} are missing; rerun bootstrap"
+                    )
+                teacher = targets[row["id"]]
+                response_ids = teacher["response_ids"].tolist()
+            else:
+                teacher = None
+                response_ids = response_token_ids(
+                    self.tokenizer, answers[row["id"]]["base_answer"], self.bootstrap.max_response_tokens, eot
+                )
+            examples.append(
+                build_example(
+                    prompt_ids, response_ids, row["gate_target"], teacher, self.max_length, row["id"]
+                )
+            )
+        train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
+        self.train_set = PrismExamples([examples[i] for i in train_idx])
+        self.val_set = PrismExamples([examples[i] for i in val_idx])
+        self.split_summary = {
+            "train": {
+                "distill": sum(labels[i] for i in train_idx),
+                "retain": sum(1 - labels[i] for i in train_idx),
+            },
+            "val": {
+                "distill": sum(labels[i] for i in val_idx),
+                "retain": sum(1 - labels[i] for i in val_idx),
+            },
+        }
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """{"distill": n, "retain": m} on the train split (for class-balanced gate loss)."""
+        if self.train_set is None:
+            self.setup("fit")
+        return dict(self.split_summary["train"])
+
+    def _collate(self, batch):
+        return collate_examples(batch, int(self.tokenizer.pad_token_id), self.bootstrap.teacher_top_k)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )

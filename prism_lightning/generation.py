@@ -1,0 +1,355 @@
+"""Batched generation engine shared by every stage (query and answer bootstrapping, routed inference,
+evaluation).
+
+We run our own decode loop instead of ``model.generate`` for three reasons:
+
+* **Per-row deterministic sampling.** Every row samples from its own ``torch.Generator`` seeded by the
+  caller, so a row's output does not depend on which rows share its batch, on the batch size, or on
+  which process runs it (up to the batch invariance of the floating-point kernels). That is what lets
+  several processes split a stage and still produce the same data.
+* **Finished rows cost nothing.** A row that emits a stop token is removed from the running batch
+  (KV cache, ids, mask, positions, generators), instead of being padded along until the longest row
+  ends.
+* **Hooks can follow the rows.** The prefill is one ``model(...)`` call over the whole batch (a
+  forward hook can, e.g., compute a routing decision there), and ``on_rows_kept`` tells the caller
+  which rows survive each compaction so per-row state kept outside the model stays aligned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Llama 2 / Mistral).
+END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each new token; ``temperature == 0`` means greedy (and seeds are ignored)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Generation:
+    """One row's result. ``token_ids`` excludes the stop token; ``text`` is decoded without special
+    tokens and stripped. ``finish_reason`` is "stop" (a stop token was sampled) or "length"."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS, the generation config's EOS (int or list)
+    and the chat end-of-turn markers that exist in the vocabulary. Chat models often end a turn with a
+    token that is not ``eos_token`` (e.g. ``<|eot_id|>``), so stopping on EOS alone runs on."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        if value is None:
+            return
+        if isinstance(value, int):
+            ids.append(value)
+        else:
+            ids.extend(int(v) for v in value)
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    gen_config = getattr(model, "generation_config", None) if model is not None else None
+    if gen_config is not None:
+        add(getattr(gen_config, "eos_token_id", None))
+    # convert_tokens_to_ids maps unknown tokens to unk: check the vocabulary instead.
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.append(int(vocab[token]))
+    return list(dict.fromkeys(ids))
+
+
+def row_seed(global_seed: int, key: str) -> int:
+    """A stable 63-bit seed for one row from a run seed and the row's id (``hash()`` is salted per
+    process, so it cannot be used to make processes agree)."""
+    digest = hashlib.sha256(f"{global_seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+    on_rows_kept: Callable[[torch.Tensor], None] | None = None,
+    stop_ids: Sequence[int] | None = None,
+) -> list[Generation]:
+    """Generate for one batch of already chat-formatted prompts (strings, tokenized without adding
+    special tokens, or lists of token ids taken as they are).
+
+    The prefill is a single ``model(...)`` call over the left-padded batch; decoding then feeds one
+    token per step. When rows finish, they are dropped from the running batch and
+    ``on_rows_kept(kept)`` is called with the indices (into the batch as it was just before that
+    compaction, on the model's device) of the rows that continue. It is not called when no row
+    continues. ``stop_ids`` defaults to :func:`stop_token_ids`.
+    """
+    if len(prompts) == 0:
+        return []
+    ids = _tokenize(tokenizer, prompts)
+    seeds = _resolve_seeds(seeds, len(ids), sampling)
+    stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
+    return _generate_ids(model, tokenizer, ids, sampling, seeds, stops, on_rows_kept)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    seeds: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "generate",
+    stop_ids: Sequence[int] | None = None,
+) -> list[Generation]:
+    """Generate for any number of prompts in batches of ``batch_size``, returned in input order.
+
+    Prompts are sorted by token length (longest first) so each batch holds similar lengths and wastes
+    little padding (and the longest batch runs first, so memory problems show at once). Without
+    ``seeds``, sampling draws one seed per prompt from torch's global generator, in input order, so
+    results still do not depend on ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(prompts) == 0:
+        return []
+    ids = _tokenize(tokenizer, prompts)
+    seeds = _resolve_seeds(seeds, len(ids), sampling)
+    stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: list[Generation | None] = [None] * len(ids)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=desc, unit="prompt")
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            outs = _generate_ids(
+                model, tokenizer, [ids[i] for i in chunk], sampling, [seeds[i] for i in chunk], stops, None
+            )
+            for i, out in zip(chunk, outs, strict=True):
+                results[i] = out
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# internals
+
+
+def _tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    ids: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if texts:
+        # The chat template already holds BOS / special tokens: add none.
+        encoded = tokenizer([prompts[i] for i in texts], add_special_tokens=False)["input_ids"]
+        for i, row in zip(texts, encoded, strict=True):
+            ids[i] = list(row)
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"Prompt {i} is empty after tokenization; nothing to condition on.")
+    return ids  # type: ignore[return-value]
+
+
+def _resolve_seeds(seeds: Sequence[int] | None, n: int, sampling: SamplingConfig) -> list[int]:
+    if seeds is not None:
+        if len(seeds) != n:
+            raise ValueError(f"Got {len(seeds)} seeds for {n} prompts.")
+        return [int(s) for s in seeds]
+    if sampling.greedy:
+        return [0] * n
+    return torch.randint(0, 2**62, (n,)).tolist()
+
+
+def _base_model(model):
+    """The transformers model under wrappers such as peft's PeftModel (for signature checks)."""
+    seen = set()
+    while hasattr(model, "get_base_model") and id(model) not in seen:
+        seen.add(id(model))
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model = inner
+    return model
+
+
+@lru_cache(maxsize=64)
+def _forward_kwarg_names(forward_cls: type) -> tuple[str, str | None]:
+    """(cache kwarg, logits-to-keep kwarg) for a model class: transformers 5 renamed
+    ``past_key_values`` to ``cache``; older versions use ``num_logits_to_keep`` or nothing."""
+    params = inspect.signature(forward_cls.forward).parameters
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return cache_name, keep
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    config = getattr(_base_model(model), "config", None)
+    try:
+        return DynamicCache(config=config)  # sliding-window / hybrid layer layout from the config
+    except TypeError:  # older transformers: no config argument
+        return DynamicCache()
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _pick_tokens(logits: torch.Tensor, sampling: SamplingConfig, gens: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row from float32 logits [B, V]. Sampling uses the exponential race (argmax of
+    p / E with E ~ Exp(1), equivalent to Gumbel-max): each row draws its noise from its own generator,
+    one vocabulary-sized draw per step, so its stream is independent of its batch mates."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    noise = torch.empty_like(probs)
+    for row, gen in enumerate(gens):
+        noise[row].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _generate_ids(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    sampling: SamplingConfig,
+    seeds: list[int],
+    stop_ids: list[int],
+    on_rows_kept: Callable[[torch.Tensor], None] | None,
+) -> list[Generation]:
+    n = len(ids)
+    lengths = [len(row) for row in ids]
+    if sampling.max_new_tokens == 0:
+        return [Generation("", [], "length", lengths[i]) for i in range(n)]
+
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    width = max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, row in enumerate(ids):  # left padding: every row's last prompt token is in the last column
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+    gens: list[torch.Generator] = []
+    if not sampling.greedy:
+        for seed in seeds:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            gens.append(gen)
+
+    cache = _new_cache(model)
+    cache_kw, keep_kw = _forward_kwarg_names(type(_base_model(model)))
+    extra = {keep_kw: 1} if keep_kw else {}
+
+    def forward(step_ids: torch.Tensor, step_mask: torch.Tensor, step_pos: torch.Tensor) -> torch.Tensor:
+        out = model(
+            input_ids=step_ids,
+            attention_mask=step_mask,
+            position_ids=step_pos,
+            use_cache=True,
+            **{cache_kw: cache},
+            **extra,
+        )
+        return out.logits[:, -1, :].float()
+
+    stop_tensor = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    alive = list(range(n))  # original row of each running row
+    out_tokens: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    last_pos = positions[:, -1]
+
+    logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
+    for step in range(sampling.max_new_tokens):
+        next_tok = _pick_tokens(logits, sampling, gens)
+        is_stop = torch.isin(next_tok, stop_tensor)
+        # One host sync per step: the tokens and which rows stopped.
+        tok_list = next_tok.tolist()
+        stop_list = is_stop.tolist()
+        kept: list[int] = []
+        for j, (tok, stopped) in enumerate(zip(tok_list, stop_list, strict=True)):
+            row = alive[j]
+            if stopped:
+                finish[row] = "stop"
+            else:
+                out_tokens[row].append(tok)
+                kept.append(j)
+        if not kept or step == sampling.max_new_tokens - 1:
+            break
+        if len(kept) < len(alive):
+            idx = torch.tensor(kept, dtype=torch.long, device=device)
+            cache.batch_select_indices(idx)
+            mask, last_pos, next_tok = mask[idx], last_pos[idx], next_tok[idx]
+            alive = [alive[j] for j in kept]
+            if gens:
+                gens = [gens[j] for j in kept]
+            if on_rows_kept is not None:
+                on_rows_kept(idx)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        last_pos = last_pos + 1
+        logits = forward(next_tok[:, None], mask, last_pos[:, None])
+
+    return [
+        Generation(
+            text=tokenizer.decode(out_tokens[i], skip_special_tokens=True).strip(),
+            token_ids=out_tokens[i],
+            finish_reason=finish[i],
+            prompt_tokens=lengths[i],
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,231 @@
+"""Routed inference: one prefill per batch, the gate decides after layer k inside that prefill.
+
+Multi-turn rule (paper): the first user turn's decision holds for the whole conversation; pass
+``route=`` to override it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from prism_lightning.generation import SamplingConfig, generate_batch
+from prism_lightning.model.routing import RoutingController
+
+
+@dataclass
+class RoutedGeneration:
+    text: str
+    route: bool
+    gate_prob: float
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+
+
+def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    # Same rule as the generation engine: the chat template already holds the special tokens.
+    return [list(r) for r in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def routed_generate(
+    model,
+    tokenizer,
+    controller: RoutingController,
+    prompts: Sequence[str],
+    *,
+    mode: str = "gated",
+    threshold: float | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    batch_size: int = 8,
+    seeds: Sequence[int] | None = None,
+    route: Sequence[bool] | bool | None = None,
+) -> list[RoutedGeneration]:
+    """Generate for chat-formatted prompts with per-sequence routing decided in each prefill.
+
+    Prompts run in length-sorted batches (longest first) through ``generate_batch``; before each
+    prefill the controller is armed, so the gate reads layer k's last-prompt-token state in that same
+    forward and sets the mask for the layers above it and for every decode step.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    n = len(prompts)
+    if n == 0:
+        return []
+    forced = [bool(route)] * n if isinstance(route, bool) else (list(route) if route is not None else None)
+    if forced is not None and len(forced) != n:
+        raise ValueError(f"Got {len(forced)} route overrides for {n} prompts.")
+    old_mode, old_threshold = controller.mode, controller.threshold
+    controller.mode = mode
+    if threshold is not None:
+        controller.threshold = float(threshold)
+    lengths = [len(r) for r in _tokenize(tokenizer, prompts)]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    device = _device(model)
+    results: list[RoutedGeneration | None] = [None] * n
+    try:
+        for start in range(0, n, batch_size):
+            chunk = order[start : start + batch_size]
+            force = None
+            if forced is not None:
+                force = torch.tensor([forced[i] for i in chunk], dtype=torch.bool, device=device)
+            controller.arm(decide=True, force=force)
+            outs = generate_batch(
+                model,
+                tokenizer,
+                [prompts[i] for i in chunk],
+                sampling,
+                seeds=[seeds[i] for i in chunk] if seeds is not None else None,
+                on_rows_kept=controller.select,
+            )
+            controller.disarm()
+            probs = controller.probs
+            decision = controller.decision
+            for j, (i, out) in enumerate(zip(chunk, outs, strict=True)):
+                results[i] = RoutedGeneration(
+                    text=out.text,
+                    route=bool(decision[j]) if decision is not None else mode == "on",
+                    gate_prob=float(probs[j]) if probs is not None else float("nan"),
+                    token_ids=out.token_ids,
+                    finish_reason=out.finish_reason,
+                    prompt_tokens=out.prompt_tokens,
+                )
+    finally:
+        controller.disarm()
+        controller.reset()
+        controller.mode, controller.threshold = old_mode, old_threshold
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def prompt_gate_probs(
+    model, tokenizer, controller: RoutingController, prompts: Sequence[str], *, batch_size: int = 32
+) -> torch.Tensor:
+    """Gate probabilities for chat-formatted prompts: embeddings + layers <= k only."""
+    rows = _tokenize(tokenizer, prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _device(model)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[start : start + batch_size], pad_id, device)
+        out.append(controller.gate_probs(ids, mask).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class RoutedModel:
+    """A base model + PRISM adapter + gate, ready for routed generation (see ``load_checkpoint``)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        formatter,
+        gate,
+        *,
+        gate_layer: int,
+        threshold: float = 0.5,
+        adapter_name: str = "default",
+        meta: dict | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.formatter = formatter
+        self.gate = gate.eval()
+        self.gate_layer = gate_layer
+        self.threshold = threshold
+        self.meta = meta or {}
+        self.controller = RoutingController(
+            model, gate, gate_layer, adapter_name=adapter_name, threshold=threshold
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return _device(self.model)
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        """The no-persona prompt every stage uses."""
+        return [self.formatter.prompt(q) for q in queries]
+
+    def gate_probs(self, queries: Sequence[str], *, batch_size: int = 32) -> list[float]:
+        return prompt_gate_probs(
+            self.model, self.tokenizer, self.controller, self.prompts(queries), batch_size=batch_size
+        ).tolist()
+
+    def routing_rate(self, queries: Sequence[str], *, threshold: float | None = None) -> float:
+        thr = self.threshold if threshold is None else threshold
+        probs = self.gate_probs(queries)
+        return sum(p >= thr for p in probs) / max(1, len(probs))
+
+    def generate(
+        self,
+        queries: Sequence[str],
+        *,
+        mode: str = "gated",
+        threshold: float | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        batch_size: int = 8,
+        seeds: Sequence[int] | None = None,
+        route: Sequence[bool] | bool | None = None,
+    ) -> list[RoutedGeneration]:
+        return routed_generate(
+            self.model,
+            self.tokenizer,
+            self.controller,
+            self.prompts(queries),
+            mode=mode,
+            threshold=self.threshold if threshold is None else threshold,
+            sampling=sampling,
+            batch_size=batch_size,
+            seeds=seeds,
+            route=route,
+        )
+
+    def chat(
+        self,
+        turns: str | Sequence[str],
+        replies: Sequence[str] = (),
+        *,
+        route: bool | None = None,
+        mode: str = "gated",
+        threshold: float | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        seed: int | None = None,
+    ) -> RoutedGeneration:
+        """Answer the last user turn of a conversation. The route is decided on the FIRST user turn
+        alone (the paper's rule: the first turn's decision holds), unless ``route`` is given."""
+        turns = [turns] if isinstance(turns, str) else list(turns)
+        thr = self.threshold if threshold is None else threshold
+        first_prob = self.gate_probs([turns[0]])[0]
+        if route is None:
+            route = {"on": True, "off": False}.get(mode, first_prob >= thr)
+        prompt = self.formatter.prompt(turns, replies=replies)
+        out = routed_generate(
+            self.model,
+            self.tokenizer,
+            self.controller,
+            [prompt],
+            mode=mode,
+            threshold=thr,
+            sampling=sampling,
+            seeds=[seed] if seed is not None else None,
+            route=[bool(route)],
+        )[0]
+        out.gate_prob = first_prob
+        return out

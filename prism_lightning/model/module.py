@@ -1,0 +1,370 @@
+"""PrismModule: joint gate + LoRA self-distillation in one LightningModule.
+
+One forward per batch: the adapter mask is the gate target (adapter on for distill rows, off for
+retain rows) and the layer-k hook captures the gate features at ``prompt_lengths - 1`` in the same
+pass. LM-head logits are computed only at response positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
+from prism_lightning.model.routing import (
+    RoutingController,
+    apply_lora,
+    inner_model,
+)
+
+# .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
+# (Lightning's default when resuming) rebuild that plain dataclass.
+torch.serialization.add_safe_globals([BackboneConfig])
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def topk_kl(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-token KL(teacher || student) on the teacher's top-k support, (N, V) x (N, K) -> (N,).
+
+    Normalisation: both distributions are renormalised over the teacher's top-k tokens
+    (softmax of the k logits / T). The teacher's mass outside its top-k was never stored, so the
+    top-k support is the only one on which both distributions are known; on it this is a proper KL
+    (>= 0, zero iff the student matches the teacher's top-k shape) that does not depend on how
+    much mass the teacher left outside the top-k. With k = 64 and T = 2 that leftover mass is small,
+    and the student starts as the same base model, so leaking mass outside the support is not an
+    issue in practice (this is also the reference implementation's choice). Scaled by T^2.
+    """
+    t = temperature
+    student = student_logits.float().gather(-1, teacher_indices) / t
+    teacher = teacher_values.float() / t
+    p = F.softmax(teacher, dim=-1)
+    kl = (p * (F.log_softmax(teacher, dim=-1) - F.log_softmax(student, dim=-1))).sum(-1)
+    return kl * (t * t)
+
+
+def full_kl(ref_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token KL(ref || student) over the full vocabulary at temperature T, scaled by T^2."""
+    t = temperature
+    ref = F.log_softmax(ref_logits.float() / t, dim=-1)
+    stu = F.log_softmax(student_logits.float() / t, dim=-1)
+    return (ref.exp() * (ref - stu)).sum(-1) * (t * t)
+
+
+def _metrics(threshold: float) -> MetricCollection:
+    return MetricCollection(
+        {
+            "gate_acc": BinaryAccuracy(threshold=threshold),
+            "gate_auroc": BinaryAUROC(),
+            "gate_f1": BinaryF1Score(threshold=threshold),
+        }
+    )
+
+
+class PrismModule(L.LightningModule):
+    """Joint training of the gate (all rows) and the LoRA adapter (KL on distill rows)."""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig = BackboneConfig(),
+        gate_layer: int = 0,
+        lora_rank: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = _TARGETS,  # noqa: B006 - plain list for jsonargparse (never mutated)
+        gate_hidden: list[int] = [128, 64],  # noqa: B006 - plain list for jsonargparse (never mutated)
+        gate_lr: float = 1e-3,
+        lora_lr: float = 2e-4,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        lr_schedule: str = "cosine",
+        kl_temperature: float = 2.0,
+        retain_weight: float = 0.0,
+        gradient_checkpointing: bool = False,
+        threshold: float = 0.5,
+        gate_dropout: float = 0.1,
+        predict_mode: str = "gated",
+        predict_max_new_tokens: int = 256,
+        predict_temperature: float = 0.0,
+        predict_top_p: float = 1.0,
+        predict_batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+        self.save_hyperparameters()
+        self.backbone_config = backbone
+        self.model = None  # peft model, built in configure_model()
+        self.gate: Gate | None = None
+        self.controller: RoutingController | None = None
+        self.tokenizer = None
+        self.formatter = None
+        self.backbone_name = backbone.model
+        self.backbone_source: str | None = None
+        # Only the adapter and gate go into .ckpt files (the base is reloaded from its source).
+        self.strict_loading = False
+        self.train_metrics = _metrics(threshold)
+        self.val_metrics = _metrics(threshold)
+        self.train_route_rate = MeanMetric()
+        self.val_route_rate = MeanMetric()
+
+    # -- model ------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the backbone, add LoRA above the gate layer, build gate + controller (idempotent)."""
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.attach_backbone(self.backbone_config.load(device=device))
+
+    def attach_backbone(self, bb) -> None:
+        """Build adapter, gate and controller on an already loaded ``Backbone`` (benchmarks, tests)."""
+        hp = self.hparams
+        net = bb.model
+        device = next(net.parameters()).device
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net.train()  # load_backbone returns eval mode; Lightning sets eval for validate/predict
+        self.model = apply_lora(
+            net,
+            gate_layer=hp.gate_layer,
+            rank=hp.lora_rank,
+            alpha=hp.lora_alpha,
+            dropout=hp.lora_dropout,
+            target_modules=hp.lora_target_modules,
+        )
+        if hp.gradient_checkpointing:
+            # Non-reentrant checkpointing does not need inputs that require grad (the reentrant
+            # variant does, which is why peft's recipe calls enable_input_require_grads()); leaving
+            # them off keeps the frozen embeddings and layers <= k out of the autograd graph.
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net.config.use_cache = False
+        self.gate = Gate(bb.hidden_size, hp.gate_hidden, dropout=hp.gate_dropout).to(device)
+        self.controller = RoutingController(self.model, self.gate, hp.gate_layer, threshold=hp.threshold)
+        self.tokenizer, self.formatter = bb.tokenizer, bb.formatter
+        self.backbone_name, self.backbone_source = bb.name, bb.source
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            self.configure_model()
+
+    @property
+    def base_model(self):
+        return self.model.get_base_model()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+
+    # -- training -----------------------------------------------------------------------------------
+    def _pos_weight(self, target: torch.Tensor) -> float:
+        counts = None
+        if self._trainer is not None:
+            dm = getattr(self.trainer, "datamodule", None)
+            counts = getattr(dm, "class_counts", None)
+        if counts:
+            return balanced_pos_weight(counts.get("distill", 0), counts.get("retain", 0))
+        n_pos = float(target.sum())
+        return balanced_pos_weight(n_pos, float(target.numel()) - n_pos)
+
+    def _common_step(self, batch: dict, batch_idx: int, stage: str) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        prompt_len, resp_len = batch["prompt_lengths"], batch["response_lengths"]
+        target = batch["gate_target"].float()
+        t_values, t_indices, t_mask = batch["teacher_values"], batch["teacher_indices"], batch["teacher_mask"]
+        bsz, width = ids.shape
+        n_resp = t_values.shape[1]
+        steps = torch.arange(n_resp, device=ids.device)
+        # Student logits at prompt_len-1+j predict response token j.
+        pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)  # (B, R)
+        rows = torch.arange(bsz, device=ids.device)[:, None].expand(bsz, n_resp)
+        decoder = inner_model(self.model)
+        lm_head = self.base_model.get_output_embeddings()
+        ctl = self.controller
+
+        ref_logits = None
+        retain_sel = None
+        use_retain = hp.retain_weight > 0 and bool((target == 0).any())
+        if use_retain:  # adapter-off reference for retain rows: no grad, adapters skipped
+            retain_rows = target == 0
+            retain_sel = retain_rows[:, None] & (steps[None] < resp_len[:, None])
+            with torch.no_grad():
+                ctl.set_mask(0.0)
+                h_ref = decoder(input_ids=ids[retain_rows], attention_mask=attn[retain_rows], use_cache=False)
+                sub = retain_sel[retain_rows]
+                h_ref = h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[retain_rows][sub]]
+                ref_logits = lm_head(h_ref)
+
+        # The one forward: adapter on for distill rows (all rows with a retain loss), gate features
+        # read at the last prompt token after layer k by the controller's hook.
+        ctl.set_mask(torch.ones_like(target) if hp.retain_weight > 0 else target)
+        ctl.arm(prompt_len - 1, decide=False)
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        feats = ctl.features
+        if feats is None:
+            raise RuntimeError("The gate-layer hook did not capture features.")
+        gate_logits = self.gate(feats)
+        g_loss = gate_loss(gate_logits, target, self._pos_weight(target))
+
+        sel = t_mask.bool() & (target[:, None] > 0)
+        n_tok = int(sel.sum())
+        if n_tok > 0:
+            logits = lm_head(hidden[rows[sel], pos[sel]])
+            kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
+        else:  # keep every adapter parameter in the graph (DDP) with a zero loss
+            kl = hidden.sum() * 0.0
+        loss = g_loss + kl
+        retain = torch.zeros((), device=ids.device)
+        if use_retain:
+            stu = lm_head(hidden[rows[retain_sel], pos[retain_sel]])
+            retain = full_kl(ref_logits, stu, hp.kl_temperature).mean()
+            loss = loss + hp.retain_weight * retain
+
+        probs = torch.sigmoid(gate_logits.detach().float())
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        rate = self.train_route_rate if stage == "train" else self.val_route_rate
+        metrics.update(probs, target.long())
+        rate.update((probs >= hp.threshold).float())
+        return {"loss": loss, "gate_loss": g_loss, "kl": kl, "retain_kl": retain, "n_tokens": n_tok}
+
+    def _log_step(self, out: dict, stage: str, bsz: int) -> None:
+        on_step = stage == "train"
+        sync = stage != "train"
+        for key in ("loss", "gate_loss", "kl", "retain_kl"):
+            self.log(
+                f"{stage}/{key}", out[key].detach(), on_step=on_step, on_epoch=True,
+                prog_bar=key in ("loss", "kl"), batch_size=bsz, sync_dist=sync,
+            )  # fmt: skip
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        rate = self.train_route_rate if stage == "train" else self.val_route_rate
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=bsz)
+        self.log(f"{stage}/routing_rate", rate, on_step=False, on_epoch=True, batch_size=bsz)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._common_step(batch, batch_idx, "train")
+        loss = out["loss"]
+        # Raise here, before backward and the optimizer step: the weights (and any checkpoint
+        # written so far) stay those of the last good step.
+        if not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                f"batch index {batch_idx} (gate loss {out['gate_loss'].item()}, KL {out['kl'].item()}, "
+                f"retain {out['retain_kl'].item()}). Lower the learning rate or check the batch."
+            )
+        self._log_step(out, "train", batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._common_step(batch, batch_idx, "val")
+        self._log_step(out, "val", batch["input_ids"].shape[0])
+        return out["loss"]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.gate.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "lr": hp.gate_lr, "weight_decay": hp.weight_decay, "name": "gate"},
+            {"params": no_decay, "lr": hp.gate_lr, "weight_decay": 0.0, "name": "gate_no_decay"},
+            {
+                "params": self.lora_parameters(),
+                "lr": hp.lora_lr,
+                "weight_decay": hp.weight_decay,
+                "name": "lora",
+            },
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 0
+        warmup = int(round(total * hp.warmup_ratio)) if total else 0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not total or hp.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if hp.lr_schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0 - progress
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable weights (adapter + gate) in .ckpt files; the frozen base is
+        reloaded from its source by configure_model()."""
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep or not k.startswith("model.")}
+
+    # -- inference ----------------------------------------------------------------------------------
+    def sampling(self):
+        from prism_lightning.generation import SamplingConfig
+
+        hp = self.hparams
+        return SamplingConfig(
+            max_new_tokens=hp.predict_max_new_tokens,
+            temperature=hp.predict_temperature,
+            top_p=hp.predict_top_p,
+        )
+
+    def predict_step(self, batch: list[dict], batch_idx: int = 0, dataloader_idx: int = 0) -> list[dict]:
+        """Routed generation for rows {"id", "query"} (raw user text, no persona)."""
+        from prism_lightning.model.inference import routed_generate
+
+        self._require_model()
+        prompts = [self.formatter.prompt(row["query"]) for row in batch]
+        outs = routed_generate(
+            self.model,
+            self.tokenizer,
+            self.controller,
+            prompts,
+            mode=self.hparams.predict_mode,
+            threshold=self.hparams.threshold,
+            sampling=self.sampling(),
+            batch_size=self.hparams.predict_batch_size,
+        )
+        return [
+            {"id": row.get("id"), "query": row["query"], "response": o.text, "route": o.route,
+             "gate_prob": o.gate_prob}
+            for row, o in zip(batch, outs, strict=True)
+        ]  # fmt: skip
+
+    @torch.no_grad()
+    def gate_probs(self, queries: list[str], *, batch_size: int = 32) -> list[float]:
+        """Gate probabilities for raw queries (embeddings + layers <= k only)."""
+        from prism_lightning.model.inference import prompt_gate_probs
+
+        self._require_model()
+        prompts = [self.formatter.prompt(q) for q in queries]
+        return prompt_gate_probs(
+            self.model, self.tokenizer, self.controller, prompts, batch_size=batch_size
+        ).tolist()
+
+    def routing_rate(self, queries: list[str], *, threshold: float | None = None) -> float:
+        thr = self.hparams.threshold if threshold is None else threshold
+        probs = self.gate_probs(queries)
+        return sum(p >= thr for p in probs) / max(1, len(probs))
+
+    def training_config(self) -> dict:
+        """JSON-friendly hyperparameters (for prism.json)."""
+        out = {}
+        for k, v in dict(self.hparams).items():
+            out[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out

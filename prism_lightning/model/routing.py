@@ -1,0 +1,331 @@
+"""Single-pass routing on a PEFT LoRA model.
+
+The gate reads the hidden state of the last prompt token after decoder layer ``k``; the LoRA adapter
+lives only on layers ``k+1 .. L-1``. So inside one forward pass the gate can decide after layer k
+and set a per-sequence mask that scales the adapter's contribution in every later layer and every
+decode step. One batch can hold routed and unrouted sequences.
+
+How the mask is applied (peft 0.21, ``lora.Linear.forward``): ``result = base_layer(x) +
+lora_B(lora_A(dropout(x))) * scaling``. A forward hook on each ``lora_A[adapter]`` multiplies its
+(B, T, r) output by ``mask[:, None, None]`` - the rank-r intermediate, which is far cheaper than
+scaling the (B, T, out) delta and just as exact: a 1.0 factor leaves the value bit-identical, a 0.0
+factor makes the delta exactly zero and ``base + 0`` is exactly ``base``. An all-ones mask skips the
+multiply; an all-zero mask outside autograd switches the adapter layers off (no adapter compute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+RoutingMode = Literal["gated", "on", "off"]
+MODES: tuple[str, ...] = ("gated", "on", "off")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder block list of a (possibly peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    n = base.config.num_hidden_layers
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"Cannot find the decoder layers of {type(base).__name__}.")
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "get_decoder"):
+        return base.get_decoder()
+    return base.model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the linear projections inside the decoder layers (valid LoRA targets)."""
+    names: set[str] = set()
+    for name, module in decoder_layers(model)[0].named_modules():
+        if isinstance(module, nn.Linear):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def validate_routing_setup(model: nn.Module, gate_layer: int, target_modules: Sequence[str]) -> None:
+    """Clear errors for a gate layer out of range or a LoRA target the model does not have."""
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= gate_layer < n_layers - 1:
+        raise ValueError(
+            f"gate_layer={gate_layer} is out of range for a model with {n_layers} decoder layers: "
+            f"it must satisfy 0 <= gate_layer < {n_layers - 1} so that LoRA has layers above it "
+            f"(valid choices: 0..{n_layers - 2})."
+        )
+    valid = linear_module_names(model)
+    unknown = [t for t in target_modules if t not in valid]
+    if unknown:
+        raise ValueError(
+            f"LoRA target module(s) {unknown} do not exist in {type(model).__name__}; "
+            f"valid choices: {', '.join(valid)}."
+        )
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    gate_layer: int,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    adapter_name: str = "default",
+):
+    """Wrap ``model`` in a peft LoRA model with adapters on decoder layers ``gate_layer+1 .. L-1`` only."""
+    from peft import LoraConfig, get_peft_model
+
+    validate_routing_setup(model, gate_layer, target_modules)
+    n_layers = model.config.num_hidden_layers
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=list(range(gate_layer + 1, n_layers)),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> list[nn.Module]:
+    """Every peft LoRA layer that holds ``adapter_name``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+
+
+class _StopForward(Exception):
+    """Raised by the layer-k hook to end a features-only forward after layer k."""
+
+
+class RoutingController:
+    """Per-sequence adapter mask + the layer-k gate hook for one peft LoRA model.
+
+    State: ``mask`` (B,) of 0/1 (or a uniform on/off state without a tensor), ``armed`` (the next
+    pass through layer k is a prefill: read features and, in ``decide`` mode, set the mask from the
+    gate), the last gate probabilities and features. Arming is one-shot: the hook disarms itself
+    after firing, so decode steps and activation-checkpointing recomputation leave the state alone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        gate: nn.Module | None,
+        gate_layer: int,
+        *,
+        adapter_name: str = "default",
+        mode: RoutingMode = "gated",
+        threshold: float = 0.5,
+    ) -> None:
+        self.model = model
+        self.gate = gate
+        self.gate_layer = gate_layer
+        self.adapter_name = adapter_name
+        self.mode = mode
+        self.threshold = threshold
+        self._lora_layers = lora_layers(model, adapter_name)
+        if not self._lora_layers:
+            raise ValueError(f"Model has no LoRA layers for adapter {adapter_name!r}.")
+        self._state = "on"  # "on" | "off" | "mixed"
+        self._mask: torch.Tensor | None = None
+        self._skipping = False
+        self._armed = False
+        self._decide = False
+        self._positions: torch.Tensor | None = None
+        self._stop_after = False
+        self._force: torch.Tensor | None = None
+        self.probs: torch.Tensor | None = None  # gate probabilities of the last armed pass (its rows)
+        self.decision: torch.Tensor | None = None  # routed rows of the last armed pass (bool)
+        self.features: torch.Tensor | None = None
+        self._handles = [
+            layer.lora_A[adapter_name].register_forward_hook(self._lora_hook) for layer in self._lora_layers
+        ]
+        self._handles.append(decoder_layers(model)[gate_layer].register_forward_hook(self._gate_hook))
+
+    # -- mode / threshold -------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"Unknown routing mode {value!r}; choose one of {', '.join(MODES)}.")
+        self._mode = value
+
+    # -- mask ---------------------------------------------------------------------------------------
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The (B,) 0/1 mask when mixed; None when uniform (see ``state``)."""
+        return self._mask
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def set_mask(self, mask: torch.Tensor | float | bool) -> None:
+        """Set the adapter mask: a (B,) tensor of 0/1 (any dtype) or a scalar for every sequence."""
+        if not torch.is_tensor(mask):
+            self._set_uniform("on" if float(mask) else "off")
+            return
+        mask = mask.detach().reshape(-1)
+        on = mask != 0
+        n_on = int(on.sum())  # one host sync per prefill; buys skipping adapter compute when all off
+        if n_on == mask.numel():
+            self._set_uniform("on")
+        elif n_on == 0:
+            self._set_uniform("off")
+        else:
+            self._state = "mixed"
+            self._mask = on
+            self._set_skipping(False)
+
+    def _set_uniform(self, state: str) -> None:
+        self._state = state
+        self._mask = None
+        self._set_skipping(state == "off" and not torch.is_grad_enabled())
+
+    def _set_skipping(self, skip: bool) -> None:
+        # Toggle the layers' flag directly: peft's enable_adapters() would also flip requires_grad.
+        if skip != self._skipping:
+            for layer in self._lora_layers:
+                layer._disable_adapters = skip
+            self._skipping = skip
+
+    def reset(self) -> None:
+        """Back to adapter-on for every sequence (a plain always-on LoRA model)."""
+        self._set_uniform("on")
+        self._armed = False
+        self._stop_after = False
+
+    def select(self, kept: torch.Tensor) -> None:
+        """Follow the generation engine when it drops finished rows (``on_rows_kept``)."""
+        if self._mask is not None:
+            self.set_mask(self._mask[kept.to(self._mask.device)])
+
+    # -- arming -------------------------------------------------------------------------------------
+    def arm(
+        self,
+        positions: torch.Tensor | None = None,
+        *,
+        decide: bool = True,
+        force: torch.Tensor | None = None,
+    ) -> None:
+        """The next pass through layer k reads gate features at ``positions`` (per row; default: the
+        last position, i.e. left-padded prompts). With ``decide`` the gate sets the mask from ``mode``
+        (or from ``force``, a (B,) bool override, while still recording the gate's probabilities)."""
+        self._armed = True
+        self._decide = decide
+        self._positions = positions
+        self._force = force
+        self.features = None
+        if decide:
+            self.probs = None
+            self.decision = None
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _lora_hook(self, module, args, output):
+        if self._state == "on":
+            return None
+        if self._state == "off":
+            return output * 0.0
+        mask = self._mask.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
+        return output * mask
+
+    def _gate_hook(self, module, args, output):
+        if not self._armed:
+            return None
+        self._armed = False
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self._positions is None:
+            feats = hidden[:, -1]
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            feats = hidden[rows, self._positions.to(hidden.device)]
+        self.features = feats.detach()
+        if self._decide:
+            self._route(self.features)
+        if self._stop_after:
+            raise _StopForward
+        return None
+
+    def _route(self, features: torch.Tensor) -> None:
+        if self.gate is not None:
+            was_training = self.gate.training
+            self.gate.eval()
+            with torch.no_grad():
+                self.probs = torch.sigmoid(self.gate(features).float())
+            self.gate.train(was_training)
+        else:
+            self.probs = None
+        n = features.shape[0]
+        if self._force is not None:
+            decision = self._force.to(device=features.device, dtype=torch.bool).reshape(n)
+        elif self.mode == "gated":
+            if self.probs is None:
+                raise RuntimeError("Gated routing needs a gate.")
+            decision = self.probs >= self.threshold
+        else:
+            decision = torch.full((n,), self.mode == "on", dtype=torch.bool, device=features.device)
+        self.decision = decision
+        self.set_mask(decision)
+
+    # -- features-only forward ----------------------------------------------------------------------
+    @torch.no_grad()
+    def gate_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embeddings + layers 0..k only: the forward stops right after the gate layer."""
+        self.arm(positions, decide=False)
+        self._stop_after = True
+        kwargs = {}
+        if attention_mask is not None:  # same positions as the generation engine's left-padded prefill
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        try:
+            inner_model(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+            )
+        except _StopForward:
+            pass
+        finally:
+            self._stop_after = False
+            self._armed = False
+        if self.features is None:
+            raise RuntimeError("The gate layer did not run.")
+        return self.features
+
+    def gate_probs(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
+        feats = self.gate_features(input_ids, attention_mask, positions)
+        was_training = self.gate.training
+        self.gate.eval()
+        with torch.no_grad():
+            probs = torch.sigmoid(self.gate(feats).float())
+        self.gate.train(was_training)
+        return probs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._set_skipping(False)

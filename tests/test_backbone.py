@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from prism_lightning.backbone import (
+    BackboneConfig,
+    ModelNotFoundError,
+    load_backbone,
+    resolve_dtype,
+)
+
+
+def test_local_directory_loads_in_eval_mode_fp32_on_cpu(tiny_backbone):
+    assert tiny_backbone.model.training is False
+    assert next(tiny_backbone.model.parameters()).dtype == torch.float32
+    assert tiny_backbone.tokenizer.padding_side == "left"
+    assert tiny_backbone.tokenizer.pad_token is not None
+    assert tiny_backbone.num_layers == 4
+
+
+def test_backbone_config_honours_dtype(tiny_model_dir):
+    bb = BackboneConfig(model=str(tiny_model_dir), dtype="bfloat16").load("cpu")
+    assert next(bb.model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        resolve_dtype("float8", "cpu")
+
+
+def test_wrong_model_names_what_was_tried(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError) as info:
+        load_backbone(str(missing), device="cpu")
+    message = str(info.value)
+    assert "smollm2-135m-instruct" in message  # embedded names listed
+    assert str(missing) in message  # the local path tried
+    assert "hub" in message.lower()
+
+
+def test_hub_id_offline_fails_fast_with_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        load_backbone("some-org/definitely-not-a-model", device="cpu")
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_backbone(str(tmp_path), device="cpu")
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert BackboneConfig().trust_remote_code is False

@@ -1,0 +1,132 @@
+"""PrismDataModule over a tiny bootstrap: batch schema, stratified split, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.bootstrap import BootstrapConfig, run_bootstrap
+from prism_lightning.bootstrap.teacher import load_teacher_targets
+from prism_lightning.data import EmptySplitError, PrismDataModule, stratified_split
+
+TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+def tiny_config(**overrides) -> BootstrapConfig:
+    base = {
+        "personas": ["math", "writing"],
+        "queries_per_persona": 3,
+        "min_query_chars": 2,
+        "query_max_new_tokens": 12,
+        "answer_max_new_tokens": 10,
+        "teacher_top_k": 8,
+        "batch_size": 2,
+    }
+    base.update(overrides)
+    return BootstrapConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("data") / "run"
+    backbone = BackboneConfig(model=str(tiny_model_dir))
+    return run_bootstrap(tiny_config(), backbone, run_dir, TRAINER), backbone
+
+
+def make_dm(result, backbone, **kwargs) -> PrismDataModule:
+    kwargs = {"batch_size": 3, "val_fraction": 0.34, **kwargs}
+    return PrismDataModule(str(result.run_dir), bootstrap=tiny_config(), backbone=backbone, **kwargs)
+
+
+def test_batches_match_the_schema(tiny_run, tiny_backbone):
+    result, backbone = tiny_run
+    dm = make_dm(result, backbone)
+    dm.prepare_data()
+    dm.setup("fit")
+    verdicts = {r["query"]: r for r in result.rows("verdicts")}
+    targets = load_teacher_targets(result.stage_dirs["teacher"], result.rows("teacher"))
+    tok, fmt = tiny_backbone.tokenizer, tiny_backbone.formatter
+    seen = 0
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        for batch in loader:
+            b, t = batch["input_ids"].shape
+            r, k = batch["teacher_values"].shape[1:]
+            assert k == 8 and r == int(batch["response_lengths"].max())
+            assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].shape == (b, t)
+            assert batch["gate_target"].dtype == torch.float32 and batch["teacher_mask"].dtype == torch.bool
+            assert (
+                batch["teacher_indices"].dtype == torch.long
+                and batch["teacher_values"].dtype == torch.float32
+            )
+            total = batch["prompt_lengths"] + batch["response_lengths"]
+            assert torch.equal(batch["attention_mask"].sum(1), total)
+            for i in range(b):
+                p = int(batch["prompt_lengths"][i])
+                prompt_text = tok.decode(batch["input_ids"][i, :p])
+                query = next(q for q in verdicts if prompt_text == fmt.prompt(q))  # no persona in the prompt
+                row = verdicts[query]
+                assert batch["gate_target"][i] == row["gate_target"]
+                n_mask = int(batch["teacher_mask"][i].sum())
+                if row["gate_target"]:
+                    n = int(batch["response_lengths"][i])
+                    assert n_mask == n
+                    stored = targets[row["id"]]
+                    assert torch.equal(batch["input_ids"][i, p : p + n], stored["response_ids"][:n].long())
+                    assert torch.equal(batch["teacher_values"][i, :n], stored["values"][:n].float())
+                else:
+                    assert n_mask == 0 and batch["teacher_values"][i].abs().sum() == 0
+                seen += 1
+    assert seen == len(verdicts)
+    counts = dm.class_counts
+    labels = [r["gate_target"] for r in verdicts.values()]
+    assert counts["distill"] + dm.split_summary["val"]["distill"] == sum(labels)
+    assert counts["retain"] + dm.split_summary["val"]["retain"] == len(labels) - sum(labels)
+
+
+def test_stratified_split():
+    labels = [1] * 4 + [0] * 11
+    train, val = stratified_split(labels, 0.2, seed=3)
+    assert sorted(train + val) == list(range(15)) and not set(train) & set(val)
+    assert sum(labels[i] for i in val) == 1 and sum(1 - labels[i] for i in val) == 2
+    assert (train, val) == stratified_split(labels, 0.2, seed=3)
+    _, val_small = stratified_split([1, 1, 0, 0, 0], 0.1, seed=0)  # each class still shows up in val
+    assert sorted(labels_of(val_small, [1, 1, 0, 0, 0])) == [0, 1]
+    train_one, val_one = stratified_split([1, 0, 0], 0.5, seed=0)
+    assert 0 in train_one  # a single-row class stays in train
+
+
+def labels_of(idx, labels):
+    return [labels[i] for i in idx]
+
+
+def test_truncation_cuts_response_first(tiny_run):
+    result, backbone = tiny_run
+    dm = make_dm(result, backbone, max_length=40, val_fraction=0.0)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
+        assert batch["attention_mask"].sum(1).max() <= 40
+        assert torch.all(batch["response_lengths"] >= 1)
+
+
+def test_empty_distill_set_is_refused_with_the_split(tiny_run, tmp_path):
+    import shutil
+
+    result, backbone = tiny_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    strict = tiny_config(verdict_rule="strict")  # the tiny model's free text never parses
+    run_bootstrap(strict, backbone, run_dir, TRAINER)
+    dm = PrismDataModule(str(run_dir), bootstrap=strict, backbone=backbone)
+    with pytest.raises(EmptySplitError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert "distill set is empty" in message and "math" in message and "verdict_rule" in message
+
+
+def test_setup_refuses_an_unfinished_bootstrap(tiny_model_dir, tmp_path):
+    dm = PrismDataModule(
+        str(tmp_path / "nothing"), bootstrap=tiny_config(), backbone=BackboneConfig(str(tiny_model_dir))
+    )
+    with pytest.raises(RuntimeError, match="not finished"):
+        dm.setup("fit")
