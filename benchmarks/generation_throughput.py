@@ -238,15 +238,12 @@ def hf_generate(model, tokenizer, batch: list[list[int]], max_new: int, stops: l
     return out[:, width:].tolist()
 
 
-def timed(fn: Callable[[], list[list[int]]], device: torch.device, repeats: int) -> tuple[list[float], list]:
-    times, result = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times, result
+def timed(fn: Callable[[], list[list[int]]], device: torch.device) -> tuple[float, list[list[int]]]:
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -270,9 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager, flash_attention_2")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loader = load_random if args.random_shape else load_real
     model, tokenizer, ids, model_name = loader(args, device)
@@ -308,22 +308,27 @@ def main(argv: list[str] | None = None) -> dict:
     generate(model, tokenizer, warm * 2, SamplingConfig(max_new_tokens=4), batch_size=2)
     sync(device)
 
-    results: dict[str, dict] = {}
+    # Repeats run the methods round-robin, so slow drifts of a shared machine hit all of them alike.
+    times: dict[str, list[float]] = {name: [] for name in methods}
     outputs: dict[str, list[list[int]]] = {}
-    for name, fn in methods.items():
-        times, rows = timed(fn, device, args.repeats)
-        rows = count_new(rows, stop_set)
-        outputs[name] = rows
-        new_tokens = sum(len(r) for r in rows)
-        seconds = statistics.median(times)
+    for rep in range(args.repeats):
+        for name, fn in methods.items():
+            seconds, rows = timed(fn, device)
+            times[name].append(seconds)
+            outputs[name] = count_new(rows, stop_set)
+            tokens = sum(len(r) for r in outputs[name])
+            print(f"  [{rep + 1}/{args.repeats}] {name}: {tokens} tokens in {seconds:.2f} s", flush=True)
+    results: dict[str, dict] = {}
+    for name in methods:
+        new_tokens = sum(len(r) for r in outputs[name])
+        seconds = statistics.median(times[name])
         results[name] = {
-            "rows": len(rows),
+            "rows": len(outputs[name]),
             "new_tokens": new_tokens,
             "seconds": seconds,
-            "all_seconds": times,
+            "all_seconds": times[name],
             "tokens_per_s": new_tokens / seconds,
         }
-        print(f"  {name}: {new_tokens} tokens in {seconds:.2f} s", flush=True)
 
     naive, plain, ours = (results[k]["tokens_per_s"] for k in methods)
     names = list(methods)

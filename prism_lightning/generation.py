@@ -81,11 +81,11 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     gen_config = getattr(model, "generation_config", None) if model is not None else None
     if gen_config is not None:
         add(getattr(gen_config, "eos_token_id", None))
-    # convert_tokens_to_ids maps unknown tokens to unk: check the vocabulary instead.
-    vocab = tokenizer.get_vocab()
     for token in END_OF_TURN_TOKENS:
-        if token in vocab:
-            ids.append(int(vocab[token]))
+        tid = tokenizer.convert_tokens_to_ids(token)
+        # Unknown tokens map to unk: keep the id only if it maps back to the same token.
+        if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == token:
+            ids.append(tid)
     return list(dict.fromkeys(ids))
 
 
@@ -233,6 +233,24 @@ def _new_cache(model):
         return DynamicCache()
 
 
+def _trim_left(cache, columns: int) -> bool:
+    """Drop the first ``columns`` cache positions (padding shared by every running row, left behind
+    when the longer rows finished). Only for plain full-attention dynamic layers, where slicing is
+    exact (positions are explicit, so nothing else moves); returns whether it trimmed."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return False
+    for layer in layers:
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., columns:, :]
+            layer.values = layer.values[..., columns:, :]
+    return True
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -259,6 +277,7 @@ def _pick_tokens(logits: torch.Tensor, sampling: SamplingConfig, gens: list[torc
     return (probs / noise).argmax(dim=-1)
 
 
+@torch.no_grad()
 def _generate_ids(
     model,
     tokenizer,
@@ -300,7 +319,9 @@ def _generate_ids(
     def forward(step_ids: torch.Tensor, step_mask: torch.Tensor, step_pos: torch.Tensor) -> torch.Tensor:
         out = model(
             input_ids=step_ids,
-            attention_mask=step_mask,
+            # No padding left in the running batch: no mask, so attention can take its causal fast path
+            # (what `model.generate` does too).
+            attention_mask=step_mask if padded else None,
             position_ids=step_pos,
             use_cache=True,
             **{cache_kw: cache},
@@ -308,8 +329,10 @@ def _generate_ids(
         )
         return out.logits[:, -1, :].float()
 
-    stop_tensor = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop_set = set(stop_ids)
     alive = list(range(n))  # original row of each running row
+    pads = [width - length for length in lengths]  # left padding of each running row
+    padded = any(pads)
     out_tokens: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
     last_pos = positions[:, -1]
@@ -317,14 +340,10 @@ def _generate_ids(
     logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
     for step in range(sampling.max_new_tokens):
         next_tok = _pick_tokens(logits, sampling, gens)
-        is_stop = torch.isin(next_tok, stop_tensor)
-        # One host sync per step: the tokens and which rows stopped.
-        tok_list = next_tok.tolist()
-        stop_list = is_stop.tolist()
         kept: list[int] = []
-        for j, (tok, stopped) in enumerate(zip(tok_list, stop_list, strict=True)):
+        for j, tok in enumerate(next_tok.tolist()):  # the one host sync per step
             row = alive[j]
-            if stopped:
+            if tok in stop_set:
                 finish[row] = "stop"
             else:
                 out_tokens[row].append(tok)
@@ -336,11 +355,18 @@ def _generate_ids(
             cache.batch_select_indices(idx)
             mask, last_pos, next_tok = mask[idx], last_pos[idx], next_tok[idx]
             alive = [alive[j] for j in kept]
+            pads = [pads[j] for j in kept]
+            trim = min(pads)
+            if trim and _trim_left(cache, trim):
+                mask = mask[:, trim:]
+                pads = [p - trim for p in pads]
+            padded = any(pads)
             if gens:
                 gens = [gens[j] for j in kept]
             if on_rows_kept is not None:
                 on_rows_kept(idx)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if padded:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         last_pos = last_pos + 1
         logits = forward(next_tok[:, None], mask, last_pos[:, None])
 

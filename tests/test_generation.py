@@ -187,6 +187,45 @@ def test_finished_rows_are_dropped(parts):
     assert alive_rows == [r for r, n in enumerate(lengths) if n > last_step]
 
 
+def test_padding_goes_when_the_padded_rows_finish(parts):
+    model, tokenizer, prompts = parts
+    base_stops = stop_token_ids(tokenizer, model)
+    long_first, _ = hf_greedy(model, tokenizer, prompts[2], 1, base_stops)
+    stops = base_stops + long_first  # the longest prompt stops at once
+    refs = [hf_greedy(model, tokenizer, p, N_NEW, stops) for p in (prompts[2], prompts[0], prompts[0])]
+    assert refs[0] == ([], "stop") and len(refs[1][0]) > 2
+
+    masks: list[bool] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: masks.append(kw["attention_mask"] is not None), with_kwargs=True
+    )
+    try:
+        outs = generate_batch(
+            model,
+            tokenizer,
+            [prompts[2], prompts[0], prompts[0]],
+            SamplingConfig(max_new_tokens=N_NEW),
+            stop_ids=stops,
+        )
+    finally:
+        hook.remove()
+    assert [(o.token_ids, o.finish_reason) for o in outs] == refs
+    # Padded prefill needs the mask; the two equal prompts left afterwards need none.
+    assert masks[0] and not any(masks[1:])
+
+
+def test_no_autograd_graph(parts):
+    model, tokenizer, prompts = parts
+    grad_enabled: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        generate(model, tokenizer, prompts[:2], SamplingConfig(max_new_tokens=2))
+        generate_batch(model, tokenizer, prompts[:2], SamplingConfig(max_new_tokens=2))
+    finally:
+        hook.remove()
+    assert grad_enabled and not any(grad_enabled)
+
+
 def test_sampled_rows_keep_their_streams_after_compaction(parts):
     model, tokenizer, prompts = parts
     sampling = SamplingConfig(max_new_tokens=N_NEW, temperature=1.0)
