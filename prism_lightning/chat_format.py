@@ -20,7 +20,8 @@ PLACEMENTS: tuple[str, ...] = ("system", "user", "none")
 # Used only when a tokenizer ships no chat template at all (e.g. a base model or a test tokenizer).
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 _SENTINEL = "PRISM-SYSTEM-ROLE-PROBE-7f3a"

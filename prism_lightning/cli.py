@@ -18,7 +18,10 @@ LIGHTNING_COMMANDS = {
     "predict": "routed generation over a JSONL of prompts",
 }
 PRISM_COMMANDS: dict[str, tuple[str, str]] = {
-    "bootstrap": ("prism_lightning.bootstrap.cli:bootstrap_main", "write queries, answers, verdicts, teacher logits"),
+    "bootstrap": (
+        "prism_lightning.bootstrap.cli:bootstrap_main",
+        "write queries, answers, verdicts, teacher logits",
+    ),
     "chat": ("prism_lightning.chat:chat_main", "talk to a model, with a persona or a routed checkpoint"),
     "assets": ("prism_lightning.asset_cli:assets_main", "fetch the embedded model and benchmark files"),
 }
@@ -36,8 +39,11 @@ def _usage() -> str:
         lines.append(f"  {name:<10} {text}")
     for name, (_, text) in PRISM_COMMANDS.items():
         lines.append(f"  {name:<10} {text}")
-    lines += ["", "`python -m prism_lightning <command> --help` shows a command's options.",
-              "`fit` with no --config uses configs/default.yaml (the embedded SmolLM2 default)."]
+    lines += [
+        "",
+        "`python -m prism_lightning <command> --help` shows a command's options.",
+        "`fit` with no --config uses configs/default.yaml (the embedded SmolLM2 default).",
+    ]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from prism_lightning.backbone import BackboneConfig
@@ -46,12 +47,24 @@ class PrismCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for f in fields(BackboneConfig):
             parser.link_arguments(f"model.backbone.{f.name}", f"data.backbone.{f.name}")
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="where fit exports the run (default: checkpoints/<name of data.run_dir>)")
-        parser.add_argument("--sanity_check", type=bool, default=True,
-                            help="after fit, route a few queries with the exported checkpoint")
-        parser.add_argument("--predict_output", type=str | None, default=None,
-                            help="predict: JSONL written with response, route and gate_prob per row")
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default=None,
+            help="where fit exports the run (default: checkpoints/<name of data.run_dir>)",
+        )
+        parser.add_argument(
+            "--sanity_check",
+            type=bool,
+            default=True,
+            help="after fit, route a few queries with the exported checkpoint",
+        )
+        parser.add_argument(
+            "--predict_output",
+            type=str | None,
+            default=None,
+            help="predict: JSONL written with response, route and gate_prob per row",
+        )
 
     def _section(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -63,19 +76,26 @@ class PrismCLI(LightningCLI):
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for lg in loggers:
-            if isinstance(lg, dict) or hasattr(lg, "class_path"):
-                if "WandbLogger" in str(lg.get("class_path", "")):
-                    init = lg.setdefault("init_args", {})
-                    if not wandb_has_key():
-                        init["offline"] = True
-                    if not init.get("save_dir"):
-                        init["save_dir"] = str(cfg.data.run_dir)
-                    os.makedirs(init["save_dir"], exist_ok=True)
+            if not hasattr(lg, "get") or "WandbLogger" not in str(lg.get("class_path", "")):
+                continue
+            if lg.get("init_args") is None:
+                lg["init_args"] = Namespace()
+            init = lg["init_args"]
+            if not wandb_has_key():  # no key: keep the run on disk, `wandb sync` uploads it later
+                init["offline"] = True
+            if not init.get("save_dir"):
+                init["save_dir"] = str(cfg.data.run_dir)
+            os.makedirs(init["save_dir"], exist_ok=True)
 
     def _trainer_kwargs(self) -> dict[str, Any]:
         t = self._section().trainer
-        return {"accelerator": t.accelerator, "devices": t.devices, "strategy": t.strategy,
-                "num_nodes": t.num_nodes, "precision": t.precision}
+        return {
+            "accelerator": t.accelerator,
+            "devices": t.devices,
+            "strategy": t.strategy,
+            "num_nodes": t.num_nodes,
+            "precision": t.precision,
+        }
 
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
@@ -94,7 +114,11 @@ class PrismCLI(LightningCLI):
 
         dm: PrismDataModule = self.datamodule
         cfg = self._section()
-        training = {k: v for k, v in self.config_dump().items() if k in ("model", "data", "trainer", "seed_everything")}
+        training = {
+            k: v
+            for k, v in self._resolved_config().items()
+            if k in ("model", "data", "trainer", "seed_everything")
+        }
         out = export_checkpoint(
             self.model,
             self.export_dir(),
@@ -111,7 +135,7 @@ class PrismCLI(LightningCLI):
         if cfg.sanity_check:
             self._sanity_check(out)
 
-    def config_dump(self) -> dict:
+    def _resolved_config(self) -> dict:
         """The resolved config as plain JSON types, stored in prism.json for reproducibility."""
         return json.loads(json.dumps(_to_plain(self._section())))
 
@@ -122,7 +146,7 @@ class PrismCLI(LightningCLI):
         routed = load_checkpoint(checkpoint, device="cpu" if not torch.cuda.is_available() else None)
         outs = routed.generate(list(SANITY_QUERIES), sampling=SamplingConfig(max_new_tokens=32))
         print("\nrouted sanity check (gate decides inside the prefill):")
-        for q, o in zip(SANITY_QUERIES, outs):
+        for q, o in zip(SANITY_QUERIES, outs, strict=True):
             where = "adapter" if o.route else "base"
             print(f"  [{where:<7} p={o.gate_prob:.2f}] {q}\n      -> {o.text[:120]!r}")
 
@@ -147,15 +171,15 @@ def _to_plain(obj: Any) -> Any:
 
 
 def run_lightning_cli(command: str, args: list[str]) -> PrismCLI:
-    """`fit` with no --config takes configs/default.yaml (the embedded default)."""
+    """A command with no --config takes configs/default.yaml (the embedded default)."""
     args = list(args)
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
-    if command == "fit" and not has_config and "--help" not in args and "-h" not in args:
+    if not has_config and "--help" not in args and "-h" not in args:
         args = ["--config", str(repo_configs_dir() / "default.yaml"), *args]
+    sys.argv = [sys.argv[0], command, *args]  # LightningCLI reads sys.argv (and warns if given both)
     return PrismCLI(
         PrismModule,
         PrismDataModule,
-        args=[command, *args],
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": f"{Path(sys.executable).name} -m prism_lightning"},
     )

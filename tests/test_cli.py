@@ -42,7 +42,18 @@ def test_chat_puts_the_persona_in_the_prompt_and_prints_the_answer(tiny_model_di
 
     monkeypatch.setattr(generation, "generate_batch", spy)
     with pytest.raises(SystemExit) as info:
-        main(["chat", "--model", str(tiny_model_dir), "--persona", "math", "--max_new_tokens", "4", "What is 12*7?"])
+        main(
+            [
+                "chat",
+                "--model",
+                str(tiny_model_dir),
+                "--persona",
+                "math",
+                "--max_new_tokens",
+                "4",
+                "What is 12*7?",
+            ]
+        )
     assert info.value.code == 0
     persona = ContextLibrary.builtin().get("math").text("short")
     assert len(seen) == 1 and f"system\n{persona}" in seen[0] and "What is 12*7?" in seen[0]

@@ -25,6 +25,7 @@ response tokens first (teacher targets are cut the same way), then prompt tokens
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap.config import BootstrapConfig
-from prism_lightning.bootstrap.runner import run_bootstrap, stage_stores
+from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.stage import dist_ready
 from prism_lightning.bootstrap.store import read_jsonl
 from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
@@ -195,6 +196,7 @@ class PrismDataModule(L.LightningDataModule):
         max_length: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -209,6 +211,7 @@ class PrismDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.seed = seed
+        self.predict_file = predict_file
         self.tokenizer = None
         self.formatter = None
         self.train_set: PrismExamples | None = None
@@ -222,7 +225,22 @@ class PrismDataModule(L.LightningDataModule):
     def _stores(self):
         return stage_stores(self.bootstrap, self.backbone, self.run_dir)
 
+    def ensure_bootstrap(self, trainer_kwargs: dict[str, Any] | None = None) -> None:
+        """Run (or reuse) every bootstrap stage on the fit's own devices before training starts."""
+        run_bootstrap(self.bootstrap, self.backbone, self.run_dir, trainer_kwargs or {"devices": 1})
+
+    @property
+    def persona_names(self) -> list[str]:
+        return [c.name for c in resolve_personas(self.bootstrap)]
+
+    @property
+    def bootstrap_summary(self) -> dict[str, Any] | None:
+        path = Path(self.run_dir) / "bootstrap" / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
     def prepare_data(self) -> None:
+        if self.predict_file:
+            return
         stores = self._stores()
         if all(store.is_done() for store in stores.values()):
             return
@@ -234,6 +252,8 @@ class PrismDataModule(L.LightningDataModule):
         run_bootstrap(self.bootstrap, self.backbone, self.run_dir, {"devices": 1})
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
         if self.train_set is not None:
             return
         stores = self._stores()
@@ -325,3 +345,22 @@ class PrismDataModule(L.LightningDataModule):
             collate_fn=self._collate,
             num_workers=self.num_workers,
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Rows {"id", "query"} of ``predict_file`` (JSONL; "prompt" is accepted for "query")."""
+        if not self.predict_file:
+            raise ValueError('predict needs data.predict_file: a JSONL file with one {"query": ...} per line')
+        path = Path(self.predict_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.predict_file {path} does not exist")
+        rows = []
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            query = row.get("query", row.get("prompt"))
+            if not isinstance(query, str):
+                raise ValueError(
+                    f"{self.predict_file} line {i + 1}: needs a string field 'query' (or 'prompt')"
+                )
+            rows.append({"id": row.get("id", i), "query": query})
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=list)

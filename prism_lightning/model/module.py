@@ -101,6 +101,7 @@ class PrismModule(L.LightningModule):
         predict_temperature: float = 0.0,
         predict_top_p: float = 1.0,
         predict_batch_size: int = 8,
+        checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -127,7 +128,21 @@ class PrismModule(L.LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if self.hparams.checkpoint:
+            self.attach_checkpoint(self.hparams.checkpoint, device)
+            return
         self.attach_backbone(self.backbone_config.load(device=device))
+
+    def attach_checkpoint(self, path: str, device: torch.device | str) -> None:
+        """Serve an exported run (predict/validate): base, adapter and gate come from the export, so
+        its base-model check applies and the gate layer is the one it was trained with."""
+        from prism_lightning.model.export import load_checkpoint
+
+        routed = load_checkpoint(path, device=device)
+        self.model, self.gate, self.controller = routed.model, routed.gate, routed.controller
+        self.tokenizer, self.formatter = routed.tokenizer, routed.formatter
+        base = routed.meta["base_model"]
+        self.backbone_name, self.backbone_source = base["name"], base["source"]
 
     def attach_backbone(self, bb) -> None:
         """Build adapter, gate and controller on an already loaded ``Backbone`` (benchmarks, tests)."""
