@@ -61,6 +61,9 @@ class Generation:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    # log-softmax of the prefill's next-token logits (V,), when asked for: a judge reads its option
+    # scores from the same prefill that starts its free-text verdict, instead of a second forward.
+    first_log_probs: torch.Tensor | None = None
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -106,6 +109,7 @@ def generate_batch(
     seeds: Sequence[int] | None = None,
     on_rows_kept: Callable[[torch.Tensor], None] | None = None,
     stop_ids: Sequence[int] | None = None,
+    keep_first_log_probs: bool = False,
 ) -> list[Generation]:
     """Generate for one batch of already chat-formatted prompts (strings, tokenized without adding
     special tokens, or lists of token ids taken as they are).
@@ -114,14 +118,15 @@ def generate_batch(
     token per step. When rows finish, they are dropped from the running batch and
     ``on_rows_kept(kept)`` is called with the indices (into the batch as it was just before that
     compaction, on the model's device) of the rows that continue. It is not called when no row
-    continues. ``stop_ids`` defaults to :func:`stop_token_ids`.
+    continues. ``stop_ids`` defaults to :func:`stop_token_ids`. ``keep_first_log_probs`` fills
+    ``Generation.first_log_probs`` from the prefill.
     """
     if len(prompts) == 0:
         return []
     ids = _tokenize(tokenizer, prompts)
     seeds = _resolve_seeds(seeds, len(ids), sampling)
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
-    return _generate_ids(model, tokenizer, ids, sampling, seeds, stops, on_rows_kept)
+    return _generate_ids(model, tokenizer, ids, sampling, seeds, stops, on_rows_kept, keep_first_log_probs)
 
 
 def generate(
@@ -286,6 +291,7 @@ def _generate_ids(
     seeds: list[int],
     stop_ids: list[int],
     on_rows_kept: Callable[[torch.Tensor], None] | None,
+    keep_first_log_probs: bool = False,
 ) -> list[Generation]:
     n = len(ids)
     lengths = [len(row) for row in ids]
@@ -338,6 +344,7 @@ def _generate_ids(
     last_pos = positions[:, -1]
 
     logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
+    first = torch.log_softmax(logits, dim=-1).cpu() if keep_first_log_probs else None
     for step in range(sampling.max_new_tokens):
         next_tok = _pick_tokens(logits, sampling, gens)
         kept: list[int] = []
@@ -376,6 +383,7 @@ def _generate_ids(
             token_ids=out_tokens[i],
             finish_reason=finish[i],
             prompt_tokens=lengths[i],
+            first_log_probs=None if first is None else first[i],
         )
         for i in range(n)
     ]

@@ -54,6 +54,12 @@ class PrismCLI(LightningCLI):
             help="where fit exports the run (default: checkpoints/<name of data.run_dir>)",
         )
         parser.add_argument(
+            "--validate_before_fit",
+            type=bool,
+            default=True,
+            help="one validation pass before training, so the starting KL is on record",
+        )
+        parser.add_argument(
             "--sanity_check",
             type=bool,
             default=True,
@@ -100,6 +106,13 @@ class PrismCLI(LightningCLI):
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
         dm.ensure_bootstrap(self._trainer_kwargs())
+        self.start_metrics: dict[str, float] = {}
+        if self._section().validate_before_fit:
+            self.trainer.validate(self.model, datamodule=dm, verbose=False)
+            self.start_metrics = _val_metrics(self.trainer)
+            # validate() ran under inference mode; fresh metric states keep fit's own loops legal.
+            self.model.val_metrics.reset()
+            self.model.val_route_rate.reset()
 
     def export_dir(self) -> Path:
         cfg = self._section()
@@ -114,11 +127,11 @@ class PrismCLI(LightningCLI):
 
         dm: PrismDataModule = self.datamodule
         cfg = self._section()
-        training = {
-            k: v
-            for k, v in self._resolved_config().items()
-            if k in ("model", "data", "trainer", "seed_everything")
-        }
+        keys = ("model", "data", "trainer", "seed_everything")
+        training = {k: v for k, v in self._resolved_config().items() if k in keys}
+        final = _val_metrics(self.trainer)
+        training["metrics"] = {"before_fit": getattr(self, "start_metrics", {}), "after_fit": final}
+        self._print_metrics(final)
         out = export_checkpoint(
             self.model,
             self.export_dir(),
@@ -139,6 +152,22 @@ class PrismCLI(LightningCLI):
         """The resolved config as plain JSON types, stored in prism.json for reproducibility."""
         return json.loads(json.dumps(_to_plain(self._section())))
 
+    def _print_metrics(self, final: dict[str, float]) -> None:
+        start = getattr(self, "start_metrics", {})
+        print("\nvalidation split        before fit   after fit")
+        keys = (
+            "val/kl",
+            "val/gate_loss",
+            "val/gate_acc",
+            "val/gate_auroc",
+            "val/gate_f1",
+            "val/routing_rate",
+        )
+        for key in keys:
+            if key in final:
+                before = f"{start[key]:.4f}" if key in start else "-"
+                print(f"  {key:<22}{before:>11}{final[key]:>12.4f}")
+
     def _sanity_check(self, checkpoint: Path) -> None:
         from prism_lightning.generation import SamplingConfig
         from prism_lightning.model.export import load_checkpoint
@@ -156,6 +185,10 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         output = cfg.get("predict_output") or str(Path(self.datamodule.run_dir) / "predictions.jsonl")
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
+
+
+def _val_metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
 def _to_plain(obj: Any) -> Any:

@@ -323,3 +323,20 @@ def test_row_seed_is_stable():
     assert seed == 5554045781745602242  # hashlib-based: the same in every process and Python version
     assert row_seed(1, "writing/0") != seed
     assert row_seed(0, "writing/1") != seed
+
+
+def test_first_log_probs_are_the_prefill_next_token_distribution(parts):
+    model, tokenizer, prompts = parts
+    prompts = prompts[:3]
+    gens = generate_batch(
+        model, tokenizer, prompts, SamplingConfig(max_new_tokens=2), keep_first_log_probs=True
+    )
+    for prompt, gen in zip(prompts, gens, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+        torch.testing.assert_close(gen.first_log_probs, expected, atol=1e-4, rtol=1e-4)
+        if gen.token_ids:  # greedy: the first generated token is that distribution's argmax
+            assert gen.token_ids[0] == int(expected.argmax())
+    plain = generate_batch(model, tokenizer, prompts, SamplingConfig(max_new_tokens=2))
+    assert all(g.first_log_probs is None for g in plain)

@@ -325,3 +325,23 @@ def test_fit_ddp_two_cpu_processes(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DDP-OK 2 2" in proc.stdout
+
+
+def test_retain_rows_stop_after_the_gate_layer_without_changing_the_losses(tiny_model_dir):
+    """Without a retain loss, retain rows run only layers <= k; the losses equal the one-pass path's."""
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir)
+    batch = make_batches(module, n_batches=1)[0]
+    assert 0 < float(batch["gate_target"].sum()) < len(batch["gate_target"])  # a mixed batch
+    with torch.no_grad():  # a non-zero adapter, so wrong rows or positions would change the KL
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    module.eval()
+    with torch.no_grad():
+        split = module._common_step(batch, 0, "val")
+        module.hparams.retain_weight = 1e-9  # forces the one-pass path over all rows
+        one_pass = module._common_step(batch, 0, "val")
+    assert float(split["kl"]) > 0
+    torch.testing.assert_close(split["kl"], one_pass["kl"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(split["gate_loss"], one_pass["gate_loss"], atol=1e-5, rtol=1e-4)

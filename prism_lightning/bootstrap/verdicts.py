@@ -164,8 +164,8 @@ class VerdictTask(StageTask):
 
     def process(self, jobs):
         prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
-        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling)
-        log_probs = last_token_log_probs(self.model, self.tokenizer, prompts)
+        # One prefill serves both verdicts: the option log-probs are its next-token distribution.
+        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, keep_first_log_probs=True)
         rows = []
         n = len(jobs)
         for i, job in enumerate(jobs):
@@ -175,7 +175,7 @@ class VerdictTask(StageTask):
                 orders[order] = {
                     "raw": gen.text,
                     "parsed": parse_verdict(gen.text),
-                    "logprobs": option_logprobs(log_probs[i + k * n], self.option_ids),
+                    "logprobs": option_logprobs(gen.first_log_probs, self.option_ids),
                     "tokens": len(gen.token_ids),
                 }
             rows.append(label_row(job, orders, self.rule))

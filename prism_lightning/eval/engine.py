@@ -101,17 +101,28 @@ class Engine:
         ]
 
     # -- scoring -----------------------------------------------------------------------------------
+    def single_token(self, text: str) -> int | None:
+        """The token id of ``text`` if it is exactly one token, else None."""
+        if text not in self._token_cache:
+            self._token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        toks = self._token_cache[text]
+        return toks[0] if len(toks) == 1 else None
+
     def option_ids(self, variants: Sequence[str]) -> list[int]:
-        """Token ids of the variants that are a single token (e.g. "A", " A"); duplicates dropped."""
+        """Token ids of the variants that are a single token (e.g. "A", " A"); duplicates dropped.
+        When none is one token (a tiny test vocabulary), the first token of each variant."""
         ids: list[int] = []
         for v in variants:
-            if v not in self._token_cache:
-                self._token_cache[v] = self.tokenizer(v, add_special_tokens=False)["input_ids"]
-            toks = self._token_cache[v]
-            if len(toks) == 1 and toks[0] not in ids:
-                ids.append(toks[0])
+            tok = self.single_token(v)
+            if tok is not None and tok not in ids:
+                ids.append(tok)
+        if not ids:  # no one-token spelling: score each spelling's first token
+            for v in variants:
+                toks = self._token_cache.get(v) or []
+                if toks and toks[0] not in ids:
+                    ids.append(toks[0])
         if not ids:
-            raise ValueError(f"none of {list(variants)} is a single token for this tokenizer")
+            raise ValueError(f"none of {list(variants)} can be tokenized")
         return ids
 
     @torch.no_grad()

@@ -222,12 +222,35 @@ class PrismModule(L.LightningModule):
                 h_ref = h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[retain_rows][sub]]
                 ref_logits = lm_head(h_ref)
 
-        # The one forward: adapter on for distill rows (all rows with a retain loss), gate features
-        # read at the last prompt token after layer k by the controller's hook.
-        ctl.set_mask(torch.ones_like(target) if hp.retain_weight > 0 else target)
-        ctl.arm(prompt_len - 1, decide=False)
-        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        feats = ctl.features
+        distill = target > 0
+        if use_retain or not bool(distill.any()) or bool(distill.all()):
+            # One forward over every row: adapter on for distill rows (all rows with a retain loss),
+            # gate features read at the last prompt token after layer k by the controller's hook.
+            ctl.set_mask(torch.ones_like(target) if use_retain else target)
+            ctl.arm(prompt_len - 1, decide=False)
+            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            feats = ctl.features
+            hidden_rows = torch.arange(bsz, device=ids.device)
+        else:
+            # Retain rows need nothing above layer k when there is no retain loss: they stop after
+            # the gate layer, and only distill rows (adapter on, padding trimmed) run the full stack.
+            retain_mask = ~distill
+            with torch.no_grad():
+                width_r = int(attn[retain_mask].sum(-1).max())
+                feats_r = ctl.gate_features(
+                    ids[retain_mask, :width_r], attn[retain_mask, :width_r], prompt_len[retain_mask] - 1
+                )
+            width_d = int(attn[distill].sum(-1).max())
+            ctl.set_mask(1.0)
+            ctl.arm(prompt_len[distill] - 1, decide=False)
+            hidden = decoder(
+                input_ids=ids[distill, :width_d], attention_mask=attn[distill, :width_d], use_cache=False
+            ).last_hidden_state
+            feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
+            feats[retain_mask], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
+            hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
+            hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
+            pos = pos.clamp(max=width_d - 1)
         if feats is None:
             raise RuntimeError("The gate-layer hook did not capture features.")
         gate_logits = self.gate(feats)
@@ -236,7 +259,7 @@ class PrismModule(L.LightningModule):
         sel = t_mask.bool() & (target[:, None] > 0)
         n_tok = int(sel.sum())
         if n_tok > 0:
-            logits = lm_head(hidden[rows[sel], pos[sel]])
+            logits = lm_head(hidden[hidden_rows[rows[sel]], pos[sel]])
             kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
         else:  # keep every adapter parameter in the graph (DDP) with a zero loss
             kl = hidden.sum() * 0.0
