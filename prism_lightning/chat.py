@@ -64,7 +64,7 @@ class _Session:
 
             override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
             self.routed = load_checkpoint(args.checkpoint, device=args.device, backbone_override=override)
-            self.backbone = self.routed.backbone
+            self.backbone = None
             self.context = None
         else:
             self.routed = None

@@ -20,6 +20,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.bootstrap.cli import trainer_kwargs_from
 from prism_lightning.cli import repo_configs_dir
 from prism_lightning.data import PrismDataModule
 from prism_lightning.model.module import PrismModule
@@ -93,19 +94,9 @@ class PrismCLI(LightningCLI):
                 init["save_dir"] = str(cfg.data.run_dir)
             os.makedirs(init["save_dir"], exist_ok=True)
 
-    def _trainer_kwargs(self) -> dict[str, Any]:
-        t = self._section().trainer
-        return {
-            "accelerator": t.accelerator,
-            "devices": t.devices,
-            "strategy": t.strategy,
-            "num_nodes": t.num_nodes,
-            "precision": t.precision,
-        }
-
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
-        dm.ensure_bootstrap(self._trainer_kwargs())
+        dm.ensure_bootstrap(trainer_kwargs_from(self._section().trainer))
         self.start_metrics: dict[str, float] = {}
         if self._section().validate_before_fit:
             self.trainer.validate(self.model, datamodule=dm, verbose=False)
@@ -203,12 +194,35 @@ def _to_plain(obj: Any) -> Any:
     return str(obj)
 
 
-def run_lightning_cli(command: str, args: list[str]) -> PrismCLI:
+class _ParseOnlyCLI(PrismCLI):
+    """The fit parser without building a Trainer or models (for commands that only read the config)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def with_default_config(args: list[str]) -> list[str]:
     """A command with no --config takes configs/default.yaml (the embedded default)."""
-    args = list(args)
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
     if not has_config and "--help" not in args and "-h" not in args:
-        args = ["--config", str(repo_configs_dir() / "default.yaml"), *args]
+        return ["--config", str(repo_configs_dir() / "default.yaml"), *args]
+    return list(args)
+
+
+def parse_config(prog: str, args: list[str]):
+    """The resolved fit config (same files, keys and links as `fit`) for another command."""
+    cli = _ParseOnlyCLI(
+        PrismModule,
+        PrismDataModule,
+        run=False,
+        args=with_default_config(args),
+        parser_kwargs={"prog": f"python -m prism_lightning {prog}"},
+    )
+    return cli.config
+
+
+def run_lightning_cli(command: str, args: list[str]) -> PrismCLI:
+    args = with_default_config(args)
     sys.argv = [sys.argv[0], command, *args]  # LightningCLI reads sys.argv (and warns if given both)
     return PrismCLI(
         PrismModule,

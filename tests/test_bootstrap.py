@@ -350,7 +350,7 @@ def test_bootstrap_main_reads_fit_yaml_and_prints_summary(tiny_run, tmp_path, ca
     path.write_text(yaml.safe_dump(config))
     argv = ["--config", str(path)]
     for key in ("queries_per_persona", "query_max_new_tokens", "answer_max_new_tokens", "teacher_top_k"):
-        argv += [f"--bootstrap.{key}", str(getattr(cfg, key))]
+        argv += [f"--data.bootstrap.{key}", str(getattr(cfg, key))]
     assert bootstrap_main(argv) == 0
     out = capsys.readouterr().out
     assert "bootstrap summary" in out and "cached" in out and "summary.json" in out

@@ -38,14 +38,9 @@ def close(a, b, path="") -> bool:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "prism_lightning",
-        "bootstrap",
-        "--run_dir",
-        str(tmp_path / "ddp"),
-        "--backbone.model",
+    cmd = [sys.executable, "-m", "prism_lightning", "bootstrap", "--data.run_dir", str(tmp_path / "ddp")]
+    cmd += [
+        "--model.backbone.model",
         str(tiny_model_dir),
         "--trainer.devices",
         "2",
@@ -53,7 +48,7 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
         "cpu",
     ]
     for key, value in SETTINGS.items():
-        cmd += [f"--bootstrap.{key}", str(value)]
+        cmd += [f"--data.bootstrap.{key}", str(value)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK"):
         env.pop(key, None)

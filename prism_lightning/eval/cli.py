@@ -174,7 +174,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         from prism_lightning.model.export import load_checkpoint
 
-        ckpt = find_checkpoint(args.checkpoint)
+        try:
+            ckpt = find_checkpoint(args.checkpoint)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
         routed = load_checkpoint(ckpt, device=device, backbone_override=override)
         engine = Engine.from_routed(routed, name=str(ckpt))

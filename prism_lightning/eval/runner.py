@@ -530,7 +530,12 @@ def format_table(summary: dict) -> str:
         for c in conds:
             res = summary["conditions"][c]
             ci = res["subscores"].get(n) if n in res["subscores"] else res.get(n)
-            cells.append(_fmt(ci, 2 if n.startswith("mtbench") else 1))
+            cell = _fmt(ci, 2 if n.startswith("mtbench") else 1)
+            if ci and "n_groups" in ci and n == "overall" and 0 < ci["n_groups"] < len(names):
+                cell += f" ({ci['n_groups']}/{len(names)})"  # sub-scores with no value left out
+            elif ci and ci.get("missing") and n in res["subscores"]:
+                cell += f" ({ci['missing']} missing)"
+            cells.append(cell)
         if has_prism:
             r = summary["conditions"]["prism"]["routing_rate"].get(n)
             cells.append("-" if r is None else f"{100 * r:.0f}")

@@ -1,0 +1,110 @@
+"""`fit` → export → `predict` → `chat --checkpoint` through the real CLI on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "prism_lightning", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fit")
+    override = work / "tiny.yaml"
+    override.write_text(
+        f"""
+trainer:
+  max_epochs: 2
+  callbacks: []
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.WandbLogger
+    init_args: {{project: prism_lightning, save_dir: runs/tiny}}
+model:
+  backbone: {{model: {tiny_model_dir}}}
+  gate_hidden: [16]
+  lora_rank: 4
+data:
+  run_dir: runs/tiny
+  batch_size: 4
+  bootstrap:
+    personas: [math, coding, writing]
+    queries_per_persona: 4
+    query_max_new_tokens: 12
+    min_query_chars: 1
+    answer_max_new_tokens: 8
+"""
+    )
+    result = run_cli(
+        "fit", "--config", str(ROOT / "configs/default.yaml"), "--config", str(override), cwd=work
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_fit_bootstraps_trains_exports_and_routes(fitted):
+    work, result = fitted
+    export = work / "checkpoints" / "tiny"
+    assert (export / "adapter" / "adapter_config.json").exists()
+    assert (export / "gate.safetensors").exists()
+    meta = json.loads((export / "prism.json").read_text())
+    assert meta["personas"] == ["math", "coding", "writing"]
+    assert meta["bootstrap_summary"]["stages"]["verdicts"]["rows"] > 0
+    metrics = meta["training_config"]["metrics"]
+    assert "val/kl" in metrics["before_fit"] and "val/kl" in metrics["after_fit"]
+    assert "routed sanity check" in result.stdout
+    assert list((work / "runs" / "tiny" / "wandb").glob("offline-run-*"))  # W&B offline without a key
+
+
+def test_second_bootstrap_is_a_no_op(fitted):
+    work, _ = fitted
+    boot = work / "runs" / "tiny" / "bootstrap"
+    rows_before = {p: p.stat().st_mtime_ns for p in boot.glob("*/rows.jsonl")}
+    assert len(rows_before) == 4  # queries, answers, verdicts, teacher
+    result = run_cli(
+        "bootstrap",
+        "--config",
+        str(ROOT / "configs/default.yaml"),
+        "--config",
+        str(work / "tiny.yaml"),
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in boot.glob("*/rows.jsonl")} == rows_before
+    assert "Loaded" not in result.stderr  # no model was loaded
+
+
+def test_predict_writes_route_and_gate_probability_per_row(fitted):
+    work, _ = fitted
+    prompts = work / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "query": "What is 2+2?"}\n{"prompt": "Write a poem."}')
+    out = work / "routed.jsonl"
+    result = run_cli(
+        "predict", "--config", str(work / "tiny.yaml"), "--model.checkpoint", "checkpoints/tiny",
+        "--model.predict_max_new_tokens", "4", "--data.predict_file", str(prompts),
+        "--predict_output", str(out), cwd=work,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 1]
+    for row in rows:
+        assert isinstance(row["route"], bool) and 0.0 <= row["gate_prob"] <= 1.0 and "response" in row
+
+
+def test_chat_with_checkpoint_prints_the_route(fitted):
+    work, _ = fitted
+    result = run_cli("chat", "--checkpoint", "checkpoints/tiny", "--max_new_tokens", "4", "hello", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[route: " in result.stderr and "gate p=" in result.stderr
