@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from prism_lightning.errors import PrismError
+
 __all__ = [
     "ASSETS",
     "FETCH_COMMAND",
@@ -153,7 +155,7 @@ ASSETS: dict[str, Asset] = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(PrismError, RuntimeError):
     """Base class for every asset failure, so callers can catch one type."""
 
 

@@ -15,6 +15,7 @@ import torch
 
 from prism_lightning import assets
 from prism_lightning.chat_format import ChatFormatter
+from prism_lightning.errors import PrismError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(PrismError, ValueError):
     """A model name that is neither embedded, nor a local directory, nor loadable from the hub."""
 
 

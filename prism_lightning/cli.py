@@ -52,15 +52,6 @@ def _load(target: str) -> Callable[[Sequence[str]], int | None]:
     return getattr(__import__(module, fromlist=[func]), func)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: shown as one clear line, not a traceback."""
-    from prism_lightning.assets import AssetError
-    from prism_lightning.backbone import ModelNotFoundError
-    from prism_lightning.contexts import ContextFileError, UnknownContextError
-
-    return (AssetError, ModelNotFoundError, UnknownContextError, ContextFileError)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -68,17 +59,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(_usage())
         return
     command, rest = argv[0], argv[1:]
-    if command in LIGHTNING_COMMANDS:
-        from prism_lightning.lightning_cli import run_lightning_cli
+    if command not in LIGHTNING_COMMANDS and command not in PRISM_COMMANDS:
+        print(f"Unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    from prism_lightning.errors import PrismError
 
-        run_lightning_cli(command, rest)
-        return
-    if command in PRISM_COMMANDS:
-        try:
-            code = _load(PRISM_COMMANDS[command][0])(rest)
-        except _user_errors() as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise SystemExit(code or 0)
-    print(f"Unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
-    raise SystemExit(2)
+    try:
+        if command in LIGHTNING_COMMANDS:
+            from prism_lightning.lightning_cli import run_lightning_cli
+
+            run_lightning_cli(command, rest)
+            return
+        code = _load(PRISM_COMMANDS[command][0])(rest)
+    except PrismError as err:  # the user's input: one clear message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)

@@ -11,10 +11,11 @@ from typing import Any
 
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.errors import PrismError
 from prism_lightning.generation import SamplingConfig, generate_batch, row_seed
 
 
-class DegenerateAnswersError(RuntimeError):
+class DegenerateAnswersError(PrismError, RuntimeError):
     """The model ended every answer at once."""
 
 

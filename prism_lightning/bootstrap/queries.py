@@ -17,6 +17,7 @@ from typing import Any
 from prism_lightning.bootstrap.prompts import query_prompt_text
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.errors import PrismError
 from prism_lightning.generation import SamplingConfig, generate_batch, row_seed, stop_token_ids
 
 DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "not_a_query", "duplicate", "near_duplicate")
@@ -162,7 +163,7 @@ class QueryTask(StageTask):
         ]
 
 
-class NoQueriesError(RuntimeError):
+class NoQueriesError(PrismError, RuntimeError):
     """Every generated query was dropped."""
 
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prism_lightning.errors import PrismError
+
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout or a row schema changes incompatibly.
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 DONE_MARKER = "DONE"
 
 
-class IncompatibleRunError(RuntimeError):
+class IncompatibleRunError(PrismError, RuntimeError):
     """A stage directory written by an incompatible version of this package."""
 
 

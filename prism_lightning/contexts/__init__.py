@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from prism_lightning.errors import PrismError
+
 __all__ = [
     "BEHAVIOURAL_PERSONAS",
     "LENGTHS",
@@ -67,7 +69,7 @@ _HOW_TO_ADD = (
 )
 
 
-class UnknownContextError(KeyError):
+class UnknownContextError(PrismError, KeyError):
     """A context name that is not in the library; the message lists what is available."""
 
     def __init__(self, name: str, available: Sequence[str], what: str = "context") -> None:
@@ -89,7 +91,7 @@ class UnknownContextError(KeyError):
         return (type(self), (self.name, self.available, self.what))
 
 
-class ContextFileError(ValueError):
+class ContextFileError(PrismError, ValueError):
     """A user context file (or inline entry) that cannot be used; says where and what is wrong."""
 
     def __init__(self, path: str | Path, problem: str) -> None:

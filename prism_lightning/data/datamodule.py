@@ -43,11 +43,12 @@ from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, st
 from prism_lightning.bootstrap.stage import dist_ready
 from prism_lightning.bootstrap.store import read_jsonl
 from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
+from prism_lightning.errors import PrismError
 
 log = logging.getLogger(__name__)
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(PrismError, ValueError):
     """The bootstrap produced no distill rows or no retain rows: training needs both."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.errors import PrismError
 from prism_lightning.model.gate import Gate
 
 FORMAT_VERSION = 1
@@ -23,7 +24,7 @@ GATE_FILE = "gate.safetensors"
 ADAPTER_DIR = "adapter"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PrismError, ValueError):
     """The loaded base model is not the one the checkpoint was trained on."""
 
 
