@@ -345,3 +345,23 @@ def test_retain_rows_stop_after_the_gate_layer_without_changing_the_losses(tiny_
     assert float(split["kl"]) > 0
     torch.testing.assert_close(split["kl"], one_pass["kl"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(split["gate_loss"], one_pass["gate_loss"], atol=1e-5, rtol=1e-4)
+
+
+def test_gate_input_is_standardised_with_the_training_rows_statistics(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir)
+    batches = make_batches(module)
+    feats = torch.cat(
+        [
+            module.controller.gate_features(b["input_ids"], b["attention_mask"], b["prompt_lengths"] - 1)
+            for b in batches
+        ]
+    )
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    torch.testing.assert_close(module.gate.feature_mean, feats.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        module.gate.feature_std, feats.std(0, unbiased=False) + 1e-5, atol=1e-5, rtol=1e-4
+    )
+    standardised = (feats - module.gate.feature_mean) / module.gate.feature_std
+    assert standardised.std(0).mean() > 0.5  # rows now differ on the gate's scale

@@ -10,20 +10,24 @@ from torch import nn
 
 
 class Gate(nn.Module):
-    """h -> LayerNorm -> [Linear -> GELU -> Dropout]* -> 1 logit.
+    """standardise -> [Linear -> GELU -> Dropout]* -> 1 logit.
 
-    The input LayerNorm is there because hidden states after an early decoder layer have a few
-    outlier dimensions whose scale differs by orders of magnitude between models (and between
-    fp32 and bf16 runs); normalising per feature vector makes one learning rate (1e-3) work for
-    every backbone and keeps the first GELU layer out of saturation. It is part of the gate, so it
-    is trained and exported with it; the backbone is untouched.
+    The input is standardised per dimension with the training set's mean and standard deviation
+    (buffers set by :meth:`set_feature_stats` before training, exported with the weights). Why: after
+    an early decoder layer the last prompt token is always the same template token (e.g. the newline
+    after ``assistant``), so its hidden state differs between queries by a few percent of its size
+    (measured on SmolLM2: std across queries 0.04 vs mean magnitude 0.48). Centring removes the
+    shared part and lets the MLP see what differs between queries; a per-vector LayerNorm would not.
+    The backbone is untouched.
     """
 
     def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.1):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.hidden_sizes = [int(h) for h in hidden_sizes]
-        layers: list[nn.Module] = [nn.LayerNorm(self.hidden_size)]
+        self.register_buffer("feature_mean", torch.zeros(self.hidden_size))
+        self.register_buffer("feature_std", torch.ones(self.hidden_size))
+        layers: list[nn.Module] = []
         width = self.hidden_size
         for size in self.hidden_sizes:
             layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
@@ -31,10 +35,15 @@ class Gate(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
 
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-5) -> None:
+        self.feature_mean.copy_(mean.to(self.feature_mean))
+        self.feature_std.copy_(std.to(self.feature_std) + eps)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, h) features -> (B,) logits, computed in the gate's own dtype (fp32 by default)."""
-        dtype = self.net[0].weight.dtype
-        return self.net(features.to(dtype)).squeeze(-1)
+        x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+        return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
     def probs(self, features: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,31 @@ class PrismModule(L.LightningModule):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
 
     # -- training -----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """Standardise the gate's input with the training rows' feature statistics (see Gate): one
+        pass over the train split through layers <= k only."""
+        total = total_sq = count = None
+        with torch.no_grad():
+            for batch in self.trainer.train_dataloader:
+                ids = batch["input_ids"].to(self.device)
+                attn = batch["attention_mask"].to(self.device)
+                feats = self.controller.gate_features(ids, attn, batch["prompt_lengths"].to(self.device) - 1)
+                feats = feats.double()
+                s, sq = feats.sum(0), (feats * feats).sum(0)
+                n = torch.tensor(float(feats.shape[0]), dtype=torch.float64, device=feats.device)
+                total, total_sq, count = (
+                    (s, sq, n) if total is None else (total + s, total_sq + sq, count + n)
+                )
+        if total is None:
+            return
+        # every rank standardises with the statistics of all ranks' rows
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        total_sq = self.trainer.strategy.reduce(total_sq, reduce_op="sum")
+        count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0.0)
+        self.gate.set_feature_stats(mean.float(), var.sqrt().float())
+
     def _pos_weight(self, target: torch.Tensor) -> float:
         counts = None
         if self._trainer is not None:
