@@ -91,3 +91,21 @@ def save_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Bootstrap settings small enough for a tiny model to run every stage in a few seconds.
+TINY_BOOTSTRAP_SETTINGS = {
+    "personas": ["math", "writing"],
+    "queries_per_persona": 3,
+    "min_query_chars": 2,
+    "query_max_new_tokens": 12,
+    "answer_max_new_tokens": 10,
+    "teacher_top_k": 8,
+    "batch_size": 2,
+}
+
+
+def tiny_bootstrap_config(**overrides):
+    from prism_lightning.bootstrap.config import BootstrapConfig
+
+    return BootstrapConfig(**{**TINY_BOOTSTRAP_SETTINGS, **overrides})

@@ -21,29 +21,16 @@ from prism_lightning.bootstrap.store import atomic_write_text, read_jsonl
 from prism_lightning.bootstrap.teacher import load_teacher_targets, response_token_ids, topk_over_response
 from prism_lightning.bootstrap.verdicts import logprob_verdict, parse_verdict, strict_verdict
 from prism_lightning.contexts import ContextLibrary, UnknownContextError
+from prism_lightning.testing import tiny_bootstrap_config
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
-def tiny_config(**overrides) -> BootstrapConfig:
-    base = {
-        "personas": ["math", "writing"],
-        "queries_per_persona": 3,
-        "min_query_chars": 2,
-        "query_max_new_tokens": 12,
-        "answer_max_new_tokens": 10,
-        "teacher_top_k": 8,
-        "batch_size": 2,
-    }
-    base.update(overrides)
-    return BootstrapConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("boot") / "run"
     backbone = BackboneConfig(model=str(tiny_model_dir))
-    result = run_bootstrap(tiny_config(), backbone, run_dir, TRAINER)
+    result = run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER)
     return result, backbone
 
 
@@ -94,7 +81,7 @@ def test_query_prompts_vary_and_have_no_persona(tiny_backbone):
 
 
 def test_zero_queries_is_a_clear_error(tiny_model_dir, tmp_path):
-    cfg = tiny_config(min_query_chars=100_000)
+    cfg = tiny_bootstrap_config(min_query_chars=100_000)
     with pytest.raises(RuntimeError, match="no queries left after filtering"):
         run_bootstrap(cfg, BackboneConfig(model=str(tiny_model_dir)), tmp_path / "run", TRAINER)
     store = stage_stores(cfg, BackboneConfig(model=str(tiny_model_dir)), tmp_path / "run")["queries"]
@@ -153,10 +140,10 @@ def test_option_token_ids_are_distinct(tiny_backbone):
 # ------------------------------------------------------------------------------------------ store
 def test_stage_hashes_follow_settings(tiny_model_dir, tmp_path):
     bb = BackboneConfig(model=str(tiny_model_dir))
-    base = stage_stores(tiny_config(), bb, tmp_path)
-    answers_changed = stage_stores(tiny_config(answer_max_new_tokens=11), bb, tmp_path)
-    rule_changed = stage_stores(tiny_config(verdict_rule="strict"), bb, tmp_path)
-    batch_changed = stage_stores(tiny_config(batch_size=5), bb, tmp_path)
+    base = stage_stores(tiny_bootstrap_config(), bb, tmp_path)
+    answers_changed = stage_stores(tiny_bootstrap_config(answer_max_new_tokens=11), bb, tmp_path)
+    rule_changed = stage_stores(tiny_bootstrap_config(verdict_rule="strict"), bb, tmp_path)
+    batch_changed = stage_stores(tiny_bootstrap_config(batch_size=5), bb, tmp_path)
     assert base["queries"].hash == answers_changed["queries"].hash
     for stage in ("answers", "verdicts", "teacher"):
         assert base[stage].hash != answers_changed[stage].hash
@@ -193,7 +180,7 @@ def test_changed_answer_setting_recomputes_only_downstream(tiny_run, tmp_path):
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(result.run_dir, run_dir)
-    again = run_bootstrap(tiny_config(answer_max_new_tokens=6), backbone, run_dir, TRAINER)
+    again = run_bootstrap(tiny_bootstrap_config(answer_max_new_tokens=6), backbone, run_dir, TRAINER)
     cached = {name: st["cached"] for name, st in again.summary["stages"].items()}
     assert cached == {"queries": True, "answers": False, "verdicts": False, "teacher": False}
     assert again.rows("queries") == result.rows("queries")
@@ -210,7 +197,7 @@ def test_second_run_is_a_noop_without_model_or_trainer(tiny_run, monkeypatch):
 
     monkeypatch.setattr(BackboneConfig, "load", no_load)
     monkeypatch.setattr("prism_lightning.bootstrap.stage.make_trainer", no_trainer)
-    again = run_bootstrap(tiny_config(), backbone, result.run_dir, TRAINER)
+    again = run_bootstrap(tiny_bootstrap_config(), backbone, result.run_dir, TRAINER)
     assert all(st["cached"] for st in again.summary["stages"].values())
     assert again.summary["models_loaded"] == []
     assert all_rows(again) == all_rows(result)
@@ -226,7 +213,7 @@ def test_switching_verdict_rule_relabels_without_rejudging(tiny_run, tmp_path, m
         raise AssertionError("judgments should be reused across rules")
 
     monkeypatch.setattr(verdicts_mod.VerdictTask, "process", no_judge)
-    strict = run_bootstrap(tiny_config(verdict_rule="strict"), backbone, run_dir, TRAINER)
+    strict = run_bootstrap(tiny_bootstrap_config(verdict_rule="strict"), backbone, run_dir, TRAINER)
     rows = strict.rows("verdicts")
     assert [r["gate_target"] for r in rows] == [r["strict_label"] for r in rows]
     old = result.rows("verdicts")
@@ -237,14 +224,14 @@ def test_resume_after_interrupted_stage_loses_and_duplicates_nothing(tiny_run, t
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterruptForTests):
-        run_bootstrap(tiny_config(), backbone, run_dir, TRAINER, _fail_after={"answers": 1})
-    store = stage_stores(tiny_config(), backbone, run_dir)["answers"]
+        run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER, _fail_after={"answers": 1})
+    store = stage_stores(tiny_bootstrap_config(), backbone, run_dir)["answers"]
     assert not store.done_path.exists()
     partial = read_jsonl(store.shard_path(0))
     assert 0 < len(partial) < len(result.rows("answers"))
     with open(store.shard_path(0), "a") as fh:  # a kill in the middle of a line
         fh.write('{"id": "math-9", "persona": "ma')
-    resumed = run_bootstrap(tiny_config(), backbone, run_dir, TRAINER)
+    resumed = run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER)
     assert resumed.summary["stages"]["answers"]["resumed_rows"] == len(partial)
     assert all_rows(resumed) == all_rows(result) or _same_but_tensor_files(resumed, result)
     ids = [r["id"] for r in read_jsonl(store.shard_path(0))]
@@ -261,21 +248,21 @@ def test_incompatible_run_dir_is_a_clear_error(tiny_run, tmp_path):
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(result.run_dir, run_dir)
-    meta_path = stage_stores(tiny_config(), backbone, run_dir)["answers"].meta_path
+    meta_path = stage_stores(tiny_bootstrap_config(), backbone, run_dir)["answers"].meta_path
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = 0
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(IncompatibleRunError, match="Delete that directory"):
-        run_bootstrap(tiny_config(), backbone, run_dir, TRAINER)
+        run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER)
 
 
 # ----------------------------------------------------------------------------------------- errors
 def test_unknown_or_empty_personas_fail_before_writing(tiny_model_dir, tmp_path):
     bb = BackboneConfig(model=str(tiny_model_dir))
     with pytest.raises(UnknownContextError, match="mathh"):
-        run_bootstrap(tiny_config(personas=["mathh"]), bb, tmp_path / "a", TRAINER)
+        run_bootstrap(tiny_bootstrap_config(personas=["mathh"]), bb, tmp_path / "a", TRAINER)
     with pytest.raises(ValueError, match="empty"):
-        run_bootstrap(tiny_config(personas=[]), bb, tmp_path / "b", TRAINER)
+        run_bootstrap(tiny_bootstrap_config(personas=[]), bb, tmp_path / "b", TRAINER)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -337,7 +324,7 @@ def test_bootstrap_main_reads_fit_yaml_and_prints_summary(tiny_run, tmp_path, ca
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(result.run_dir, run_dir)
-    cfg = replace(tiny_config())
+    cfg = replace(tiny_bootstrap_config())
     config = {
         "data": {
             "run_dir": str(run_dir),

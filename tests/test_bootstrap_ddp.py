@@ -12,17 +12,10 @@ import pytest
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import BootstrapConfig, run_bootstrap
+from prism_lightning.testing import TINY_BOOTSTRAP_SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = {
-    "personas": "math,writing",
-    "queries_per_persona": 3,
-    "min_query_chars": 2,
-    "query_max_new_tokens": 12,
-    "answer_max_new_tokens": 10,
-    "teacher_top_k": 8,
-    "batch_size": 2,
-}
+SETTINGS = {**TINY_BOOTSTRAP_SETTINGS, "personas": "math,writing"}
 
 
 def close(a, b, path="") -> bool:

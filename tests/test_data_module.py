@@ -6,37 +6,26 @@ import pytest
 import torch
 
 from prism_lightning.backbone import BackboneConfig
-from prism_lightning.bootstrap import BootstrapConfig, run_bootstrap
+from prism_lightning.bootstrap import run_bootstrap
 from prism_lightning.bootstrap.teacher import load_teacher_targets
 from prism_lightning.data import EmptySplitError, PrismDataModule, stratified_split
+from prism_lightning.testing import tiny_bootstrap_config
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
-
-
-def tiny_config(**overrides) -> BootstrapConfig:
-    base = {
-        "personas": ["math", "writing"],
-        "queries_per_persona": 3,
-        "min_query_chars": 2,
-        "query_max_new_tokens": 12,
-        "answer_max_new_tokens": 10,
-        "teacher_top_k": 8,
-        "batch_size": 2,
-    }
-    base.update(overrides)
-    return BootstrapConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("data") / "run"
     backbone = BackboneConfig(model=str(tiny_model_dir))
-    return run_bootstrap(tiny_config(), backbone, run_dir, TRAINER), backbone
+    return run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER), backbone
 
 
 def make_dm(result, backbone, **kwargs) -> PrismDataModule:
     kwargs = {"batch_size": 3, "val_fraction": 0.34, **kwargs}
-    return PrismDataModule(str(result.run_dir), bootstrap=tiny_config(), backbone=backbone, **kwargs)
+    return PrismDataModule(
+        str(result.run_dir), bootstrap=tiny_bootstrap_config(), backbone=backbone, **kwargs
+    )
 
 
 def test_batches_match_the_schema(tiny_run, tiny_backbone):
@@ -115,7 +104,7 @@ def test_empty_distill_set_is_refused_with_the_split(tiny_run, tmp_path):
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(result.run_dir, run_dir)
-    strict = tiny_config(verdict_rule="strict")  # the tiny model's free text never parses
+    strict = tiny_bootstrap_config(verdict_rule="strict")  # the tiny model's free text never parses
     run_bootstrap(strict, backbone, run_dir, TRAINER)
     dm = PrismDataModule(str(run_dir), bootstrap=strict, backbone=backbone)
     with pytest.raises(EmptySplitError) as err:
@@ -126,7 +115,9 @@ def test_empty_distill_set_is_refused_with_the_split(tiny_run, tmp_path):
 
 def test_setup_refuses_an_unfinished_bootstrap(tiny_model_dir, tmp_path):
     dm = PrismDataModule(
-        str(tmp_path / "nothing"), bootstrap=tiny_config(), backbone=BackboneConfig(str(tiny_model_dir))
+        str(tmp_path / "nothing"),
+        bootstrap=tiny_bootstrap_config(),
+        backbone=BackboneConfig(str(tiny_model_dir)),
     )
     with pytest.raises(RuntimeError, match="not finished"):
         dm.setup("fit")
