@@ -24,6 +24,11 @@ PRISM_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "chat": ("prism_lightning.chat:chat_main", "talk to a model, with a persona or a routed checkpoint"),
     "assets": ("prism_lightning.asset_cli:assets_main", "fetch the embedded model and benchmark files"),
+    "evaluate": (
+        "prism_lightning.eval.cli:evaluate_main",
+        "MT-Bench, MMLU and safety under base/persona/random_persona/lora/prism",
+    ),
+    "study": ("prism_lightning.eval.cli:study_main", "persona-effect grid: personas x lengths x placements"),
     "report": (
         "prism_lightning.analysis.report:report_main",
         "figures (PNG) and a Markdown summary of a run, its evaluation and study",

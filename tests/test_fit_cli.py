@@ -108,3 +108,13 @@ def test_chat_with_checkpoint_prints_the_route(fitted):
     result = run_cli("chat", "--checkpoint", "checkpoints/tiny", "--max_new_tokens", "4", "hello", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[route: " in result.stderr and "gate p=" in result.stderr
+
+
+def test_validate_and_test_score_the_exported_checkpoint(fitted):
+    work, _ = fitted
+    for command, key in (("validate", "val/kl"), ("test", "test/kl")):
+        result = run_cli(
+            command, "--config", str(work / "tiny.yaml"), "--model.checkpoint", "checkpoints/tiny", cwd=work
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert key in result.stdout and "gate_auroc" in result.stdout

@@ -347,6 +347,9 @@ class PrismDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def predict_dataloader(self) -> DataLoader:
         """Rows {"id", "query"} of ``predict_file`` (JSONL; "prompt" is accepted for "query")."""
         if not self.predict_file:

@@ -52,7 +52,11 @@ def find_checkpoint(path: str | Path) -> Path:
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="base model (embedded name, local dir or hub id)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (fp32 on CPU), bfloat16, float32; bfloat16 is ~3x faster on CPUs with AMX",
+    )
     ap.add_argument("--limit", type=int, default=None, help="items per sub-score group (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="generation batch size")
@@ -179,7 +183,17 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
+        override = None
+        if args.model or args.dtype != "auto":  # keep the checkpoint's backbone settings otherwise
+            import dataclasses
+
+            from prism_lightning.model.export import read_meta
+
+            saved = dict(read_meta(ckpt)["base_model"]["backbone"])
+            fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+            saved = {k: v for k, v in saved.items() if k in fields}
+            saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
+            override = BackboneConfig(**saved)
         routed = load_checkpoint(ckpt, device=device, backbone_override=override)
         engine = Engine.from_routed(routed, name=str(ckpt))
         model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{routed.meta['base_model']['name']}"

@@ -119,8 +119,10 @@ class PrismModule(L.LightningModule):
         self.strict_loading = False
         self.train_metrics = _metrics(threshold)
         self.val_metrics = _metrics(threshold)
+        self.test_metrics = _metrics(threshold)
         self.train_route_rate = MeanMetric()
         self.val_route_rate = MeanMetric()
+        self.test_route_rate = MeanMetric()
 
     # -- model ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -296,8 +298,7 @@ class PrismModule(L.LightningModule):
             loss = loss + hp.retain_weight * retain
 
         probs = torch.sigmoid(gate_logits.detach().float())
-        metrics = self.train_metrics if stage == "train" else self.val_metrics
-        rate = self.train_route_rate if stage == "train" else self.val_route_rate
+        metrics, rate = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_route_rate")
         metrics.update(probs, target.long())
         rate.update((probs >= hp.threshold).float())
         return {"loss": loss, "gate_loss": g_loss, "kl": kl, "retain_kl": retain, "n_tokens": n_tok}
@@ -310,8 +311,7 @@ class PrismModule(L.LightningModule):
                 f"{stage}/{key}", out[key].detach(), on_step=on_step, on_epoch=True,
                 prog_bar=key in ("loss", "kl"), batch_size=bsz, sync_dist=sync,
             )  # fmt: skip
-        metrics = self.train_metrics if stage == "train" else self.val_metrics
-        rate = self.train_route_rate if stage == "train" else self.val_route_rate
+        metrics, rate = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_route_rate")
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=bsz)
         self.log(f"{stage}/routing_rate", rate, on_step=False, on_epoch=True, batch_size=bsz)
@@ -333,6 +333,12 @@ class PrismModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self._common_step(batch, batch_idx, "val")
         self._log_step(out, "val", batch["input_ids"].shape[0])
+        return out["loss"]
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """`test` scores the held-out split (the bootstrap has no third split) under "test/" keys."""
+        out = self._common_step(batch, batch_idx, "test")
+        self._log_step(out, "test", batch["input_ids"].shape[0])
         return out["loss"]
 
     def configure_optimizers(self):
