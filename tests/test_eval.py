@@ -9,25 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_assets_missing
 
-from prism_lightning.assets import is_cached
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import Condition, matched_persona
 
-ALL_ASSETS = [
-    "mtbench-questions",
-    "mtbench-judge-prompts",
-    "mtbench-reference-answers",
-    "mmlu",
-    "jailbreakbench",
-    "harmbench",
-    "advbench",
-]
-needs_assets = pytest.mark.skipif(
-    not all(is_cached(a) for a in ALL_ASSETS),
-    reason="benchmark files not cached (python -m prism_lightning assets)",
-)
+_MISSING = benchmark_assets_missing()
+needs_assets = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (fp32 on CPU), bfloat16, float32; bfloat16 is ~3x faster on CPUs with AMX",
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
     ap.add_argument("--limit", type=int, default=None, help="items per sub-score group (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="generation batch size")
@@ -86,6 +87,10 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args):
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from prism_lightning.eval.runner import EvalSettings
 
     paths = {k[5:]: v for k, v in vars(args).items() if k.startswith("file_") and v}
