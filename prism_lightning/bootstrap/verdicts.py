@@ -126,33 +126,6 @@ def verdict_jobs(formatter, answers: Sequence[Mapping[str, Any]]) -> list[dict[s
     ]
 
 
-@torch.no_grad()
-def last_token_log_probs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """log-softmax of the next-token logits after each prompt, (N, V) float32, one left-padded forward."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    try:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    except TypeError:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-
-
 class VerdictTask(StageTask):
     def __init__(self, judge, max_new_tokens: int, rule: str) -> None:
         super().__init__()

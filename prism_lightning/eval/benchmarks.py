@@ -45,6 +45,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from prism_lightning.contexts import MTBENCH_CATEGORIES
+
 __all__ = [
     "MMLU_DOMAINS",
     "MMLU_SUBJECT_DOMAINS",
@@ -62,16 +64,6 @@ __all__ = [
     "mmlu_subject",
 ]
 
-MTBENCH_CATEGORIES: tuple[str, ...] = (
-    "writing",
-    "roleplay",
-    "reasoning",
-    "math",
-    "coding",
-    "extraction",
-    "stem",
-    "humanities",
-)
 #: Categories FastChat grades with a reference answer (its NEED_REF_CATS).
 MTBENCH_REFERENCE_CATEGORIES: frozenset[str] = frozenset({"math", "reasoning", "coding"})
 
