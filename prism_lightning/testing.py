@@ -109,3 +109,29 @@ def tiny_bootstrap_config(**overrides):
     from prism_lightning.bootstrap.config import BootstrapConfig
 
     return BootstrapConfig(**{**TINY_BOOTSTRAP_SETTINGS, **overrides})
+
+
+# A `fit` override (after configs/default.yaml) that runs the whole method on a tiny model in seconds;
+# format with model=<tiny model dir>. Runs land in runs/tiny, the export in checkpoints/tiny.
+TINY_FIT_YAML = """
+trainer:
+  max_epochs: 2
+  callbacks: []
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.WandbLogger
+    init_args: {{project: prism_lightning, save_dir: runs/tiny}}
+model:
+  backbone: {{model: {model}}}
+  gate_hidden: [16]
+  lora_rank: 4
+data:
+  run_dir: runs/tiny
+  batch_size: 4
+  bootstrap:
+    personas: [math, coding, writing]
+    queries_per_persona: 4
+    query_max_new_tokens: 12
+    min_query_chars: 1
+    answer_max_new_tokens: 8
+"""

@@ -17,30 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from prism_lightning.testing import TINY_FIT_YAML
+
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY_FIT = """
-trainer:
-  max_epochs: 2
-  callbacks: []
-  enable_checkpointing: false
-  logger:
-    class_path: lightning.pytorch.loggers.WandbLogger
-    init_args: {{project: prism_lightning, save_dir: runs/tiny}}
-model:
-  backbone: {{model: {model}}}
-  gate_hidden: [16]
-  lora_rank: 4
-data:
-  run_dir: runs/tiny
-  batch_size: 4
-  bootstrap:
-    personas: [math, coding, writing]
-    queries_per_persona: 4
-    query_max_new_tokens: 12
-    min_query_chars: 1
-    answer_max_new_tokens: 8
-"""
 
 # tiny evaluation: MMLU (4 domains) + one safety set, one item per sub-score group
 EVAL_ARGS = [
@@ -96,7 +76,7 @@ def build_inputs(model_dir: Path, work: Path) -> AnalysisInputs:
     key = str(model_dir)
     if key in _CACHE:
         return _CACHE[key]
-    (work / "tiny.yaml").write_text(TINY_FIT.format(model=model_dir))
+    (work / "tiny.yaml").write_text(TINY_FIT_YAML.format(model=model_dir))
     popen = dict(cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fit = subprocess.Popen(
         [sys.executable, "-m", "prism_lightning", "fit", "--config", str(ROOT / "configs/default.yaml"),

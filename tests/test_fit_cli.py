@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from prism_lightning.testing import TINY_FIT_YAML
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,30 +25,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def fitted(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("fit")
     override = work / "tiny.yaml"
-    override.write_text(
-        f"""
-trainer:
-  max_epochs: 2
-  callbacks: []
-  enable_checkpointing: false
-  logger:
-    class_path: lightning.pytorch.loggers.WandbLogger
-    init_args: {{project: prism_lightning, save_dir: runs/tiny}}
-model:
-  backbone: {{model: {tiny_model_dir}}}
-  gate_hidden: [16]
-  lora_rank: 4
-data:
-  run_dir: runs/tiny
-  batch_size: 4
-  bootstrap:
-    personas: [math, coding, writing]
-    queries_per_persona: 4
-    query_max_new_tokens: 12
-    min_query_chars: 1
-    answer_max_new_tokens: 8
-"""
-    )
+    override.write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
     result = run_cli(
         "fit", "--config", str(ROOT / "configs/default.yaml"), "--config", str(override), cwd=work
     )
