@@ -8,7 +8,6 @@ the configured devices, then the gate and LoRA train jointly, then the run is ex
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from dataclasses import asdict, fields
@@ -24,8 +23,6 @@ from prism_lightning.bootstrap.cli import trainer_kwargs_from
 from prism_lightning.cli import repo_configs_dir
 from prism_lightning.data import PrismDataModule
 from prism_lightning.model.module import PrismModule
-
-log = logging.getLogger(__name__)
 
 SANITY_QUERIES = (
     "Write a short poem about autumn leaves.",

@@ -23,15 +23,13 @@ def tiny_backbone(tiny_model_dir):
     return load_backbone(str(tiny_model_dir), device="cpu")
 
 
-BENCHMARK_ASSETS = (
-    "mtbench-questions",
-    "mtbench-judge-prompts",
-    "mtbench-reference-answers",
-    "mmlu",
-    "jailbreakbench",
-    "harmbench",
-    "advbench",
-)
+def _benchmark_assets() -> list[str]:
+    """Every pinned asset that is not an embedded model's weights."""
+    from prism_lightning.assets import ASSETS
+    from prism_lightning.backbone import EMBEDDED_MODELS
+
+    models = {spec.asset for spec in EMBEDDED_MODELS.values()}
+    return [name for name in ASSETS if name not in models]
 
 
 def benchmark_assets_missing() -> str | None:
@@ -40,7 +38,7 @@ def benchmark_assets_missing() -> str | None:
     from prism_lightning.assets import AssetError, fetch_all
 
     try:
-        fetch_all(list(BENCHMARK_ASSETS), progress=False)
+        fetch_all(_benchmark_assets(), progress=False)
     except AssetError as err:
         return f"benchmark files unavailable: {err}"
     return None
