@@ -82,6 +82,26 @@ class BackboneConfig:
         )
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def inference_dtype(dtype: str, device: str | torch.device) -> str:
+    """``auto`` for commands that only run the model: bf16 on GPU and on CPUs with native bf16 (1.6x
+    faster generation than fp32 on a 2-core AMX Xeon), else fp32. Any other value passes through."""
+    if dtype != "auto":
+        return dtype
+    if torch.device(device).type == "cuda" or (torch.device(device).type == "cpu" and cpu_has_fast_bf16()):
+        return "bfloat16"
+    return "float32"
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto' means bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
     if isinstance(dtype, torch.dtype):

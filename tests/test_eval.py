@@ -4,6 +4,7 @@ end-to-end resumable ``evaluate`` (and ``study``) on a tiny exported checkpoint.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -134,6 +135,17 @@ def test_refusal_matcher():
     assert not S.is_refusal("Sure, here is a step-by-step guide.")
     prompt = S.refusal_judge_prompt("do harm", "no way")
     assert "do harm" in prompt and "no way" in prompt and "Yes or No" in prompt
+    assert "refuse" in prompt and "do what was asked" in S.refusal_judge_prompt("x", "y", "complied")
+    with pytest.raises(ValueError, match="refused, complied"):
+        S.refusal_judge_prompt("x", "y", "maybe")
+
+
+def test_refusal_log_odds_cancels_a_yes_leaning_judge():
+    # a judge answering "Yes" to both questions gives no evidence either way
+    assert S.refusal_log_odds(0.9, 0.9) == pytest.approx(0.0)
+    assert S.refusal_log_odds(0.95, 0.6) > 0  # more sure it refused than that it complied
+    assert S.refusal_log_odds(0.7, 0.9) < 0
+    assert math.isfinite(S.refusal_log_odds(1.0, 0.0))  # clipped, not infinite
 
 
 @needs_assets
@@ -271,7 +283,7 @@ def _tiny_args(ckpt, out, mt, *extra):
     return [
         "--checkpoint", str(ckpt), "--out", str(out), "--limit", "2", "--device", "cpu", *mt,
         "--mtbench-max-new-tokens", "3", "--safety-max-new-tokens", "3", "--judge-max-new-tokens", "3",
-        "--bootstrap", "50", *extra,
+        "--bootstrap", "50", "--judge-mode", "generate", *extra,
     ]  # fmt: skip
 
 
@@ -299,6 +311,23 @@ def test_option_scoring_respects_routing(tiny_checkpoint):
     # one-by-one == batched (padding does not change scores)
     single = torch.cat([eng.option_logprobs([p], opts, mode="on")[0] for p in prompts])
     assert torch.allclose(single, on, atol=1e-4)
+
+
+def test_auto_judge_mode_follows_judge_size(tiny_checkpoint, monkeypatch):
+    from prism_lightning.eval import runner
+    from prism_lightning.eval.engine import Engine
+    from prism_lightning.model.export import load_checkpoint
+
+    judge = Engine.from_routed(load_checkpoint(tiny_checkpoint, device="cpu"))
+    auto = runner.EvalSettings()
+    assert auto.judge_mode == "auto"
+    assert runner.resolve_judge_mode(auto, judge).judge_mode == "logprob"  # a tiny judge
+    monkeypatch.setattr(runner, "GENERATE_JUDGE_MIN_PARAMS", 1)
+    assert runner.resolve_judge_mode(auto, judge).judge_mode == "generate"
+    fixed = runner.EvalSettings(judge_mode="logprob")
+    assert runner.resolve_judge_mode(fixed, judge) is fixed
+    with pytest.raises(ValueError, match="judge_mode"):
+        runner.EvalSettings(judge_mode="vibes")
 
 
 @needs_assets

@@ -55,7 +55,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--dtype",
         default="auto",
-        help="auto (fp32 on CPU), bfloat16, float32; bfloat16 is ~3x faster on CPUs with AMX",
+        help="auto (bfloat16 on GPU and on CPUs with AMX / AVX512-BF16, else float32), bfloat16, float32",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
     ap.add_argument("--limit", type=int, default=None, help="items per sub-score group (default: all)")
@@ -66,10 +66,11 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--safety-max-new-tokens", type=int, default=256)
     ap.add_argument(
         "--judge-mode",
-        choices=["generate", "logprob"],
-        default="generate",
+        choices=["auto", "generate", "logprob"],
+        default="auto",
         help="generate: FastChat [[rating]] parsing (unparsable = missing); "
-        "logprob: expected rating from the judge's next-token probabilities after 'Rating: [['",
+        "logprob: expected rating from the judge's next-token probabilities after 'Rating: [['; "
+        "auto: generate for judges of 1B parameters or more, else logprob",
     )
     ap.add_argument("--judge-max-new-tokens", type=int, default=256)
     ap.add_argument("--judge-model", default=None, help="judge model (default: the base model itself)")
@@ -165,11 +166,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device
+    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device, inference_dtype
     from prism_lightning.eval.engine import Engine
     from prism_lightning.eval.runner import evaluate, format_table
 
     device = args.device or default_device()
+    args.dtype = inference_dtype(args.dtype, device)
+    log.info("device %s, dtype %s", device, args.dtype)
     cond_names = (
         _csv(args.conditions)
         if args.conditions
@@ -188,24 +191,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        override = None
-        if args.model or args.dtype != "auto":  # keep the checkpoint's backbone settings otherwise
-            import dataclasses
+        import dataclasses
 
-            from prism_lightning.model.export import read_meta
+        from prism_lightning.model.export import read_meta
 
-            saved = dict(read_meta(ckpt)["base_model"]["backbone"])
-            fields = {f.name for f in dataclasses.fields(BackboneConfig)}
-            saved = {k: v for k, v in saved.items() if k in fields}
-            saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
-            override = BackboneConfig(**saved)
+        # the checkpoint's backbone settings, with this command's dtype (and --model if given)
+        saved = dict(read_meta(ckpt)["base_model"]["backbone"])
+        fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+        saved = {k: v for k, v in saved.items() if k in fields}
+        saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
+        override = BackboneConfig(**saved)
         routed = load_checkpoint(ckpt, device=device, backbone_override=override)
         engine = Engine.from_routed(routed, name=str(ckpt))
-        model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{routed.meta['base_model']['name']}"
+        base_name = routed.meta["base_model"]["name"]
+        model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}"
     else:
         bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
         engine = Engine.from_backbone(bb)
-        model_id = bb.name
+        model_id = f"{bb.name}:{args.dtype}"
     judge = load_judge(args, device)
     summary = evaluate(
         engine,

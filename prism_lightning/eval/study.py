@@ -75,9 +75,16 @@ def run_study(
     judge=None,
     library: ContextLibrary | None = None,
 ) -> list[dict]:
-    from prism_lightning.eval.runner import Context, ItemStore, run_benchmark, select_items
+    from prism_lightning.eval.runner import (
+        Context,
+        ItemStore,
+        resolve_judge_mode,
+        run_benchmark,
+        select_items,
+    )
 
     library = library or ContextLibrary.builtin()
+    settings = resolve_judge_mode(settings, judge or engine)
     ctx = Context(engine, judge or engine, library, settings, model_id)
     out = Path(out)
     cells = [PersonaCell(None, "short", "none")]
@@ -162,7 +169,7 @@ def study_cli(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device
+    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device, inference_dtype
     from prism_lightning.eval.engine import Engine
 
     library = ContextLibrary.builtin()
@@ -180,6 +187,7 @@ def study_cli(argv: list[str] | None = None) -> int:
         if pl not in PLACEMENTS:
             ap.error(f"unknown placement {pl!r}; choose from {', '.join(PLACEMENTS)}")
     device = args.device or default_device()
+    args.dtype = inference_dtype(args.dtype, device)
     t0 = time.perf_counter()
     bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
     records = run_study(
@@ -190,7 +198,7 @@ def study_cli(argv: list[str] | None = None) -> int:
         placements=placements,
         settings=settings_from(args),
         out=args.out,
-        model_id=bb.name,
+        model_id=f"{bb.name}:{args.dtype}",
         judge=load_judge(args, device),
         library=library,
     )
