@@ -3,6 +3,7 @@ embedded model name (converted once from the pinned GGUF wheel and cached as saf
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -135,6 +136,7 @@ def prepare_embedded(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     out = embedded_model_dir(name)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        _drop_gguf_quantization_config(out / "config.json")  # copies converted by older versions
         return out
     gguf_path = assets.fetch(spec.asset)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +150,8 @@ def prepare_embedded(name: str) -> Path:
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config instead.
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    if hasattr(model.config, "quantization_config"):  # the weights are saved dequantized
+        del model.config.quantization_config
     if model.generation_config is not None:
         model.generation_config = loaded.generation_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -158,6 +162,18 @@ def prepare_embedded(name: str) -> Path:
     os.replace(tmp, out)
     log.info("Converted in %.1f s -> %s", time.perf_counter() - start, out)
     return out
+
+
+def _drop_gguf_quantization_config(config_path: Path) -> None:
+    """The saved weights are plain floats; a leftover GGUF quantization entry only makes
+    transformers warn about packed weights at every load."""
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    tmp = config_path.with_name(f".{config_path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, config_path)
 
 
 def resolve_model_source(name_or_path: str) -> str:

@@ -4,6 +4,8 @@ import torch
 from prism_lightning.backbone import (
     BackboneConfig,
     ModelNotFoundError,
+    _drop_gguf_quantization_config,
+    inference_dtype,
     load_backbone,
     resolve_dtype,
 )
@@ -27,6 +29,31 @@ def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="Unknown dtype"):
         resolve_dtype("float8", "cpu")
+
+
+def test_inference_dtype_auto(monkeypatch):
+    import prism_lightning.backbone as bb
+
+    assert inference_dtype("float32", "cuda") == "float32"  # an explicit choice passes through
+    assert inference_dtype("auto", "cuda") == "bfloat16"
+    monkeypatch.setattr(bb, "cpu_has_fast_bf16", lambda: True)
+    assert inference_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(bb, "cpu_has_fast_bf16", lambda: False)
+    assert inference_dtype("auto", "cpu") == "float32"
+
+
+def test_converted_config_loses_only_the_gguf_quantization_entry(tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    gguf = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "quantization_config": gguf}))
+    _drop_gguf_quantization_config(path)
+    assert json.loads(path.read_text()) == {"model_type": "llama", "hidden_size": 8}
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    path.write_text(json.dumps(other))
+    _drop_gguf_quantization_config(path)
+    assert json.loads(path.read_text()) == other
 
 
 def test_wrong_model_names_what_was_tried(tmp_path):
