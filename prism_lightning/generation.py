@@ -52,6 +52,11 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+# One config for every row, or one per prompt (rows with different settings share a batch, e.g.
+# MT-Bench's per-category temperatures).
+Sampling = SamplingConfig | Sequence[SamplingConfig]
+
+
 @dataclass
 class Generation:
     """One row's result. ``token_ids`` excludes the stop token; ``text`` is decoded without special
@@ -104,7 +109,7 @@ def generate_batch(
     model,
     tokenizer,
     prompts: Sequence[Prompt],
-    sampling: SamplingConfig,
+    sampling: Sampling,
     *,
     seeds: Sequence[int] | None = None,
     on_rows_kept: Callable[[torch.Tensor], None] | None = None,
@@ -124,16 +129,17 @@ def generate_batch(
     if len(prompts) == 0:
         return []
     ids = _tokenize(tokenizer, prompts)
-    seeds = _resolve_seeds(seeds, len(ids), sampling)
+    rows = _per_row(sampling, len(ids))
+    seeds = _resolve_seeds(seeds, rows)
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
-    return _generate_ids(model, tokenizer, ids, sampling, seeds, stops, on_rows_kept, keep_first_log_probs)
+    return _generate_ids(model, tokenizer, ids, rows, seeds, stops, on_rows_kept, keep_first_log_probs)
 
 
 def generate(
     model,
     tokenizer,
     prompts: Sequence[Prompt],
-    sampling: SamplingConfig,
+    sampling: Sampling,
     *,
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
@@ -143,17 +149,19 @@ def generate(
 ) -> list[Generation]:
     """Generate for any number of prompts in batches of ``batch_size``, returned in input order.
 
-    Prompts are sorted by token length (longest first) so each batch holds similar lengths and wastes
-    little padding (and the longest batch runs first, so memory problems show at once). Without
-    ``seeds``, sampling draws one seed per prompt from torch's global generator, in input order, so
-    results still do not depend on ``batch_size``.
+    ``sampling`` is one config for all prompts or one per prompt (rows with different temperatures
+    or lengths then still share batches). Prompts are sorted by token length (longest first) so each
+    batch holds similar lengths and wastes little padding (and the longest batch runs first, so
+    memory problems show at once). Without ``seeds``, sampling draws one seed per prompt from
+    torch's global generator, in input order, so results still do not depend on ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if len(prompts) == 0:
         return []
     ids = _tokenize(tokenizer, prompts)
-    seeds = _resolve_seeds(seeds, len(ids), sampling)
+    rows = _per_row(sampling, len(ids))
+    seeds = _resolve_seeds(seeds, rows)
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: list[Generation | None] = [None] * len(ids)
@@ -163,10 +171,15 @@ def generate(
 
         bar = tqdm(total=len(ids), desc=desc, unit="prompt")
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in balanced_batches(order, batch_size):
             outs = _generate_ids(
-                model, tokenizer, [ids[i] for i in chunk], sampling, [seeds[i] for i in chunk], stops, None
+                model,
+                tokenizer,
+                [ids[i] for i in chunk],
+                [rows[i] for i in chunk],
+                [seeds[i] for i in chunk],
+                stops,
+                None,
             )
             for i, out in zip(chunk, outs, strict=True):
                 results[i] = out
@@ -180,6 +193,23 @@ def generate(
 
 # --------------------------------------------------------------------------------------------------
 # internals
+
+
+def balanced_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Split ``order`` into the fewest batches of at most ``batch_size``, of near-equal size: 40 rows
+    at batch 32 run as 20 + 20, not 32 + 8 (the 8-row batch would decode as many steps for a
+    quarter of the work)."""
+    n = len(order)
+    if n == 0:
+        return []
+    n_batches = -(-n // batch_size)
+    base, extra = divmod(n, n_batches)
+    out, start = [], 0
+    for b in range(n_batches):
+        size = base + (b < extra)
+        out.append(list(order[start : start + size]))
+        start += size
+    return out
 
 
 def _tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -196,12 +226,22 @@ def _tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     return ids  # type: ignore[return-value]
 
 
-def _resolve_seeds(seeds: Sequence[int] | None, n: int, sampling: SamplingConfig) -> list[int]:
+def _per_row(sampling: Sampling, n: int) -> list[SamplingConfig]:
+    if isinstance(sampling, SamplingConfig):
+        return [sampling] * n
+    rows = list(sampling)
+    if len(rows) != n:
+        raise ValueError(f"Got {len(rows)} sampling configs for {n} prompts.")
+    return rows
+
+
+def _resolve_seeds(seeds: Sequence[int] | None, sampling: list[SamplingConfig]) -> list[int]:
+    n = len(sampling)
     if seeds is not None:
         if len(seeds) != n:
             raise ValueError(f"Got {len(seeds)} seeds for {n} prompts.")
         return [int(s) for s in seeds]
-    if sampling.greedy:
+    if all(s.greedy for s in sampling):
         return [0] * n
     return torch.randint(0, 2**62, (n,)).tolist()
 
@@ -296,6 +336,20 @@ def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_probs.masked_fill((sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p, 0.0)
 
 
+def _pick_rows(
+    logits: torch.Tensor, sampling: list[SamplingConfig], gens: list[torch.Generator | None]
+) -> torch.Tensor:
+    """``_pick_tokens`` per group of rows that share a config (each row keeps its own generator)."""
+    if all(s == sampling[0] for s in sampling):
+        return _pick_tokens(logits, sampling[0], gens)  # type: ignore[arg-type]
+    picked = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for config in dict.fromkeys(sampling):
+        rows = [j for j, s in enumerate(sampling) if s == config]
+        idx = torch.tensor(rows, device=logits.device)
+        picked[idx] = _pick_tokens(logits[idx], config, [gens[j] for j in rows])  # type: ignore[misc]
+    return picked
+
+
 def _race(probs: torch.Tensor, token_ids: torch.Tensor | None, gens: list[torch.Generator]) -> torch.Tensor:
     noise = torch.empty_like(probs)
     for row, gen in enumerate(gens):
@@ -309,7 +363,7 @@ def _generate_ids(
     model,
     tokenizer,
     ids: list[list[int]],
-    sampling: SamplingConfig,
+    sampling: list[SamplingConfig],
     seeds: list[int],
     stop_ids: list[int],
     on_rows_kept: Callable[[torch.Tensor], None] | None,
@@ -317,7 +371,8 @@ def _generate_ids(
 ) -> list[Generation]:
     n = len(ids)
     lengths = [len(row) for row in ids]
-    if sampling.max_new_tokens == 0:
+    budget = [s.max_new_tokens for s in sampling]
+    if max(budget) == 0:
         return [Generation("", [], "length", lengths[i]) for i in range(n)]
 
     device = _model_device(model)
@@ -333,12 +388,14 @@ def _generate_ids(
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
-    gens: list[torch.Generator] = []
-    if not sampling.greedy:
-        for seed in seeds:
+    gens: list[torch.Generator | None] = []
+    for seed, config in zip(seeds, sampling, strict=True):
+        gen = None
+        if not config.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
-            gens.append(gen)
+        gens.append(gen)
+    run_sampling = list(sampling)  # config of each running row
 
     cache = _new_cache(model)
     cache_kw, keep_kw = _forward_kwarg_names(type(_base_model(model)))
@@ -367,17 +424,20 @@ def _generate_ids(
 
     logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
     first = torch.log_softmax(logits, dim=-1).cpu() if keep_first_log_probs else None
-    for step in range(sampling.max_new_tokens):
-        next_tok = _pick_tokens(logits, sampling, gens)
+    for _ in range(max(budget)):
+        next_tok = _pick_rows(logits, run_sampling, gens)
         kept: list[int] = []
         for j, tok in enumerate(next_tok.tolist()):  # the one host sync per step
             row = alive[j]
+            if budget[row] == 0:  # a row with no budget only took part in the prefill
+                continue
             if tok in stop_set:
                 finish[row] = "stop"
             else:
                 out_tokens[row].append(tok)
-                kept.append(j)
-        if not kept or step == sampling.max_new_tokens - 1:
+                if len(out_tokens[row]) < budget[row]:
+                    kept.append(j)
+        if not kept:
             break
         if len(kept) < len(alive):
             idx = torch.tensor(kept, dtype=torch.long, device=device)
@@ -390,8 +450,8 @@ def _generate_ids(
                 mask = mask[:, trim:]
                 pads = [p - trim for p in pads]
             padded = any(pads)
-            if gens:
-                gens = [gens[j] for j in kept]
+            gens = [gens[j] for j in kept]
+            run_sampling = [run_sampling[j] for j in kept]
             if on_rows_kept is not None:
                 on_rows_kept(idx)
         if padded:

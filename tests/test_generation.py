@@ -12,6 +12,7 @@ import torch
 from prism_lightning.generation import (
     Generation,
     SamplingConfig,
+    balanced_batches,
     generate,
     generate_batch,
     row_seed,
@@ -371,3 +372,34 @@ def test_top_p_rows_stay_independent_of_batch_mates(monkeypatch):
     for row in range(3):
         alone = G._pick_tokens(logits[row : row + 1], sampling, [torch.Generator().manual_seed(row)])
         assert alone.item() == together[row].item()
+
+
+def test_per_row_sampling_matches_each_row_alone(parts):
+    """Rows with different temperatures and lengths share a batch and still get exactly what they
+    would get alone (MT-Bench runs its per-category temperatures in one batch)."""
+    model, tokenizer, prompts = parts
+    configs = [
+        SamplingConfig(max_new_tokens=N_NEW),
+        SamplingConfig(max_new_tokens=4, temperature=0.7, top_p=0.9),
+        SamplingConfig(max_new_tokens=N_NEW, temperature=1.0),
+        SamplingConfig(max_new_tokens=0),
+        SamplingConfig(max_new_tokens=7, temperature=0.1, top_p=0.9),
+    ]
+    seeds = [row_seed(3, str(i)) for i in range(len(prompts))]
+    mixed = generate(model, tokenizer, prompts, configs, batch_size=3, seeds=seeds)
+    for i, prompt in enumerate(prompts):
+        alone = generate_batch(model, tokenizer, [prompt], configs[i], seeds=[seeds[i]])[0]
+        assert mixed[i] == alone, f"row {i}"
+        assert len(alone.token_ids) <= configs[i].max_new_tokens
+    assert mixed[3].token_ids == [] and mixed[3].finish_reason == "length"
+    with pytest.raises(ValueError, match="sampling configs"):
+        generate(model, tokenizer, prompts, configs[:2])
+
+
+def test_balanced_batches():
+    assert [len(b) for b in balanced_batches(list(range(40)), 32)] == [20, 20]
+    assert [len(b) for b in balanced_batches(list(range(64)), 32)] == [32, 32]
+    assert [len(b) for b in balanced_batches(list(range(5)), 8)] == [5]
+    assert [len(b) for b in balanced_batches(list(range(7)), 3)] == [3, 2, 2]
+    assert sum(balanced_batches([4, 2, 9, 1], 3), []) == [4, 2, 9, 1]
+    assert balanced_batches([], 4) == []

@@ -60,7 +60,12 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
     ap.add_argument("--limit", type=int, default=None, help="items per sub-score group (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="generation batch size (large batches pay off even on CPU: 2.7x the tokens/s of 8)",
+    )
     ap.add_argument("--mmlu-batch-size", type=int, default=16, help="batch size of scoring forwards")
     ap.add_argument("--mtbench-max-new-tokens", type=int, default=256)
     ap.add_argument("--safety-max-new-tokens", type=int, default=256)

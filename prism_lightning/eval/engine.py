@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_lightning.generation import SamplingConfig, generate
+from prism_lightning.generation import Sampling, generate
 
 __all__ = ["Engine", "EngineOutput"]
 
@@ -62,7 +62,7 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: SamplingConfig,
+        sampling: Sampling,
         *,
         mode: str = "off",
         seeds: Sequence[int] | None = None,

@@ -93,7 +93,7 @@ class EvalSettings:
     judge_mode: str = "auto"  # "generate" ([[rating]] parsed) | "logprob" (expected rating) | "auto"
     judge_max_new_tokens: int = 256
     judge_model: str | None = None
-    batch_size: int = 8
+    batch_size: int = 64
     mmlu_batch_size: int = 16
     n_resamples: int = 1000
     safety_sets: tuple[str, ...] = B.SAFETY_SETS
@@ -263,35 +263,41 @@ def _mtbench_rows(ctx: Context, cond, items: list[dict]) -> list[dict]:
     answers: list[list[str]] = [[] for _ in items]
     routes: list[bool | None] = [None] * len(items)
     probs: list[float | None] = [None] * len(items)
-    # answers: both turns, grouped by the category temperature
-    by_temp: dict[float, list[int]] = {}
-    for i, r in enumerate(items):
-        by_temp.setdefault(S.MTBENCH_TEMPERATURES.get(r["category"], 0.7), []).append(i)
-    for temp, idx in by_temp.items():
-        sampling = SamplingConfig(
-            max_new_tokens=st.mtbench_max_new_tokens,
-            temperature=temp,
-            top_p=st.mtbench_top_p if temp else 1.0,
-        )
-        for turn in range(2):
-            todo = [i for i in idx if len(items[i]["turns"]) > turn]
-            prompts = [
-                eng.formatter.prompt(
-                    items[i]["turns"][: turn + 1], personas[i][1], placement, replies=answers[i][:turn]
-                )
-                for i in todo
-            ]
-            seeds = [row_seed(st.seed, f"mtbench:{items[i]['id']}:{turn}") for i in todo]
-            route = None
-            if turn > 0 and cond.mode == "gated":  # the first turn's decision holds
-                route = [bool(routes[i]) for i in todo]
-            outs = eng.generate(
-                prompts, sampling, mode=cond.mode, seeds=seeds, route=route, batch_size=st.batch_size
+    # answers: both turns; every row samples at its category's temperature, all rows in one batch
+    sampling = []
+    for r in items:
+        temp = S.MTBENCH_TEMPERATURES.get(r["category"], 0.7)
+        sampling.append(
+            SamplingConfig(
+                max_new_tokens=st.mtbench_max_new_tokens,
+                temperature=temp,
+                top_p=st.mtbench_top_p if temp else 1.0,
             )
-            for i, o in zip(todo, outs, strict=True):
-                answers[i].append(o.text)
-                if turn == 0:
-                    routes[i], probs[i] = o.route, o.gate_prob
+        )
+    for turn in range(2):
+        todo = [i for i, r in enumerate(items) if len(r["turns"]) > turn]
+        prompts = [
+            eng.formatter.prompt(
+                items[i]["turns"][: turn + 1], personas[i][1], placement, replies=answers[i][:turn]
+            )
+            for i in todo
+        ]
+        seeds = [row_seed(st.seed, f"mtbench:{items[i]['id']}:{turn}") for i in todo]
+        route = None
+        if turn > 0 and cond.mode == "gated":  # the first turn's decision holds
+            route = [bool(routes[i]) for i in todo]
+        outs = eng.generate(
+            prompts,
+            [sampling[i] for i in todo],
+            mode=cond.mode,
+            seeds=seeds,
+            route=route,
+            batch_size=st.batch_size,
+        )
+        for i, o in zip(todo, outs, strict=True):
+            answers[i].append(o.text)
+            if turn == 0:
+                routes[i], probs[i] = o.route, o.gate_prob
     # judging: every turn of every row
     jobs = [(i, t) for i, r in enumerate(items) for t in (1, 2) if len(r["turns"]) >= t]
     judged = [S.mtbench_judge_messages(ctx.judge_prompts, items[i], answers[i], t) for i, t in jobs]
@@ -418,7 +424,9 @@ def _safety_rows(ctx: Context, cond, items: list[dict]) -> list[dict]:
 
 
 BENCH_FUNCS = {"mtbench": _mtbench_rows, "mmlu": _mmlu_rows, "safety": _safety_rows}
-CHUNK = {"mtbench": 16, "mmlu": 256, "safety": 32}
+# Items scored (and saved) together: large enough to fill a generation batch, small enough that
+# an interruption loses little.
+CHUNK = {"mtbench": 64, "mmlu": 256, "safety": 64}
 
 
 def run_benchmark(ctx: Context, benchmark: str, cond, items: list[dict], store: ItemStore) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prism_lightning.generation import SamplingConfig, generate_batch
+from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch
 from prism_lightning.model.routing import RoutingController
 
 
@@ -53,7 +53,7 @@ def routed_generate(
     *,
     mode: str = "gated",
     threshold: float | None = None,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: Sampling = SamplingConfig(),
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
     route: Sequence[bool] | bool | None = None,
@@ -81,8 +81,7 @@ def routed_generate(
     device = _device(model)
     results: list[RoutedGeneration | None] = [None] * n
     try:
-        for start in range(0, n, batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in balanced_batches(order, batch_size):
             force = None
             if forced is not None:
                 force = torch.tensor([forced[i] for i in chunk], dtype=torch.bool, device=device)
@@ -179,7 +178,7 @@ class RoutedModel:
         *,
         mode: str = "gated",
         threshold: float | None = None,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: Sampling = SamplingConfig(),
         batch_size: int = 8,
         seeds: Sequence[int] | None = None,
         route: Sequence[bool] | bool | None = None,
@@ -205,7 +204,7 @@ class RoutedModel:
         route: bool | None = None,
         mode: str = "gated",
         threshold: float | None = None,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: Sampling = SamplingConfig(),
         seed: int | None = None,
     ) -> RoutedGeneration:
         """Answer the last user turn of a conversation. The route is decided on the FIRST user turn
