@@ -134,8 +134,13 @@ def load_checkpoint(
             f"Checkpoint {path} was trained on {meta['base_model']['name']!r} ({expected}), "
             f"but you loaded {cfg.model!r} ({got}). Load the base model it was trained on."
         )
+    # Keep the adapter in the base model's dtype: peft would otherwise upcast a bf16 model's adapter
+    # to fp32 (for training stability), and every LoRA matmul would run in fp32 with casts around it.
     model = PeftModel.from_pretrained(
-        bb.model, path / ADAPTER_DIR, adapter_name=meta.get("adapter_name", "default")
+        bb.model,
+        path / ADAPTER_DIR,
+        adapter_name=meta.get("adapter_name", "default"),
+        autocast_adapter_dtype=False,
     )
     model.eval()
     gate = Gate(bb.hidden_size, meta["gate_hidden"], dropout=meta.get("gate_dropout", 0.1))
