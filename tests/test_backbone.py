@@ -5,6 +5,7 @@ from prism_lightning.backbone import (
     BackboneConfig,
     ModelNotFoundError,
     _drop_gguf_quantization_config,
+    contiguous_lm_head_input,
     inference_dtype,
     load_backbone,
     resolve_dtype,
@@ -29,6 +30,22 @@ def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="Unknown dtype"):
         resolve_dtype("float8", "cpu")
+
+
+def test_lm_head_input_is_made_contiguous_and_logits_are_unchanged(tiny_model_dir):
+    bb = BackboneConfig(model=str(tiny_model_dir), dtype="bfloat16").load("cpu")
+    head = bb.model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    with torch.no_grad():
+        full = bb.model(input_ids=ids).logits[:, -1]
+        last = bb.model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+    assert seen == [True, True]  # the strided last-position slice reached the head contiguous
+    assert torch.equal(full, last)
+    n_hooks = len(head._forward_pre_hooks)
+    contiguous_lm_head_input(bb.model)  # idempotent
+    assert len(head._forward_pre_hooks) == n_hooks
 
 
 def test_inference_dtype_auto(monkeypatch):
