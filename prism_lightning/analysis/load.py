@@ -57,12 +57,17 @@ class MissingInputError(FileNotFoundError):
 # bootstrap
 
 
+def _read_json(path: Path, how_to_make: str) -> dict[str, Any]:
+    """A run output as a dict, or a MissingInputError naming the command that writes it."""
+    if not path.exists():
+        raise MissingInputError(f"{path} not found: {how_to_make}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def bootstrap_summary(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/bootstrap/summary.json`` (written by every bootstrap/fit run)."""
     path = Path(run_dir) / "bootstrap" / "summary.json"
-    if not path.exists():
-        raise MissingInputError(f"{path} not found: run `python -m prism_lightning fit` (or bootstrap) first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json(path, "run `python -m prism_lightning fit` (or bootstrap) first")
 
 
 def _stage_dir(run_dir: Path, stage: str) -> Path:
@@ -361,12 +366,8 @@ def fit_metrics(checkpoint: str | Path) -> pd.DataFrame:
 
 
 def _checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / "prism.json"
-    if not path.exists():
-        raise MissingInputError(
-            f"{path} not found: `python -m prism_lightning fit` exports checkpoints/<run>"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+    how = "`python -m prism_lightning fit` exports checkpoints/<run>"
+    return _read_json(Path(checkpoint) / "prism.json", how)
 
 
 def gate_predictions(
@@ -398,12 +399,8 @@ def gate_predictions(
 
 
 def _eval_summary(eval_dir: str | Path) -> dict[str, Any]:
-    path = Path(eval_dir) / "summary.json"
-    if not path.exists():
-        raise MissingInputError(
-            f"{path} not found: run `python -m prism_lightning evaluate --out {eval_dir}`"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+    how = f"run `python -m prism_lightning evaluate --out {eval_dir}`"
+    return _read_json(Path(eval_dir) / "summary.json", how)
 
 
 def _split_score(name: str) -> tuple[str, str]:
