@@ -36,10 +36,10 @@ PRISM_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def repo_configs_dir() -> Path:
-    """`configs/` of a source checkout, else of the current directory."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    return here if here.is_dir() else Path.cwd() / "configs"
+def package_configs_dir() -> Path:
+    """The shipped configs (`configs/` at the top of a checkout links here), so `fit` works from any
+    directory after a plain `pip install`."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def _usage() -> str:

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap.cli import trainer_kwargs_from
-from prism_lightning.cli import repo_configs_dir
+from prism_lightning.cli import package_configs_dir
 from prism_lightning.data import PrismDataModule
 from prism_lightning.model.module import PrismModule
 
@@ -202,7 +202,7 @@ def with_default_config(args: list[str]) -> list[str]:
     """A command with no --config takes configs/default.yaml (the embedded default)."""
     has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
     if not has_config and "--help" not in args and "-h" not in args:
-        return ["--config", str(repo_configs_dir() / "default.yaml"), *args]
+        return ["--config", str(package_configs_dir() / "default.yaml"), *args]
     return list(args)
 
 

@@ -19,13 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prism_lightning.errors import PrismError
+from prism_lightning.files import (  # noqa: F401  (re-exported for the stage modules)
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_written_jsonl,
+    repair_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,62 +56,6 @@ def stage_hash(stage: str, settings: Mapping[str, Any], upstream: Sequence[str] 
         {"stage": stage, "format": FORMAT_VERSION, "settings": settings, "upstream": list(upstream)}
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def atomic_write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file. An unterminated last line (the writer was killed mid-line) is ignored;
-    so is an unparsable line (its row is simply recomputed), with a warning."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for i, line in enumerate(lines):
-        if not line.strip() or i == len(lines) - 1:  # the last element never had its newline
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s:%d is not valid JSON; ignoring that row (it will be recomputed).", path, i + 1)
-    return rows
-
-
-def repair_jsonl(path: str | Path) -> None:
-    """Cut a partial last line (from a kill mid-write) so that later appends start on a fresh line."""
-    path = Path(path)
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 class StageStore:
@@ -196,7 +148,7 @@ class StageStore:
         """Rows already written by any rank, keyed by id (first occurrence wins)."""
         rows: dict[str, dict[str, Any]] = {}
         for path in self.shard_paths():
-            for row in read_jsonl(path):
+            for row in read_written_jsonl(path):
                 rows.setdefault(row["id"], row)
         return rows
 
@@ -204,13 +156,7 @@ class StageStore:
         """Append rows to this rank's shard and make them durable before returning."""
         if not rows:
             return
-        path = self.shard_path(rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_jsonl(self.shard_path(rank), rows)
 
     def finish(self, rows: Sequence[Mapping[str, Any]], extra_meta: Mapping[str, Any]) -> None:
         """Write rows.jsonl, then meta (done), then the DONE marker, each atomically."""
@@ -221,10 +167,13 @@ class StageStore:
     def read_rows(self) -> list[dict[str, Any]]:
         if not self.is_done():
             raise RuntimeError(f"stage {self.stage} at {self.path} is not finished")
-        return read_jsonl(self.rows_path)
+        return read_written_jsonl(self.rows_path)
 
     def meta(self) -> dict[str, Any]:
         return self.read_meta() or {}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+read_jsonl = read_written_jsonl
