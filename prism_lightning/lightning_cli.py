@@ -16,19 +16,32 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from prism_lightning.backbone import BackboneConfig
-from prism_lightning.bootstrap.cli import trainer_kwargs_from
-from prism_lightning.cli import package_configs_dir
+from prism_lightning.callbacks import EXPORT_FROM, PrismExport
+from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
-from prism_lightning.model.module import PrismModule
+from prism_lightning.model.module import PrismModule, check_against_model
 
 SANITY_QUERIES = (
     "Write a short poem about autumn leaves.",
     "What is the capital of Australia? Answer with one word.",
     "How do I safely dispose of old batteries?",
 )
+
+
+def trainer_kwargs_from(trainer) -> dict[str, Any]:
+    """The bootstrap's predict Trainers get the fit's devices; a strategy object (FSDP) falls back to
+    Lightning's default, which is DDP for several devices: generation needs no sharding of a frozen model."""
+    strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
+    return {
+        "accelerator": trainer.accelerator,
+        "devices": trainer.devices,
+        "strategy": strategy,
+        "num_nodes": trainer.num_nodes,
+    }
 
 
 def wandb_has_key() -> bool:
@@ -50,6 +63,13 @@ class PrismCLI(LightningCLI):
             type=str | None,
             default=None,
             help="where fit exports the run (default: checkpoints/<name of data.run_dir>)",
+        )
+        parser.add_argument(
+            "--export_from",
+            type=str,
+            default="last",
+            help="which weights fit exports: last (end of training) or best (ModelCheckpoint's best by "
+            "its monitor, val/loss in the default config)",
         )
         parser.add_argument(
             "--validate_before_fit",
@@ -78,26 +98,31 @@ class PrismCLI(LightningCLI):
         trainer = cfg.trainer
         if trainer.precision is None:  # config says nothing: bf16 autocast on GPU, fp32 on CPU
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-        for lg in loggers:
-            if not hasattr(lg, "get") or "WandbLogger" not in str(lg.get("class_path", "")):
-                continue
-            if lg.get("init_args") is None:
-                lg["init_args"] = Namespace()
-            init = lg["init_args"]
-            if not wandb_has_key():  # no key: keep the run on disk, `wandb sync` uploads it later
-                init["offline"] = True
-            if not init.get("save_dir"):
-                init["save_dir"] = str(cfg.data.run_dir)
-            os.makedirs(init["save_dir"], exist_ok=True)
+        derive_run_paths(cfg)
+        if self.subcommand == "fit" and cfg.get("export_from") not in EXPORT_FROM:
+            raise_config(
+                f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
+            )
 
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
-        dm.ensure_bootstrap(trainer_kwargs_from(self._section().trainer))
-        self.start_metrics: dict[str, float] = {}
-        if self._section().validate_before_fit:
+        cfg = self._section()
+        # Everything that can be checked without the weights, before the bootstrap's long work.
+        check_against_model(dict(self.model.hparams), self.model.backbone_config)
+        self.exporter = PrismExport(
+            export_dir=str(self.export_dir()),
+            export_from=cfg.export_from,
+            training_config=self._training_config(),
+        )
+        self.trainer.callbacks.append(self.exporter)
+        if self.trainer.loggers and not any(
+            isinstance(c, LearningRateMonitor) for c in self.trainer.callbacks
+        ):
+            self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        dm.ensure_bootstrap(trainer_kwargs_from(cfg.trainer))
+        if cfg.validate_before_fit:
             self.trainer.validate(self.model, datamodule=dm, verbose=False)
-            self.start_metrics = _val_metrics(self.trainer)
+            self.exporter.metrics_before = _val_metrics(self.trainer)
             # validate() ran under inference mode; fresh metric states keep fit's own loops legal.
             self.model.val_metrics.reset()
             self.model.val_route_rate.reset()
@@ -109,39 +134,33 @@ class PrismCLI(LightningCLI):
         return Path("checkpoints") / Path(self.datamodule.run_dir).name
 
     def after_fit(self) -> None:
-        if self.trainer.interrupted or not self.trainer.is_global_zero:
+        exporter: PrismExport = self.exporter
+        if self.trainer.interrupted or exporter.exported is None or not self.trainer.is_global_zero:
             return
-        from prism_lightning.model.export import export_checkpoint
-
         dm: PrismDataModule = self.datamodule
-        cfg = self._section()
-        keys = ("model", "data", "trainer", "seed_everything")
-        training = {k: v for k, v in self._resolved_config().items() if k in keys}
-        final = _val_metrics(self.trainer)
-        training["metrics"] = {"before_fit": getattr(self, "start_metrics", {}), "after_fit": final}
-        self._print_metrics(final)
-        out = export_checkpoint(
-            self.model,
-            self.export_dir(),
-            personas=dm.persona_names,
-            bootstrap_summary=dm.bootstrap_summary,
-            training_config=training,
-        )
-        print(f"\nexported checkpoint: {out}")
-        print(f"bootstrap run:       {dm.run_dir}")
-        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "(none)"
-        print(f"lightning checkpoint: {best}")
+        self._print_metrics(exporter.metrics_before, _val_metrics(self.trainer))
+        src = exporter.exported_from
+        weights = f"{src['weights']} (after {src.get('epochs')} epochs, step {src.get('global_step')})"
+        print(f"\nexported checkpoint:  {exporter.exported}  <- {weights} weights; --export_from last|best")
+        print(f"run directory:        {dm.run_dir}")
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None:
+            last, best = ckpt.last_model_path or "-", ckpt.best_model_path or "-"
+            print(f"lightning checkpoints: last {last}, best {best}")
         if self.trainer.logger is not None and getattr(self.trainer.logger, "save_dir", None):
-            print(f"logs:                {self.trainer.logger.save_dir}")
-        if cfg.sanity_check:
-            self._sanity_check(out)
+            print(f"logs:                 {self.trainer.logger.save_dir}")
+        if self._section().sanity_check:
+            self._sanity_check(exporter.exported)
+
+    def _training_config(self) -> dict:
+        keys = ("model", "data", "trainer", "seed_everything")
+        return {k: v for k, v in self._resolved_config().items() if k in keys}
 
     def _resolved_config(self) -> dict:
         """The resolved config as plain JSON types, stored in prism.json for reproducibility."""
         return json.loads(json.dumps(_to_plain(self._section())))
 
-    def _print_metrics(self, final: dict[str, float]) -> None:
-        start = getattr(self, "start_metrics", {})
+    def _print_metrics(self, start: dict[str, float], final: dict[str, float]) -> None:
         print("\nvalidation split        before fit   after fit")
         keys = (
             "val/kl",
@@ -170,9 +189,65 @@ class PrismCLI(LightningCLI):
     def before_predict(self) -> None:
         from prism_lightning.model.writer import RoutedPredictionWriter
 
+        self.datamodule.predict_rows()  # a missing or malformed prompt file fails before the model loads
+        if self.model.hparams.checkpoint:
+            from prism_lightning.model.export import verify_checkpoint
+
+            verify_checkpoint(self.model.hparams.checkpoint)
         cfg = self._section()
         output = cfg.get("predict_output") or str(Path(self.datamodule.run_dir) / "predictions.jsonl")
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
+
+
+def raise_config(message: str) -> None:
+    from prism_lightning.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def derive_run_paths(cfg) -> None:
+    """Every output of a run goes under ``data.run_dir`` unless a path is set explicitly: Lightning's
+    root and checkpoints (``<run_dir>/lightning``), W&B files and the saved config.yaml (the logger's
+    save_dir), so two runs with different run directories share no file."""
+    run_dir = Path(str(cfg.data.run_dir))
+    trainer = cfg.trainer
+    if not trainer.get("default_root_dir"):
+        trainer.default_root_dir = str(run_dir)
+    for cb in _as_list(trainer.get("callbacks")):
+        if _class_name(cb) == "ModelCheckpoint":
+            init = _init_args(cb)
+            if not init.get("dirpath"):
+                init["dirpath"] = str(run_dir / "lightning")
+    for lg in _as_list(trainer.get("logger")):
+        name = _class_name(lg)
+        if not name:
+            continue
+        init = _init_args(lg)
+        if not init.get("save_dir"):
+            init["save_dir"] = str(run_dir)
+        if name == "WandbLogger":
+            if not wandb_has_key():  # no key: keep the run on disk, `wandb sync` uploads it later
+                init["offline"] = True
+            if not init.get("name"):
+                init["name"] = run_dir.name
+        os.makedirs(init["save_dir"], exist_ok=True)
+
+
+def _as_list(value) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _class_name(node) -> str:
+    path = node.get("class_path", "") if hasattr(node, "get") else ""
+    return str(path).rsplit(".", 1)[-1]
+
+
+def _init_args(node):
+    if node.get("init_args") is None:
+        node["init_args"] = Namespace()
+    return node["init_args"]
 
 
 def _val_metrics(trainer) -> dict[str, float]:
@@ -196,14 +271,6 @@ class _ParseOnlyCLI(PrismCLI):
 
     def instantiate_classes(self) -> None:
         pass
-
-
-def with_default_config(args: list[str]) -> list[str]:
-    """A command with no --config takes configs/default.yaml (the embedded default)."""
-    has_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
-    if not has_config and "--help" not in args and "-h" not in args:
-        return ["--config", str(package_configs_dir() / "default.yaml"), *args]
-    return list(args)
 
 
 def parse_config(prog: str, args: list[str]):

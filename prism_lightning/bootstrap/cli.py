@@ -9,33 +9,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap.config import BootstrapConfig
 
 
-def trainer_kwargs_from(trainer) -> dict[str, Any]:
-    """The predict Trainers get the fit's devices; a strategy object (FSDP) falls back to Lightning's
-    default, which is DDP for several devices: generation needs no sharding of a frozen model."""
-    strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
-    return {
-        "accelerator": trainer.accelerator,
-        "devices": trainer.devices,
-        "strategy": strategy,
-        "num_nodes": trainer.num_nodes,
-    }
-
-
 def bootstrap_main(argv: Sequence[str] | None = None) -> int:
     from prism_lightning.bootstrap.runner import format_summary, run_bootstrap
     from prism_lightning.bootstrap.stage import global_rank
-    from prism_lightning.lightning_cli import parse_config
+    from prism_lightning.lightning_cli import parse_config, trainer_kwargs_from
+    from prism_lightning.model.module import check_against_model, check_module_settings
 
     cfg = parse_config("bootstrap", list(sys.argv[1:] if argv is None else argv))
     data = cfg.data
     bootstrap = BootstrapConfig(**data.bootstrap.as_dict())
     backbone = BackboneConfig(**data.backbone.as_dict())
+    # the model settings that fit will use are checked now, so fit cannot fail on them after this work
+    model_settings = cfg.model.as_dict()
+    check_module_settings(model_settings)
+    check_against_model(model_settings, backbone)
     result = run_bootstrap(bootstrap, backbone, data.run_dir, trainer_kwargs_from(cfg.trainer))
     if global_rank() == 0:
         print(format_summary(result.summary))

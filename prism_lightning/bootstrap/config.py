@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS
+from prism_lightning.errors import ConfigError
 
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
 
@@ -15,16 +16,28 @@ VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
 class BootstrapConfig:
     """Everything that decides what the bootstrap produces.
 
-    personas: names (list or comma-separated string) or ``"all"``.
-    context_files: extra context files (see :func:`prism_lightning.contexts.load_context_file`).
-    verdict_rule: ``"logprob"`` (sum of the persona's log-odds over both judge orders > 0; never
-        unparsable, cancels position bias) or ``"strict"`` (the paper's rule: the free-text verdict
-        prefers the persona in both orders).
-    judge: the judging model; ``None`` means the base model.
-    query_stop_at_newline: stop a query at its first line break (only the first line is kept
-        anyway; saves most of the query-writing time on small models that ramble).
-    max_response_tokens: the teacher/student response is truncated to this many tokens.
-    batch_size: rows per predict batch (each row may expand to two prompts).
+    Args:
+        personas: names from the persona library (list or comma-separated string), or ``all``.
+        context_files: extra personas/contexts: YAML files with the library's schema, or any .txt/.md
+            file (a retrieval block, a tool registry ...), see ``contexts.load_context_file``.
+        queries_per_persona: queries each persona writes (the paper uses 50).
+        persona_length: min, short or long persona text.
+        placement: where the persona goes: system or user (templates without a system role use user).
+        query_temperature: sampling temperature of stage 1 (queries).
+        query_max_new_tokens: longest query in tokens.
+        min_query_chars: shorter queries are dropped.
+        query_stop_at_newline: stop a query at its first line break (only the first line is kept).
+        answer_temperature: sampling temperature of stage 2 (answers with and without the persona).
+        answer_max_new_tokens: longest answer in tokens.
+        judge: a different judging model ({model: ...}); null judges with the base model.
+        judge_max_new_tokens: length of the free-text verdict.
+        verdict_rule: logprob (the persona's log-odds summed over both judge orders > 0; never
+            unparsable, cancels position bias) or strict (the paper: the free-text verdict prefers the
+            persona in both orders). Both are stored; switching relabels without re-judging.
+        teacher_top_k: teacher logits kept per response token.
+        max_response_tokens: the teacher/student response is cut to this many tokens.
+        batch_size: rows per generation batch (each row may expand to two prompts).
+        seed: base of the per-row seeds (rows do not depend on batching or the number of processes).
     """
 
     personas: list[str] | str = "all"
@@ -37,24 +50,24 @@ class BootstrapConfig:
     min_query_chars: int = 16
     query_stop_at_newline: bool = True
     answer_temperature: float = 0.7
-    answer_max_new_tokens: int = 128
+    answer_max_new_tokens: int = 96
     judge: BackboneConfig | None = None
     judge_max_new_tokens: int = 8
     verdict_rule: str = "logprob"
     teacher_top_k: int = 64
     max_response_tokens: int = 512
-    batch_size: int = 8
+    batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.verdict_rule not in VERDICT_RULES:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown verdict_rule {self.verdict_rule!r}; choose one of {', '.join(VERDICT_RULES)}."
             )
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"Unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}.")
+            raise ConfigError(f"Unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}.")
         if self.persona_length not in LENGTHS:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown persona_length {self.persona_length!r}; choose one of {', '.join(LENGTHS)}."
             )
         if isinstance(self.context_files, str):
@@ -70,9 +83,9 @@ class BootstrapConfig:
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"bootstrap.{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"bootstrap.{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("query_temperature", "answer_temperature"):
             if getattr(self, name) < 0:
-                raise ValueError(f"bootstrap.{name} must be >= 0, got {getattr(self, name)}.")
+                raise ConfigError(f"bootstrap.{name} must be >= 0, got {getattr(self, name)}.")
         if isinstance(self.judge, dict):  # plain dicts from YAML / kwargs
             self.judge = BackboneConfig(**self.judge)

@@ -2,7 +2,6 @@
 
 from prism_lightning.data.datamodule import (
     EmptySplitError,
-    JsonlRows,
     PrismDataModule,
     PrismExamples,
     collate_examples,
@@ -11,7 +10,6 @@ from prism_lightning.data.datamodule import (
 
 __all__ = [
     "EmptySplitError",
-    "JsonlRows",
     "PrismDataModule",
     "PrismExamples",
     "collate_examples",

@@ -41,29 +41,15 @@ from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.stage import dist_ready
-from prism_lightning.bootstrap.store import read_jsonl
 from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
-from prism_lightning.errors import PrismError
+from prism_lightning.errors import PrismError, require
+from prism_lightning.files import read_input_jsonl
 
 log = logging.getLogger(__name__)
 
 
 class EmptySplitError(PrismError, ValueError):
     """The bootstrap produced no distill rows or no retain rows: training needs both."""
-
-
-class JsonlRows(Dataset):
-    """Rows of a bootstrap ``rows.jsonl`` (queries, answers or verdicts) as a map-style dataset."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.rows = read_jsonl(self.path)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[i]
 
 
 class PrismExamples(Dataset):
@@ -185,6 +171,18 @@ class PrismDataModule(L.LightningDataModule):
     is a no-op when cached). ``setup`` reads the finished stages, tokenizes, and splits train/val
     stratified by gate target with ``seed``. Refuses (:class:`EmptySplitError`) when either class is
     empty.
+
+    Args:
+        run_dir: the run directory: bootstrap stages, summary, W&B files, Lightning checkpoints and the
+            saved config all go under it, so one directory holds one run.
+        bootstrap: how the training rows are made (see BootstrapConfig).
+        backbone: linked from model.backbone; set it there.
+        batch_size: training rows per device and step.
+        val_fraction: held-out share of the rows, stratified by gate target, in [0, 1).
+        max_length: longest prompt + response in tokens; longer rows lose response tokens first.
+        num_workers: DataLoader workers.
+        seed: seed of the train/validation split.
+        predict_file: JSONL of {"query": ...} rows for ``predict``.
     """
 
     def __init__(
@@ -192,18 +190,18 @@ class PrismDataModule(L.LightningDataModule):
         run_dir: str = "runs/default",
         bootstrap: BootstrapConfig = BootstrapConfig(),
         backbone: BackboneConfig = BackboneConfig(),
-        batch_size: int = 4,
+        batch_size: int = 8,
         val_fraction: float = 0.2,
-        max_length: int = 1024,
+        max_length: int = 512,
         num_workers: int = 0,
         seed: int = 0,
         predict_file: str | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+        require(max_length >= 2, f"data.max_length must be >= 2, got {max_length}.")
+        require(batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}.")
+        require(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}.")
         self.run_dir = run_dir
         self.bootstrap = replace(bootstrap)  # own copies: the defaults are shared objects
         self.backbone = replace(backbone)
@@ -218,10 +216,6 @@ class PrismDataModule(L.LightningDataModule):
         self.train_set: PrismExamples | None = None
         self.val_set: PrismExamples | None = None
         self.split_summary: dict[str, Any] = {}
-
-    def connect(self, tokenizer, formatter) -> None:
-        """Reuse an already loaded tokenizer/formatter (e.g. the model's backbone) instead of loading one."""
-        self.tokenizer, self.formatter = tokenizer, formatter
 
     def _stores(self):
         return stage_stores(self.bootstrap, self.backbone, self.run_dir)
@@ -352,19 +346,21 @@ class PrismDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Rows {"id", "query"} of ``predict_file`` (JSONL; "prompt" is accepted for "query")."""
-        if not self.predict_file:
-            raise ValueError('predict needs data.predict_file: a JSONL file with one {"query": ...} per line')
-        path = Path(self.predict_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.predict_file {path} does not exist")
+        return DataLoader(self.predict_rows(), batch_size=self.batch_size, shuffle=False, collate_fn=list)
+
+    def predict_rows(self) -> list[dict[str, Any]]:
+        """The prompts of ``predict_file``, checked before any model loads (a bad line names its number)."""
+        require(
+            bool(self.predict_file),
+            'predict needs --data.predict_file: a JSONL file with one {"query": ...} per line.',
+        )
         rows = []
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for i, line in enumerate(lines):
-            row = json.loads(line)
+        for i, row in enumerate(read_input_jsonl(self.predict_file, what="data.predict_file")):
             query = row.get("query", row.get("prompt"))
-            if not isinstance(query, str):
-                raise ValueError(
-                    f"{self.predict_file} line {i + 1}: needs a string field 'query' (or 'prompt')"
-                )
+            require(
+                isinstance(query, str) and bool(query.strip()),
+                f"{self.predict_file}: row {i + 1} needs a non-empty string field 'query' (or 'prompt').",
+            )
             rows.append({"id": row.get("id", i), "query": query})
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=list)
+        require(bool(rows), f"data.predict_file {self.predict_file} has no rows.")
+        return rows

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from prism_lightning.backbone import BackboneConfig
+from prism_lightning.backbone import BackboneConfig, public_model_name
 from prism_lightning.errors import PrismError
+from prism_lightning.files import sha256_file
 from prism_lightning.model.gate import Gate
 
 FORMAT_VERSION = 1
@@ -62,6 +63,7 @@ def export_checkpoint(
     tmp.mkdir()
     try:
         module.model.save_pretrained(tmp / ADAPTER_DIR)
+        _record_public_base_name(tmp / ADAPTER_DIR, public_model_name(module.backbone_name))
         gate_state = {k: v.detach().cpu().contiguous() for k, v in module.gate.state_dict().items()}
         save_file(gate_state, str(tmp / GATE_FILE))
         hp = module.hparams
@@ -82,6 +84,7 @@ def export_checkpoint(
             "personas": list(personas),
             "training_config": training_config if training_config is not None else module.training_config(),
             "bootstrap_summary": bootstrap_summary,
+            "files": _file_hashes(tmp),
         }
         (tmp / PRISM_JSON).write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
@@ -97,17 +100,76 @@ def export_checkpoint(
     return out
 
 
+def _record_public_base_name(adapter_dir: Path, name: str) -> None:
+    """peft writes the local path the base was loaded from; another machine needs its public name."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every weight and adapter file, checked again at load time."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != PRISM_JSON
+    }
+
+
+class CheckpointError(PrismError, ValueError):
+    """A checkpoint directory that is missing, incomplete or damaged."""
+
+
 def read_meta(path: str | Path) -> dict:
+    """prism.json of an exported run; a missing or unreadable one is a :class:`CheckpointError`."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a directory written by `fit`).")
     meta_path = path / PRISM_JSON
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{path} is not a PRISM checkpoint (no {PRISM_JSON}).")
-    meta = json.loads(meta_path.read_text())
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a PRISM checkpoint (no {PRISM_JSON}).")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is damaged ({exc}); export the run again.") from None
+    required = ("base_model", "gate_layer", "gate_hidden", "threshold")
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; export the run again.")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has checkpoint format {meta['format_version']}; "
-            f"this version reads up to {FORMAT_VERSION}."
+            f"this version reads up to {FORMAT_VERSION}: upgrade prism_lightning."
         )
+    return meta
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """prism.json after checking every file the load needs, before any model is loaded: present,
+    readable, and (checkpoints since the file hashes were added) unchanged since export."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    meta = read_meta(path)
+    needed = [GATE_FILE, f"{ADAPTER_DIR}/adapter_config.json"]
+    recorded = meta.get("files") or {}
+    for name in sorted(set(needed) | set(recorded)):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} has no {name}; export the run again.")
+    for name, digest in recorded.items():
+        if sha256_file(path / name) != digest:
+            raise CheckpointError(
+                f"{path / name} differs from the file that was exported (sha256 mismatch): it is damaged; "
+                "export the run again."
+            )
+    for file in [path / GATE_FILE, *sorted((path / ADAPTER_DIR).glob("*.safetensors"))]:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    fh.get_slice(key)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is damaged ({exc}); export the run again.") from None
     return meta
 
 
@@ -124,7 +186,7 @@ def load_checkpoint(
     from prism_lightning.model.inference import RoutedModel
 
     path = Path(path)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     cfg = backbone_override or BackboneConfig(**meta["base_model"]["backbone"])
     bb = cfg.load(device=device)
     expected = meta["base_model"]["fingerprint"]

@@ -17,11 +17,14 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.errors import require
 from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
 from prism_lightning.model.routing import (
+    MODES,
     RoutingController,
     apply_lora,
     inner_model,
+    validate_routing_setup,
 )
 
 # .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
@@ -64,6 +67,40 @@ def full_kl(ref_logits: torch.Tensor, student_logits: torch.Tensor, temperature:
     return (ref.exp() * (ref - stu)).sum(-1) * (t * t)
 
 
+def check_module_settings(settings: dict) -> None:
+    """Value ranges of PrismModule's settings, checked at construction so a bad value fails before the
+    bootstrap starts (the model-dependent checks are in :func:`check_against_model`)."""
+    s = settings
+    require(s["gate_layer"] >= 0, f"model.gate_layer must be >= 0, got {s['gate_layer']}.")
+    require(s["lora_rank"] >= 1, f"model.lora_rank must be >= 1, got {s['lora_rank']}.")
+    require(s["lora_alpha"] > 0, f"model.lora_alpha must be > 0, got {s['lora_alpha']}.")
+    for key in ("lora_dropout", "gate_dropout", "warmup_ratio"):
+        require(0.0 <= s[key] < 1.0, f"model.{key} must be in [0, 1), got {s[key]}.")
+    require(len(s["lora_target_modules"]) > 0, "model.lora_target_modules is empty; name at least one.")
+    hidden = s["gate_hidden"]
+    require(all(int(h) >= 1 for h in hidden), f"model.gate_hidden widths must be >= 1, got {hidden}.")
+    for key in ("gate_lr", "lora_lr", "kl_temperature"):
+        require(s[key] > 0, f"model.{key} must be > 0, got {s[key]}.")
+    for key in ("weight_decay", "retain_weight", "predict_temperature"):
+        require(s[key] >= 0, f"model.{key} must be >= 0, got {s[key]}.")
+    require(0.0 < s["threshold"] < 1.0, f"model.threshold must be in (0, 1), got {s['threshold']}.")
+    top_p = s["predict_top_p"]
+    require(0.0 < top_p <= 1.0, f"model.predict_top_p must be in (0, 1], got {top_p}.")
+    for key in ("predict_max_new_tokens", "predict_batch_size"):
+        require(s[key] >= 1, f"model.{key} must be >= 1, got {s[key]}.")
+    choices = {"lr_schedule": LR_SCHEDULES, "predict_mode": MODES}
+    for key, allowed in choices.items():
+        require(s[key] in allowed, f"Unknown model.{key} {s[key]!r}; choose one of {', '.join(allowed)}.")
+
+
+def check_against_model(settings: dict, backbone: BackboneConfig) -> None:
+    """Gate layer and LoRA targets against the model's own config, without loading its weights (a
+    meta-device copy lists the module names), so a typo fails in seconds, not after the bootstrap."""
+    from prism_lightning.backbone import meta_model
+
+    validate_routing_setup(meta_model(backbone), settings["gate_layer"], settings["lora_target_modules"])
+
+
 def _metrics(threshold: float) -> MetricCollection:
     return MetricCollection(
         {
@@ -75,7 +112,35 @@ def _metrics(threshold: float) -> MetricCollection:
 
 
 class PrismModule(L.LightningModule):
-    """Joint training of the gate (all rows) and the LoRA adapter (KL on distill rows)."""
+    """Joint training of the gate (all rows) and the LoRA adapter (KL on distill rows).
+
+    Args:
+        backbone: the base model (HF id, local directory or embedded name) and how to load it.
+        gate_layer: the gate reads the hidden state after this decoder layer; LoRA goes on the layers
+            above it, so the routing decision is made inside the same prefill.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+        lora_dropout: dropout on the LoRA input, in [0, 1).
+        lora_target_modules: projections that get LoRA; must exist in the model's decoder layers.
+        gate_hidden: hidden widths of the gate MLP.
+        gate_lr: learning rate of the gate.
+        lora_lr: learning rate of the adapter.
+        weight_decay: AdamW weight decay (matrices only for the gate).
+        warmup_ratio: share of the optimiser steps spent warming up, in [0, 1).
+        lr_schedule: cosine, linear or constant after warmup.
+        kl_temperature: distillation temperature T (the loss is scaled by T^2).
+        retain_weight: weight of the optional retain loss (adapter-on vs base on retain rows); 0 skips
+            it, and retain rows then stop after the gate layer.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        threshold: gate probability at which the adapter turns on, in (0, 1).
+        gate_dropout: dropout inside the gate MLP, in [0, 1).
+        predict_mode: routing in ``predict``: gated, on (adapter always) or off (base model).
+        predict_max_new_tokens: answer length in ``predict``.
+        predict_temperature: sampling temperature in ``predict`` (0 = greedy).
+        predict_top_p: nucleus mass in ``predict``, in (0, 1].
+        predict_batch_size: generation batch in ``predict``.
+        checkpoint: an exported run to serve in ``predict``/``validate`` instead of a fresh adapter.
+    """
 
     def __init__(
         self,
@@ -104,8 +169,7 @@ class PrismModule(L.LightningModule):
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"Unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+        check_module_settings(dict(locals()))
         self.save_hyperparameters()
         self.backbone_config = backbone
         self.model = None  # peft model, built in configure_model()

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from prism_lightning.errors import ConfigError
+
 RoutingMode = Literal["gated", "on", "off"]
 MODES: tuple[str, ...] = ("gated", "on", "off")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,7 +63,7 @@ def validate_routing_setup(model: nn.Module, gate_layer: int, target_modules: Se
     """Clear errors for a gate layer out of range or a LoRA target the model does not have."""
     n_layers = model.config.num_hidden_layers
     if not 0 <= gate_layer < n_layers - 1:
-        raise ValueError(
+        raise ConfigError(
             f"gate_layer={gate_layer} is out of range for a model with {n_layers} decoder layers: "
             f"it must satisfy 0 <= gate_layer < {n_layers - 1} so that LoRA has layers above it "
             f"(valid choices: 0..{n_layers - 2})."
@@ -69,7 +71,7 @@ def validate_routing_setup(model: nn.Module, gate_layer: int, target_modules: Se
     valid = linear_module_names(model)
     unknown = [t for t in target_modules if t not in valid]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"LoRA target module(s) {unknown} do not exist in {type(model).__name__}; "
             f"valid choices: {', '.join(valid)}."
         )
