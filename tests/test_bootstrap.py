@@ -17,10 +17,10 @@ from prism_lightning.bootstrap import queries as queries_mod
 from prism_lightning.bootstrap import verdicts as verdicts_mod
 from prism_lightning.bootstrap.queries import clean_query, filter_queries
 from prism_lightning.bootstrap.stage import KeyboardInterruptForTests
-from prism_lightning.bootstrap.store import atomic_write_text, read_jsonl
 from prism_lightning.bootstrap.teacher import load_teacher_targets, response_token_ids, topk_over_response
 from prism_lightning.bootstrap.verdicts import logprob_verdict, parse_verdict, strict_verdict
 from prism_lightning.contexts import ContextLibrary, UnknownContextError
+from prism_lightning.files import atomic_write_text, read_written_jsonl
 from prism_lightning.testing import tiny_bootstrap_config
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
@@ -173,7 +173,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_read_jsonl_ignores_partial_last_line(tmp_path):
     path = tmp_path / "shard-0.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "te')
-    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+    assert [r["id"] for r in read_written_jsonl(path)] == ["a", "b"]
 
 
 def test_changed_answer_setting_recomputes_only_downstream(tiny_run, tmp_path):
@@ -227,14 +227,14 @@ def test_resume_after_interrupted_stage_loses_and_duplicates_nothing(tiny_run, t
         run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER, _fail_after={"answers": 1})
     store = stage_stores(tiny_bootstrap_config(), backbone, run_dir)["answers"]
     assert not store.done_path.exists()
-    partial = read_jsonl(store.shard_path(0))
+    partial = read_written_jsonl(store.shard_path(0))
     assert 0 < len(partial) < len(result.rows("answers"))
     with open(store.shard_path(0), "a") as fh:  # a kill in the middle of a line
         fh.write('{"id": "math-9", "persona": "ma')
     resumed = run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER)
     assert resumed.summary["stages"]["answers"]["resumed_rows"] == len(partial)
     assert all_rows(resumed) == all_rows(result) or _same_but_tensor_files(resumed, result)
-    ids = [r["id"] for r in read_jsonl(store.shard_path(0))]
+    ids = [r["id"] for r in read_written_jsonl(store.shard_path(0))]
     assert len(ids) == len(set(ids)) == len(result.rows("answers"))
 
 

@@ -1,9 +1,12 @@
 """Orchestration of the bootstrap: queries -> answers -> verdicts -> teacher targets.
 
 Each stage is a :class:`~prism_lightning.bootstrap.store.StageStore` keyed by its settings and its
-upstream stages. A finished stage is read from disk (no Trainer, no model); the backbone (and the
-judge, when it is another model) is loaded lazily, once, only when some stage has work to do, and is
-freed at the end. :func:`run_bootstrap` writes ``<run_dir>/bootstrap/summary.json``.
+upstream stages. A finished stage is read from disk (no Trainer, no model) once its files match the
+content hashes in its meta.json; one that does not (a truncated, garbled or missing file, or rows
+computed from other upstream rows) is deleted together with the stages after it and recomputed, with
+one warning line per deleted directory. The backbone (and the judge, when it is another model) is
+loaded lazily, once, only when some stage has work to do, and is freed at the end.
+:func:`run_bootstrap` writes ``<run_dir>/bootstrap/summary.json``.
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from prism_lightning.bootstrap import teacher as teacher_mod
 from prism_lightning.bootstrap import verdicts as verdicts_mod
 from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.prompts import PROMPT_VERSION
-from prism_lightning.bootstrap.stage import barrier, global_rank, run_stage
+from prism_lightning.bootstrap.stage import barrier, dist_ready, global_rank, run_stage
 from prism_lightning.bootstrap.store import (
     FORMAT_VERSION,
+    StageCheck,
     StageStore,
-    atomic_write_json,
-    read_jsonl,
+    finished_dir_problem,
     stage_hash,
 )
 from prism_lightning.contexts import Context, ContextLibrary
+from prism_lightning.files import atomic_write_json, read_written_jsonl
 from prism_lightning.generation import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -174,7 +178,9 @@ def _judge_key(store: StageStore) -> str:
 
 
 def _reusable_judgments(store: StageStore) -> list[dict[str, Any]] | None:
+    """Rows of an intact verdicts stage with the same judge and the same answers, another rule."""
     key = _judge_key(store)
+    lineage = store.upstream_lineage()
     for meta_path in sorted(store.path.parent.glob("verdicts-*/meta.json")):
         other = meta_path.parent
         if other == store.path or not (other / "DONE").exists():
@@ -183,9 +189,25 @@ def _reusable_judgments(store: StageStore) -> list[dict[str, Any]] | None:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if meta.get("format_version") == FORMAT_VERSION and meta.get("stats", {}).get("judge_key") == key:
-            return read_jsonl(other / "rows.jsonl")
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            continue
+        if meta.get("stats", {}).get("judge_key") != key or meta.get("upstream_rows_sha256") != lineage:
+            continue
+        problem = finished_dir_problem(other, meta)
+        if problem is None:
+            return read_written_jsonl(other / "rows.jsonl")
+        log.info("not reusing the judgments in %s: %s", other, problem)
     return None
+
+
+def _rank0_check(store: StageStore) -> StageCheck:
+    """Rank 0's :meth:`StageStore.check`, on every rank: all ranks must take the same branch."""
+    check = store.check() if global_rank() == 0 or not dist_ready() else None
+    if dist_ready():
+        box = [check]
+        torch.distributed.broadcast_object_list(box, src=0)
+        check = box[0]
+    return check
 
 
 def run_bootstrap(
@@ -211,13 +233,51 @@ def run_bootstrap(
     models = _Models(backbone_config, config.judge, _load_device(trainer_kwargs))
     fail = _fail_after or {}
     timings: dict[str, dict[str, Any]] = {}
+    problems: dict[str, str] = {}
+
+    def reuse(name: str) -> bool:
+        """True when stage ``name`` is finished and intact. A stage that cannot be trusted is deleted
+        (rank 0) with every stage after it, so that a kill during its recomputation cannot leave the
+        later stages behind as if they were still valid."""
+        store = stores[name]
+        check = _rank0_check(store)
+        if check.done:
+            if check.legacy:  # finished by a version that recorded no hashes: record them now
+                if global_rank() == 0:
+                    store.record_legacy_hashes()
+                    log.info("%s: recorded content hashes in %s", name, store.meta_path)
+                barrier()
+            return True
+        if check.problem is None:
+            return False
+        later = [stores[s] for s in STAGES[STAGES.index(name) + 1 :] if stores[s].path.exists()]
+        if global_rank() == 0:
+            after = " and the stages after it" if later else ""
+            log.warning(
+                "bootstrap stage %s (%s) cannot be reused: %s; recomputing it%s",
+                name, store.path, check.problem, after,
+            )  # fmt: skip
+            for other in reversed(later):
+                log.warning(
+                    "bootstrap stage %s (%s) comes after %s, which is recomputed; deleting it",
+                    other.stage, other.path, name,
+                )  # fmt: skip
+                other.remove()
+            store.remove()
+        problems[name] = check.problem
+        barrier()
+        return False
 
     def run(name: str, jobs_fn, task_fn, finalize, batch_size: int, token_keys=()):
         store = stores[name]
         t0 = time.perf_counter()
-        if store.is_done():
+        if reuse(name):
             timings[name] = {"cached": True, "seconds": 0.0}
             return store.meta()
+        return compute(name, jobs_fn, task_fn, finalize, batch_size, token_keys, t0)
+
+    def compute(name: str, jobs_fn, task_fn, finalize, batch_size: int, token_keys, t0: float):
+        store = stores[name]
         jobs = jobs_fn()
         meta = run_stage(
             store,
@@ -279,9 +339,12 @@ def run_bootstrap(
             stats["judge_key"] = judge_key
             return rows, stats
 
-        reused = None if vstore.is_done() else _reusable_judgments(vstore)
-        if reused is not None:  # same judgments, another rule: relabel instead of re-judging
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        cached = reuse("verdicts")
+        reused = None if cached else _reusable_judgments(vstore)
+        if cached:
+            timings["verdicts"] = {"cached": True, "seconds": 0.0}
+        elif reused is not None:  # same judgments, another rule: relabel instead of re-judging
             if global_rank() == 0:
                 vstore.begin()
                 rows, stats = finalize_verdicts(reused)
@@ -305,7 +368,7 @@ def run_bootstrap(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         else:
-            run(
+            compute(
                 "verdicts",
                 lambda: verdicts_mod.verdict_jobs(models.judge().formatter, stores["answers"].read_rows()),
                 lambda: verdicts_mod.VerdictTask(
@@ -314,6 +377,7 @@ def run_bootstrap(
                 finalize_verdicts,
                 config.batch_size,
                 ("judge_tokens",),
+                t0,
             )
 
         # 4. teacher targets for the distill rows
@@ -336,6 +400,8 @@ def run_bootstrap(
         loaded = list(models.loaded)
         models.close()
 
+    for name, problem in problems.items():
+        timings[name]["recomputed_because"] = problem
     summary = build_summary(config, stores, timings, time.perf_counter() - start_all, loaded, run_dir)
     summary_path = run_dir / "bootstrap" / "summary.json"
     if global_rank() == 0:
@@ -354,6 +420,7 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
         stages[name] = {
             "dir": str(stores[name].path),
             "cached": this_run.get("cached", False),
+            "recomputed_because": this_run.get("recomputed_because"),
             "seconds_this_run": this_run.get("seconds", 0.0),
             "seconds_when_computed": meta.get("seconds"),
             "rows": meta.get("rows"),
@@ -434,6 +501,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  {p:<16}{s.get('distill', 0):>6}/{s.get('retain', 0):<5}"
             f"{lp.get('distill', 0):>7}/{lp.get('retain', 0):<5}"
         )
+    for name, st in summary["stages"].items():
+        if st.get("recomputed_because"):
+            lines.append(f"recomputed {name}: {st['recomputed_because']}")
     for w in summary["warnings"]:
         lines.append(f"WARNING: {w}")
     lines.append(f"total {summary['total_seconds']:.1f} s")

@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,7 +31,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from prism_lightning.bootstrap.store import StageStore, atomic_write_bytes, repair_jsonl
+from prism_lightning.bootstrap.store import TENSOR_FILE_FIELD, StageStore
+from prism_lightning.files import atomic_write_bytes, repair_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class ShardWriter(BasePredictionWriter):
             blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             atomic_write_bytes(self.store.path / name, blob)
             for row in rows:
-                row["tensor_file"] = name
+                row[TENSOR_FILE_FIELD] = name
         self.store.append(rank, rows)
         self.batches += 1
         if self.fail_after is not None and self.batches >= self.fail_after:
@@ -237,7 +237,3 @@ def _merge(store, jobs, before, start, finalize, token_keys) -> None:
             "stats": stats,
         },
     )
-
-
-def tensor_file_path(store: StageStore, row: Mapping[str, Any]) -> Path:
-    return store.path / row["tensor_file"]
