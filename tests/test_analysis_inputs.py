@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # tiny evaluation: MMLU (4 domains) + one safety set, one item per sub-score group
 EVAL_ARGS = [
-    "--limit", "1", "--device", "cpu", "--benchmarks", "mmlu,safety", "--safety-sets", "jailbreakbench",
-    "--safety-max-new-tokens", "2", "--judge-mode", "logprob", "--bootstrap", "20",
+    "--limit", "1", "--device", "cpu", "--benchmarks", "mmlu,safety", "--safety_sets", "jailbreakbench",
+    "--safety_max_new_tokens", "2", "--judge_mode", "logprob", "--ci_resamples", "20",
 ]  # fmt: skip
 STUDY_ARGS = [*EVAL_ARGS, "--personas", "math,helpful,safety_monitor", "--lengths", "min,short"]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import benchmark_assets_missing
 
+from prism_lightning.errors import PrismError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import Condition, matched_persona
@@ -276,14 +277,14 @@ def small_mtbench(tmp_path_factory):
         for name, t in templates.items():
             f.write(json.dumps({"name": name, "type": "single", "system_prompt": "Judge." + rate,
                                 "prompt_template": t, "output_format": "[[rating]]"}) + "\n")  # fmt: skip
-    return ["--mtbench-file", str(q), "--mtbench-references-file", str(r), "--judge-prompts-file", str(j)]
+    return ["--mtbench_file", str(q), "--mtbench_references_file", str(r), "--judge_prompts_file", str(j)]
 
 
 def _tiny_args(ckpt, out, mt, *extra):
     return [
         "--checkpoint", str(ckpt), "--out", str(out), "--limit", "2", "--device", "cpu", *mt,
-        "--mtbench-max-new-tokens", "3", "--safety-max-new-tokens", "3", "--judge-max-new-tokens", "3",
-        "--bootstrap", "50", "--judge-mode", "generate", *extra,
+        "--mtbench_max_new_tokens", "3", "--safety_max_new_tokens", "3", "--judge_max_new_tokens", "3",
+        "--ci_resamples", "50", "--judge_mode", "generate", *extra,
     ]  # fmt: skip
 
 
@@ -314,20 +315,20 @@ def test_option_scoring_respects_routing(tiny_checkpoint):
 
 
 def test_auto_judge_mode_follows_judge_size(tiny_checkpoint, monkeypatch):
-    from prism_lightning.eval import runner
+    from prism_lightning.eval import settings
     from prism_lightning.eval.engine import Engine
     from prism_lightning.model.export import load_checkpoint
 
     judge = Engine.from_routed(load_checkpoint(tiny_checkpoint, device="cpu"))
-    auto = runner.EvalSettings()
+    auto = settings.EvalSettings()
     assert auto.judge_mode == "auto"
-    assert runner.resolve_judge_mode(auto, judge).judge_mode == "logprob"  # a tiny judge
-    monkeypatch.setattr(runner, "GENERATE_JUDGE_MIN_PARAMS", 1)
-    assert runner.resolve_judge_mode(auto, judge).judge_mode == "generate"
-    fixed = runner.EvalSettings(judge_mode="logprob")
-    assert runner.resolve_judge_mode(fixed, judge) is fixed
+    assert settings.resolve_judge_mode(auto, judge).judge_mode == "logprob"  # a tiny judge
+    monkeypatch.setattr(settings, "GENERATE_JUDGE_MIN_PARAMS", 1)
+    assert settings.resolve_judge_mode(auto, judge).judge_mode == "generate"
+    fixed = settings.EvalSettings(judge_mode="logprob")
+    assert settings.resolve_judge_mode(fixed, judge) is fixed
     with pytest.raises(ValueError, match="judge_mode"):
-        runner.EvalSettings(judge_mode="vibes")
+        settings.EvalSettings(judge_mode="vibes")
 
 
 @needs_assets
@@ -374,7 +375,7 @@ def test_evaluate_end_to_end_and_resume(tiny_checkpoint, small_mtbench, tmp_path
     assert all(v["new"] == 0 for k, v in runs.items() if k != "safety/prism")
     assert again["conditions"]["base"]["subscores"] == summary["conditions"]["base"]["subscores"]
     # a changed setting does not reuse stale rows of the affected benchmark
-    changed = ["--benchmarks", "mmlu", "--conditions", "persona", "--persona-length", "min"]
+    changed = ["--benchmarks", "mmlu", "--conditions", "persona", "--persona-length", "min"]  # old spelling
     assert evaluate_main(_tiny_args(tiny_checkpoint, out, small_mtbench, *changed)) == 0
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert runs == {"mmlu/persona": {**runs["mmlu/persona"], "new": 8, "reused": 0}}
@@ -390,8 +391,8 @@ def _rows(out: Path, name: str, group: str | None, field: str) -> list:
 def test_evaluate_without_checkpoint_and_study(tiny_model_dir, small_mtbench, tmp_path, capsys):
     from prism_lightning.eval import evaluate_main, study_main
 
-    common = ["--model", str(tiny_model_dir), "--limit", "1", "--device", "cpu", "--bootstrap", "20",
-              "--mtbench-max-new-tokens", "2", "--safety-max-new-tokens", "2", *small_mtbench]  # fmt: skip
+    common = ["--model", str(tiny_model_dir), "--limit", "1", "--device", "cpu", "--ci_resamples", "20",
+              "--mtbench_max_new_tokens", "2", "--safety_max_new_tokens", "2", *small_mtbench]  # fmt: skip
     out = tmp_path / "base"
     assert (
         evaluate_main([*common, "--out", str(out), "--benchmarks", "mmlu,mtbench", "--judge-mode", "logprob"])
@@ -401,13 +402,13 @@ def test_evaluate_without_checkpoint_and_study(tiny_model_dir, small_mtbench, tm
     assert set(summary["conditions"]) == {"base", "persona", "random_persona"}
     rating = summary["conditions"]["base"]["subscores"]["mtbench/math"]
     assert rating["missing"] == 0 and 1.0 <= rating["mean"] <= 10.0  # logprob judging is never missing
-    with pytest.raises(SystemExit):
+    with pytest.raises(PrismError, match="--checkpoint"):
         evaluate_main([*common, "--out", str(out), "--conditions", "prism"])
     capsys.readouterr()
 
     study = tmp_path / "study"
     args = [*common, "--out", str(study), "--benchmarks", "mmlu,safety", "--lengths", "min,long"]
-    assert study_main([*args, "--safety-sets", "jailbreakbench"]) == 0
+    assert study_main([*args, "--safety_sets", "jailbreakbench"]) == 0
     import csv
 
     with open(study / "study.csv") as f:

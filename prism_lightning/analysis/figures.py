@@ -17,7 +17,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from prism_lightning.analysis.load import MissingInputError, correlation_stats
+from prism_lightning.analysis.load import MissingInputError
+from prism_lightning.eval import scoring as S
 
 __all__ = [
     "distill_retain_split",
@@ -179,7 +180,7 @@ def expert_vs_random(scores: pd.DataFrame) -> Figure:
     for ax, bench in zip(axes[0], benches, strict=False):
         b = sub[sub["benchmark"] == bench]
         _ci_points(ax, b, "category", "condition", list(dict.fromkeys(b["category"])), conds)
-        ax.set(title=bench, xlabel="", ylabel="score (MT-Bench x10; %)")
+        ax.set(title=bench, xlabel="", ylabel=f"score ({S.OVERALL_SCALE_LABEL})")
     axes[0, 0].legend(title="condition")
     fig.suptitle("Expert vs random persona on its own domain (95% CI)")
     fig.tight_layout()
@@ -222,7 +223,7 @@ def routing_scatter(corr: pd.DataFrame) -> Figure:
     stats = (
         corr.attrs
         if "pearson" in corr.attrs
-        else correlation_stats(data["routing_rate_pct"], data["persona_effect"])
+        else S.correlate(data["routing_rate_pct"].tolist(), data["persona_effect"].tolist())
     )
     sns.regplot(
         data=data, x="routing_rate_pct", y="persona_effect", ax=ax, ci=95, scatter=False, color="grey"

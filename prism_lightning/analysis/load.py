@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from prism_lightning import files
+from prism_lightning.analysis.wandb_records import wandb_history
+from prism_lightning.eval import scoring as S
+
 __all__ = [
     "MissingInputError",
     "bootstrap_split",
     "bootstrap_summary",
-    "correlation_stats",
     "eval_items",
     "eval_scores",
     "fit_metrics",
@@ -96,17 +97,8 @@ def stage_rows(run_dir: str | Path, stage: str) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interruption
-    return rows
+    """Rows of a file the pipeline appends to: a line torn by a kill is dropped, never parsed."""
+    return files.read_written_jsonl(path)
 
 
 def bootstrap_split(run_dir: str | Path) -> pd.DataFrame:
@@ -234,62 +226,6 @@ def _len_record(r: dict, kind: str, text: str, tokens: int | None, truncated: bo
 # ------------------------------------------------------------------------------------------------
 # training curves
 
-_BLOCK = 32768
-_HEADER = struct.Struct("<4sHB")  # ":W&B", magic 0xBEE1, version
-_RECORD = struct.Struct("<IHB")  # crc32, length, type (1 full, 2 first, 3 middle, 4 last)
-
-
-def _wandb_records(path: Path) -> Iterator[bytes]:
-    """Payloads of a W&B ``.wandb`` record log (LevelDB log format: 32 KiB blocks, chunked records)."""
-    data = path.read_bytes()
-    if len(data) < _HEADER.size or _HEADER.unpack_from(data)[0] != b":W&B":
-        raise ValueError(f"{path} is not a W&B record log")
-    pos, buf = _HEADER.size, b""
-    while pos + _RECORD.size <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _RECORD.size:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = _RECORD.unpack_from(data, pos)
-        pos += _RECORD.size
-        if kind == 0 and length == 0:  # zero padding to the end of the block
-            pos += left - _RECORD.size
-            continue
-        chunk = data[pos : pos + length]
-        pos += length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
-            buf = b""
-
-
-def _wandb_history(path: Path) -> list[dict[str, Any]]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    rows = []
-    for payload in _wandb_records(path):
-        record = pb.Record()
-        try:
-            record.ParseFromString(payload)
-        except Exception:  # noqa: BLE001 - a record cut off by a run still writing: keep what came before
-            break
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            try:
-                row[key] = json.loads(item.value_json)
-            except ValueError:
-                continue
-        rows.append(row)
-    return rows
-
 
 def _tidy_curves(frame: pd.DataFrame, run: str, source: str) -> pd.DataFrame:
     step_col = "trainer/global_step" if "trainer/global_step" in frame else "step"
@@ -324,7 +260,7 @@ def training_curves(run_dir: str | Path, *, all_runs: bool = False) -> pd.DataFr
     frames: list[tuple[float, pd.DataFrame]] = []
     for path in sorted(run_dir.glob("wandb/*run-*/run-*.wandb")):
         try:
-            history = _wandb_history(path)
+            history = wandb_history(path)
         except Exception:  # noqa: BLE001 - undecodable or foreign file: try the next source
             continue
         if history:
@@ -409,37 +345,26 @@ def _split_score(name: str) -> tuple[str, str]:
 
 
 def eval_scores(eval_dir: str | Path) -> pd.DataFrame:
-    """Every sub-score and aggregate per condition with its 95% CI.
+    """Every sub-score and aggregate per condition with its 95% CI: the rows of ``summary.csv``
+    (:func:`prism_lightning.eval.summary.summary_rows`, without the refusal-matcher rows).
 
     Columns: ``condition, score (e.g. mmlu/stem, mtbench, overall), benchmark, category ('' for
-    aggregates), mean, lo, hi, n, missing, routing_rate, gate_prob_mean, scaled_mean/lo/hi`` (the
-    Overall scale: MT-Bench x10, others in %)."""
-    summary = _eval_summary(eval_dir)
+    aggregates), mean, lo, hi, n, n_values, missing, routing_rate, gate_prob_mean, scaled_mean/lo/hi``
+    (the Overall scale, :data:`prism_lightning.eval.scoring.OVERALL_SCALE`: MT-Bench x10, others in %)."""
+    from prism_lightning.eval.summary import summary_rows
+
     records = []
-    for cond, res in summary.get("conditions", {}).items():
-        items = [(n, ci) for n, ci in res.get("subscores", {}).items()]
-        items += [
-            (n, res[n]) for n in ("mtbench", "mmlu", "safety", "overall") if isinstance(res.get(n), dict)
-        ]
-        for name, ci in items:
-            bench, category = _split_score(name)
-            scale = 10.0 if bench == "mtbench" else 1.0
-            rec = {
-                "condition": cond,
-                "score": name,
-                "benchmark": bench,
-                "category": category,
-                "mean": _num(ci.get("mean")),
-                "lo": _num(ci.get("lo")),
-                "hi": _num(ci.get("hi")),
-                "n": ci.get("n"),
-                "missing": ci.get("missing"),
-                "routing_rate": _num((res.get("routing_rate") or {}).get(name)),
-                "gate_prob_mean": _num((res.get("gate_prob_mean") or {}).get(name)),
-            }
-            for k in ("mean", "lo", "hi"):
-                rec[f"scaled_{k}"] = rec[k] * scale
-            records.append(rec)
+    for row in summary_rows(_eval_summary(eval_dir), matcher=False):
+        bench, category = _split_score(row["score"])
+        rec = {"condition": row["condition"], "score": row["score"], "benchmark": bench, "category": category}
+        for k in ("mean", "lo", "hi"):
+            rec[k] = _num(row[k])
+        rec.update(n=row["n"], n_values=row["n_values"], missing=row["missing"])
+        rec.update(routing_rate=_num(row["routing_rate"]), gate_prob_mean=_num(row["gate_prob_mean"]))
+        factor = S.overall_factor(row["score"])
+        for k in ("mean", "lo", "hi"):
+            rec[f"scaled_{k}"] = rec[k] * factor
+        records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
@@ -481,17 +406,6 @@ def eval_items(eval_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def correlation_stats(x: pd.Series, y: pd.Series) -> dict[str, float | int | None]:
-    """Pearson r and Spearman rho over finite pairs; None when undefined (< 3 pairs or constant)."""
-    frame = pd.DataFrame({"x": x, "y": y}).replace([np.inf, -np.inf], np.nan).dropna()
-    out: dict[str, float | int | None] = {"n": len(frame), "pearson": None, "spearman": None}
-    if len(frame) < 3 or frame["x"].nunique() < 2 or frame["y"].nunique() < 2:
-        return out
-    out["pearson"] = float(frame["x"].corr(frame["y"], method="pearson"))
-    out["spearman"] = float(frame["x"].corr(frame["y"], method="spearman"))
-    return out
-
-
 def routing_correlation(
     eval_dir: str | Path, *, routing: str = "prism", effect: str = "persona"
 ) -> pd.DataFrame:
@@ -515,7 +429,7 @@ def routing_correlation(
     out = wide.reset_index()[["score", "benchmark", "category"]]
     out["routing_rate_pct"] = 100.0 * out["score"].map(rates).astype(float)
     out["persona_effect"] = (wide[effect] - wide["base"]).to_numpy()
-    out.attrs.update(correlation_stats(out["routing_rate_pct"], out["persona_effect"]))
+    out.attrs.update(S.correlate(out["routing_rate_pct"].tolist(), out["persona_effect"].tolist()))
     return out
 
 

@@ -41,11 +41,12 @@ Safety (:func:`load_jailbreakbench`, :func:`load_harmbench`, :func:`load_advbenc
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from prism_lightning.contexts import MTBENCH_CATEGORIES
+from prism_lightning.errors import PrismError
+from prism_lightning.files import read_input_jsonl
 
 __all__ = [
     "MMLU_DOMAINS",
@@ -102,11 +103,15 @@ MMLU_SUBJECT_DOMAINS: dict[str, str] = {
 SAFETY_SETS: tuple[str, ...] = ("jailbreakbench", "harmbench", "advbench")
 
 
+class MissingBenchmarkFileError(PrismError, FileNotFoundError):
+    """A local benchmark file given in place of a pinned one is not there."""
+
+
 def _source(asset: str, path: str | Path | None) -> Path:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"benchmark file {p} does not exist")
+            raise MissingBenchmarkFileError(f"benchmark file {p} does not exist")
         return p
     from prism_lightning.assets import fetch
 
@@ -114,15 +119,8 @@ def _source(asset: str, path: str | Path | None) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
-    return rows
+    """A benchmark file (ours or the user's): a bad line is a PrismError naming file and line."""
+    return read_input_jsonl(path, what="benchmark file")
 
 
 def _check_limit(limit: int | None) -> None:

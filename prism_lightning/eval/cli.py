@@ -1,4 +1,4 @@
-"""``python -m prism_lightning evaluate`` and ``... study``.
+"""``python -m prism_lightning evaluate`` and ``... study``: arguments, their checks, model loading.
 
 evaluate: score MT-Bench, MMLU and the safety sets under the paper's conditions::
 
@@ -15,19 +15,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
+from prism_lightning.chat_format import PLACEMENTS
+from prism_lightning.contexts import LENGTHS
 from prism_lightning.eval import benchmarks as B
+from prism_lightning.eval import study as study_module
+from prism_lightning.eval.conditions import CONDITIONS, Condition
+from prism_lightning.eval.settings import (
+    BENCH_FILES,
+    BENCHMARKS,
+    EvalInputError,
+    EvalSettings,
+    check_benchmarks,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_main", "find_checkpoint", "study_main"]
 
 
-def _csv(text: str) -> list[str]:
+def csv_list(text: str) -> list[str]:
+    """A comma list from the command line, blanks dropped."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -38,6 +49,8 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if (p / PRISM_JSON).is_file():
         return p
+    if not p.exists():
+        raise EvalInputError(f"--checkpoint {p} does not exist; give a directory exported by `fit`.")
     if p.is_dir():
         found = sorted(q.parent for q in p.glob(f"*/{PRISM_JSON}")) or sorted(
             q.parent for q in p.glob(f"*/*/{PRISM_JSON}")
@@ -45,61 +58,119 @@ def find_checkpoint(path: str | Path) -> Path:
         if len(found) == 1:
             return found[0]
         if found:
-            raise FileNotFoundError(f"{p} holds several checkpoints: {', '.join(map(str, found))}; pick one")
-    raise FileNotFoundError(f"{p} is not a PRISM checkpoint (no {PRISM_JSON} in it or one level down)")
+            raise EvalInputError(f"{p} holds several checkpoints: {', '.join(map(str, found))}; pick one.")
+    raise EvalInputError(f"{p} is not a PRISM checkpoint (no {PRISM_JSON} in it or one level down).")
+
+
+# old spellings of the flags: still accepted, not listed by --help
+_ALIASES: set[str] = set()
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` lists each option under its underscore name only, not its older aliases."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        shown = [s for s in action.option_strings if s not in _ALIASES]
+        if not shown or shown == action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return ", ".join(shown)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{s} {metavar}" for s in shown)
+
+
+def _flag(ap: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
+    """``--name`` (underscores, the project's spelling) plus, as aliases, its dashed spelling and any
+    older names, so existing scripts keep working."""
+    dashed = f"--{name.replace('_', '-')}"
+    old = ([dashed] if dashed != f"--{name}" else []) + list(aliases)
+    _ALIASES.update(old)
+    ap.add_argument(f"--{name}", *old, **kwargs)
+
+
+def _parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"python -m prism_lightning {prog}",
+        description=description,
+        epilog="Flags are spelled with underscores, as in every command; the older dashed spellings "
+        "(--persona-length, --batch-size, ...) and --bootstrap (now --ci_resamples) still work.",
+        formatter_class=_HelpFormatter,
+    )
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="base model (embedded name, local dir or hub id)")
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    ap.add_argument(
-        "--dtype",
+    """The options ``evaluate`` and ``study`` share: model, device, item limit, settings, files, W&B."""
+    _flag(ap, "model", default=None, help="base model (embedded name, local dir or hub id)")
+    _flag(ap, "device", default=None, help="cpu / cuda (default: cuda if available)")
+    _flag(
+        ap,
+        "dtype",
         default="auto",
         help="auto (bfloat16 on GPU and on CPUs with AMX / AVX512-BF16, else float32), bfloat16, float32",
     )
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
-    ap.add_argument("--limit", type=int, default=None, help="items per sub-score group (default: all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--batch-size",
+    _flag(ap, "threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
+    _flag(ap, "limit", type=int, default=None, help="items per sub-score group (default: all)")
+    _flag(ap, "seed", type=int, default=0)
+    _flag(
+        ap,
+        "batch_size",
         type=int,
         default=64,
         help="generation batch size (large batches pay off even on CPU: 2.7x the tokens/s of 8)",
     )
-    ap.add_argument("--mmlu-batch-size", type=int, default=16, help="batch size of scoring forwards")
-    ap.add_argument("--mtbench-max-new-tokens", type=int, default=256)
-    ap.add_argument("--safety-max-new-tokens", type=int, default=256)
-    ap.add_argument(
-        "--judge-mode",
+    _flag(ap, "mmlu_batch_size", type=int, default=16, help="batch size of MMLU's scoring forwards")
+    _flag(
+        ap,
+        "judge_batch_size",
+        type=int,
+        default=16,
+        help="batch size of the judge's scoring forwards (logprob ratings, safety yes/no)",
+    )
+    _flag(ap, "mtbench_max_new_tokens", type=int, default=256)
+    _flag(ap, "safety_max_new_tokens", type=int, default=256)
+    _flag(
+        ap,
+        "judge_mode",
         choices=["auto", "generate", "logprob"],
         default="auto",
         help="generate: FastChat [[rating]] parsing (unparsable = missing); "
         "logprob: expected rating from the judge's next-token probabilities after 'Rating: [['; "
         "auto: generate for judges of 1B parameters or more, else logprob",
     )
-    ap.add_argument("--judge-max-new-tokens", type=int, default=256)
-    ap.add_argument("--judge-model", default=None, help="judge model (default: the base model itself)")
-    ap.add_argument("--safety-sets", default=",".join(B.SAFETY_SETS))
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    for name in ("mtbench", "mtbench_references", "judge_prompts", "mmlu", *B.SAFETY_SETS):
-        ap.add_argument(
-            f"--{name.replace('_', '-')}-file",
+    _flag(ap, "judge_max_new_tokens", type=int, default=256)
+    _flag(ap, "judge_model", default=None, help="judge model (default: the base model itself)")
+    _flag(ap, "safety_sets", default=",".join(B.SAFETY_SETS), help="comma list of the safety sets")
+    _flag(
+        ap,
+        "ci_resamples",
+        "--bootstrap",  # its old name, kept working; it never meant the bootstrap stage
+        type=int,
+        default=1000,
+        help="bootstrap resamples of every 95%% confidence interval",
+    )
+    for name in BENCH_FILES:
+        _flag(
+            ap,
+            f"{name}_file",
             dest=f"file_{name}",
+            metavar="FILE",
             default=None,
             help=f"local file replacing the pinned {name} data (same format)",
         )
-    ap.add_argument("--wandb", action="store_true", help="log tables to W&B (offline without a key)")
-    ap.add_argument("--wandb-project", default="prism_lightning")
+    _flag(ap, "wandb", action="store_true", help="log tables to W&B (offline without a key)")
+    _flag(ap, "wandb_project", default="prism_lightning")
 
 
-def settings_from(args):
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from prism_lightning.eval.runner import EvalSettings
-
+def settings_from(args: argparse.Namespace) -> EvalSettings:
+    """The checked settings of the parsed arguments (a PrismError names the bad one)."""
+    if args.threads is not None and args.threads < 1:
+        raise EvalInputError(f"--threads must be >= 1, got {args.threads}.")
     paths = {k[5:]: v for k, v in vars(args).items() if k.startswith("file_") and v}
+    for name, path in paths.items():
+        if not Path(path).expanduser().is_file():
+            raise EvalInputError(f"--{name}_file {path} does not exist.")
+    if args.out.exists() and not args.out.is_dir():
+        raise EvalInputError(f"--out {args.out} is a file; give a directory.")
     return EvalSettings(
         limit=args.limit,
         seed=args.seed,
@@ -110,13 +181,27 @@ def settings_from(args):
         judge_model=args.judge_model,
         batch_size=args.batch_size,
         mmlu_batch_size=args.mmlu_batch_size,
-        n_resamples=args.bootstrap,
-        safety_sets=tuple(_csv(args.safety_sets)),
+        judge_batch_size=args.judge_batch_size,
+        n_resamples=args.ci_resamples,
+        safety_sets=tuple(csv_list(args.safety_sets)),
         paths=paths,
     )
 
 
-def load_judge(args, device):
+def _start(args: argparse.Namespace) -> tuple[str, str]:
+    """Logging, threads, then (device, dtype); called once every input has been checked."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from prism_lightning.backbone import default_device, inference_dtype
+
+    device = args.device or default_device()
+    return device, inference_dtype(args.dtype, device)
+
+
+def _load_judge(args: argparse.Namespace, device: str):
     if not args.judge_model:
         return None
     from prism_lightning.backbone import BackboneConfig
@@ -125,80 +210,67 @@ def load_judge(args, device):
     return Engine.from_backbone(BackboneConfig(model=args.judge_model, dtype=args.dtype).load(device))
 
 
-def wandb_log(args, job_type: str, tables: dict[str, list[dict]], summary: dict | None = None) -> None:
-    """Log lists of flat dicts as W&B tables; offline mode when no API key is configured."""
-    import wandb
+def _wandb_config(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
 
-    mode = None if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "offline"
-    run = wandb.init(
-        project=args.wandb_project,
-        job_type=job_type,
-        dir=str(args.out),
-        mode=mode,
-        config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
-    )
-    try:
-        for name, rows in tables.items():
-            if rows:
-                cols = list(dict.fromkeys(k for r in rows for k in r))
-                run.log({name: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
-        if summary:
-            run.summary.update(summary)
-    finally:
-        run.finish()
+
+# ------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _conditions(args: argparse.Namespace) -> list[Condition]:
+    if args.conditions is None:
+        names = list(CONDITIONS) if args.checkpoint else ["base", "persona", "random_persona"]
+    else:
+        names = csv_list(args.conditions)
+    if not names:
+        raise EvalInputError(f"no condition given; choose from {', '.join(CONDITIONS)}.")
+    conditions = [Condition(n, args.persona_length, args.placement, args.seed) for n in names]
+    need = [c.name for c in conditions if c.needs_checkpoint]
+    if need and not args.checkpoint:
+        raise EvalInputError(
+            f"condition(s) {', '.join(need)} need a PRISM checkpoint: give --checkpoint DIR, or run only "
+            "base, persona, random_persona."
+        )
+    return conditions
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    from prism_lightning.eval.conditions import CONDITIONS, Condition
-
-    ap = argparse.ArgumentParser(
-        prog="python -m prism_lightning evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = _parser("evaluate", __doc__)
     ap.add_argument("--checkpoint", default=None, help="exported PRISM checkpoint (or a run dir holding one)")
-    ap.add_argument("--benchmarks", default="mtbench,mmlu,safety")
+    ap.add_argument(
+        "--benchmarks", default=",".join(BENCHMARKS), help="comma list of " + ",".join(BENCHMARKS)
+    )
     ap.add_argument(
         "--conditions",
         default=None,
         help=f"comma list of {','.join(CONDITIONS)} (default: all with a checkpoint, "
         "else base,persona,random_persona)",
     )
-    ap.add_argument("--persona-length", default="short", choices=["min", "short", "long"])
-    ap.add_argument("--placement", default="system", choices=["system", "user"])
-    ap.add_argument("--out", required=True, type=Path)
+    _flag(ap, "persona_length", default="short", choices=list(LENGTHS))
+    _flag(ap, "placement", default="system", choices=["system", "user"])
+    _flag(ap, "out", required=True, type=Path)
     add_common_args(ap)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device, inference_dtype
-    from prism_lightning.eval.engine import Engine
-    from prism_lightning.eval.runner import evaluate, format_table
-
-    device = args.device or default_device()
-    args.dtype = inference_dtype(args.dtype, device)
-    log.info("device %s, dtype %s", device, args.dtype)
-    cond_names = (
-        _csv(args.conditions)
-        if args.conditions
-        else (list(CONDITIONS) if args.checkpoint else ["base", "persona", "random_persona"])
-    )
-    conditions = [Condition(n, args.persona_length, args.placement, args.seed) for n in cond_names]
-    if any(c.needs_checkpoint for c in conditions) and not args.checkpoint:
-        ap.error("conditions lora and prism need --checkpoint")
+    # every input is checked before a model loads
+    benchmarks = check_benchmarks(csv_list(args.benchmarks))
+    conditions = _conditions(args)
     settings = settings_from(args)
-    t0 = time.perf_counter()
-    if args.checkpoint:
-        from prism_lightning.model.export import load_checkpoint
+    ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
 
-        try:
-            ckpt = find_checkpoint(args.checkpoint)
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    device, args.dtype = _start(args)
+    log.info("device %s, dtype %s", device, args.dtype)
+    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
+    from prism_lightning.eval.engine import Engine
+    from prism_lightning.eval.runner import evaluate
+    from prism_lightning.eval.summary import format_table, summary_rows, wandb_log
+
+    t0 = time.perf_counter()
+    if ckpt is not None:
         import dataclasses
 
-        from prism_lightning.model.export import read_meta
+        from prism_lightning.model.export import load_checkpoint, read_meta
 
         # the checkpoint's backbone settings, with this command's dtype (and --model if given)
         saved = dict(read_meta(ckpt)["base_model"]["backbone"])
@@ -214,45 +286,18 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
         engine = Engine.from_backbone(bb)
         model_id = f"{bb.name}:{args.dtype}"
-    judge = load_judge(args, device)
     summary = evaluate(
         engine,
-        benchmarks=_csv(args.benchmarks),
+        benchmarks=benchmarks,
         conditions=conditions,
         settings=settings,
         out=args.out,
         model_id=model_id,
-        judge=judge,
+        judge=_load_judge(args, device),
     )
     print(format_table(summary))
     print(f"\nwrote {args.out / 'summary.json'} and summary.csv in {time.perf_counter() - t0:.0f} s")
     if args.wandb:
-        tidy = []
-        for cond, res in summary["conditions"].items():
-            for n, ci in res["subscores"].items():
-                tidy.append(
-                    {
-                        "condition": cond,
-                        "score": n,
-                        "mean": ci["mean"],
-                        "lo": ci["lo"],
-                        "hi": ci["hi"],
-                        "n": ci["n"],
-                        "missing": ci["missing"],
-                        "routing_rate": res["routing_rate"].get(n),
-                    }
-                )
-            for n in ("mtbench", "mmlu", "safety", "overall"):
-                if n in res:
-                    tidy.append(
-                        {
-                            "condition": cond,
-                            "score": n,
-                            "mean": res[n]["mean"],
-                            "lo": res[n]["lo"],
-                            "hi": res[n]["hi"],
-                        }
-                    )
         corr = summary["correlation"]
         routing = [
             {
@@ -263,15 +308,71 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             for n in summary["subscores"]
         ]
         wandb_log(
-            args,
-            "evaluate",
-            {"eval/summary": tidy, "eval/routing": routing},
-            {"pearson": corr.get("pearson"), "spearman": corr.get("spearman")},
+            project=args.wandb_project,
+            out=args.out,
+            job_type="evaluate",
+            config=_wandb_config(args),
+            tables={"eval/summary": summary_rows(summary), "eval/routing": routing},
+            summary={"pearson": corr.get("pearson"), "spearman": corr.get("spearman")},
         )
     return 0
 
 
-def study_main(argv: list[str] | None = None) -> int:
-    from prism_lightning.eval.study import study_cli
+# ------------------------------------------------------------------------------------------------
+# study
 
-    return study_cli(argv)
+
+def study_main(argv: list[str] | None = None) -> int:
+    from prism_lightning.contexts import ContextLibrary
+
+    ap = _parser("study", study_module.__doc__)
+    ap.add_argument(
+        "--benchmarks", default=",".join(BENCHMARKS), help="comma list of " + ",".join(BENCHMARKS)
+    )
+    ap.add_argument("--personas", default="matched", help="matched (default), all, or a comma list of names")
+    ap.add_argument("--lengths", default=",".join(LENGTHS), help=f"comma list of {','.join(LENGTHS)}")
+    ap.add_argument(
+        "--placements", default=",".join(PLACEMENTS), help="comma list of " + ",".join(PLACEMENTS)
+    )
+    _flag(ap, "out", required=True, type=Path)
+    add_common_args(ap)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    # every input is checked before a model loads
+    library = ContextLibrary.builtin()
+    benchmarks = check_benchmarks(csv_list(args.benchmarks))
+    personas, lengths, placements = study_module.check_grid(
+        library, csv_list(args.personas), csv_list(args.lengths), csv_list(args.placements)
+    )
+    settings = settings_from(args)
+
+    device, args.dtype = _start(args)
+    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
+    from prism_lightning.eval.engine import Engine
+    from prism_lightning.eval.summary import wandb_log
+
+    t0 = time.perf_counter()
+    bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
+    records = study_module.run_study(
+        Engine.from_backbone(bb),
+        benchmarks=benchmarks,
+        personas=personas,
+        lengths=lengths,
+        placements=placements,
+        settings=settings,
+        out=args.out,
+        model_id=f"{bb.name}:{args.dtype}",
+        judge=_load_judge(args, device),
+        library=library,
+    )
+    print(study_module.format_grid(records))
+    print(f"\nwrote {args.out / 'study.csv'} and study.json in {time.perf_counter() - t0:.0f} s")
+    if args.wandb:
+        wandb_log(
+            project=args.wandb_project,
+            out=args.out,
+            job_type="study",
+            config=_wandb_config(args),
+            tables={"study/grid": records},
+        )
+    return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary, for_category
+from prism_lightning.eval.settings import EvalInputError
 from prism_lightning.generation import row_seed
 
 __all__ = ["CONDITIONS", "Condition", "matched_persona"]
@@ -49,11 +50,13 @@ class Condition:
 
     def __post_init__(self) -> None:
         if self.name not in CONDITIONS:
-            raise ValueError(f"unknown condition {self.name!r}; choose from {', '.join(CONDITIONS)}")
+            raise EvalInputError(f"unknown condition {self.name!r}; choose from {', '.join(CONDITIONS)}.")
         if self.persona_length not in LENGTHS:
-            raise ValueError(f"unknown persona length {self.persona_length!r}; choose from {LENGTHS}")
+            choices = ", ".join(LENGTHS)
+            raise EvalInputError(f"unknown persona length {self.persona_length!r}; choose from {choices}.")
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"unknown placement {self.placement!r}; choose from {PLACEMENTS}")
+            choices = ", ".join(PLACEMENTS)
+            raise EvalInputError(f"unknown placement {self.placement!r}; choose from {choices}.")
 
     @property
     def mode(self) -> str:

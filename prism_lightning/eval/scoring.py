@@ -10,7 +10,6 @@ rating in 1..10 is *missing*: it is counted, and never scored as 0 or 10.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -18,8 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from prism_lightning.errors import PrismError
+from prism_lightning.files import read_input_jsonl
+
 __all__ = [
     "MTBENCH_TEMPERATURES",
+    "OVERALL_SCALE",
+    "OVERALL_SCALE_LABEL",
+    "REPORTED_SCALE",
+    "overall_factor",
     "REFUSAL_PHRASES",
     "bootstrap_ci",
     "bootstrap_delta_ci",
@@ -46,6 +52,25 @@ MTBENCH_TEMPERATURES: dict[str, float] = {
     "stem": 0.1,
     "humanities": 0.1,
 }
+
+# ------------------------------------------------------------------------------------------------
+# Scales: the one place that says how item values become reported and Overall scores
+
+#: Item values are MT-Bench ratings (1-10) and 1/0 for MMLU and safety. Reported (sub-)scores keep
+#: MT-Bench on its 1-10 rating scale and give the others in %.
+REPORTED_SCALE: dict[str, float] = {"mtbench": 1.0, "mmlu": 100.0, "safety": 100.0}
+#: The Overall score, and anything compared across benchmarks (the persona effect), puts all three
+#: on 0-100: MT-Bench ratings x10, the others in %.
+OVERALL_SCALE: dict[str, float] = {"mtbench": 10.0, "mmlu": 100.0, "safety": 100.0}
+OVERALL_SCALE_LABEL = "MT-Bench x10; %"
+
+
+def overall_factor(score: str) -> float:
+    """What turns a reported score (``mtbench/math``, ``mmlu``, ``overall`` ...) into the Overall
+    scale: 10 for MT-Bench, 1 for the rest (already in %, or already on the Overall scale)."""
+    bench = score.partition("/")[0]
+    return OVERALL_SCALE.get(bench, 1.0) / REPORTED_SCALE.get(bench, 1.0)
+
 
 # ------------------------------------------------------------------------------------------------
 # MT-Bench judging
@@ -78,11 +103,10 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict]:
 
         path = fetch("mtbench-judge-prompts")
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                out[row["name"]] = row
+    for number, row in enumerate(read_input_jsonl(path, what="judge prompts file"), 1):
+        if "name" not in row:
+            raise PrismError(f'{path}: judge prompt {number} has no "name".')
+        out[row["name"]] = row
     return out
 
 

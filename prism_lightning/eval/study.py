@@ -14,24 +14,49 @@ under ``OUT/items`` exactly as ``evaluate`` does, so reruns resume.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+import io
 import logging
 import math
-import sys
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prism_lightning import files
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import matched_persona
+from prism_lightning.eval.engine import Engine
+from prism_lightning.eval.items import ItemStore, select_items
+from prism_lightning.eval.runner import run_benchmark
+from prism_lightning.eval.scorers import ScoringContext
+from prism_lightning.eval.settings import EvalInputError, EvalSettings, resolve_judge_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PersonaCell", "run_study", "study_cli"]
+__all__ = ["PersonaCell", "check_grid", "format_grid", "run_study"]
+
+
+def check_grid(
+    library: ContextLibrary, personas: Sequence[str], lengths: Sequence[str], placements: Sequence[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """The grid's axes as lists (``all`` expanded to every persona), or an EvalInputError naming the
+    unknown value and the valid choices; checked before any model loads."""
+    personas = library.names if list(personas) == ["all"] else list(personas)
+    _check_axis("persona", personas, ["matched", *library.names], "all, ")
+    _check_axis("length", lengths, LENGTHS)
+    _check_axis("placement", placements, PLACEMENTS)
+    return personas, list(lengths), list(placements)
+
+
+def _check_axis(what: str, given: Sequence[str], valid: Sequence[str], also: str = "") -> None:
+    choices = also + ", ".join(valid)
+    if not given:
+        raise EvalInputError(f"no {what} given; choose from {choices}.")
+    for value in given:
+        if value not in valid:
+            raise EvalInputError(f"unknown {what} {value!r}; choose from {choices}.")
 
 
 @dataclass(frozen=True)
@@ -63,29 +88,22 @@ class PersonaCell:
 
 
 def run_study(
-    engine,
+    engine: Engine,
     *,
-    benchmarks,
+    benchmarks: Sequence[str],
     personas: list[str],
     lengths: list[str],
     placements: list[str],
-    settings,
+    settings: EvalSettings,
     out: Path,
     model_id: str,
-    judge=None,
+    judge: Engine | None = None,
     library: ContextLibrary | None = None,
 ) -> list[dict]:
-    from prism_lightning.eval.runner import (
-        Context,
-        ItemStore,
-        resolve_judge_mode,
-        run_benchmark,
-        select_items,
-    )
-
+    """Score every cell of the grid on every benchmark (cached like ``evaluate``) and write the grid."""
     library = library or ContextLibrary.builtin()
     settings = resolve_judge_mode(settings, judge or engine)
-    ctx = Context(engine, judge or engine, library, settings, model_id)
+    ctx = ScoringContext(engine, judge or engine, library, settings, model_id)
     out = Path(out)
     cells = [PersonaCell(None, "short", "none")]
     for p in personas:
@@ -115,7 +133,7 @@ def run_study(
             for g in groups:
                 t = {i: r["values"] for i, r in rows.items() if r["group"] == g}
                 c = {i: r["values"] for i, r in base.items() if r["group"] == g}
-                scale = 1.0 if bench == "mtbench" else 100.0
+                scale = S.REPORTED_SCALE[bench]
                 ci = S.bootstrap_ci(list(t.values()), n_resamples=settings.n_resamples, seed=settings.seed)
                 d = S.bootstrap_delta_ci(t, c, n_resamples=settings.n_resamples, seed=settings.seed)
                 category = g.split("/", 1)[1]
@@ -138,13 +156,13 @@ def run_study(
                         "delta_hi": _s(d["hi"], scale),
                     }
                 )
-    out.mkdir(parents=True, exist_ok=True)
     if records:
-        with open(out / "study.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(records[0]))
-            w.writeheader()
-            w.writerows(records)
-    (out / "study.json").write_text(json.dumps({"model": model_id, "cells": records}, indent=2))
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+        files.atomic_write_text(out / "study.csv", buf.getvalue())
+    files.atomic_write_json(out / "study.json", {"model": model_id, "cells": records})
     return records
 
 
@@ -152,65 +170,15 @@ def _s(v, scale):
     return None if v is None or not math.isfinite(v) else round(v * scale, 4)
 
 
-def study_cli(argv: list[str] | None = None) -> int:
-    from prism_lightning.eval.cli import _csv, add_common_args, load_judge, settings_from, wandb_log
-
-    ap = argparse.ArgumentParser(
-        prog="python -m prism_lightning study",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--benchmarks", default="mtbench,mmlu,safety")
-    ap.add_argument("--personas", default="matched", help="matched (default), all, or a comma list of names")
-    ap.add_argument("--lengths", default=",".join(LENGTHS))
-    ap.add_argument("--placements", default=",".join(PLACEMENTS))
-    ap.add_argument("--out", required=True, type=Path)
-    add_common_args(ap)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig, default_device, inference_dtype
-    from prism_lightning.eval.engine import Engine
-
-    library = ContextLibrary.builtin()
-    personas = _csv(args.personas)
-    if personas == ["all"]:
-        personas = library.names
-    for p in personas:
-        if p != "matched":
-            library.get(p)  # unknown names fail here, listing the available ones
-    lengths, placements = _csv(args.lengths), _csv(args.placements)
-    for length in lengths:
-        if length not in LENGTHS:
-            ap.error(f"unknown length {length!r}; choose from {', '.join(LENGTHS)}")
-    for pl in placements:
-        if pl not in PLACEMENTS:
-            ap.error(f"unknown placement {pl!r}; choose from {', '.join(PLACEMENTS)}")
-    device = args.device or default_device()
-    args.dtype = inference_dtype(args.dtype, device)
-    t0 = time.perf_counter()
-    bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
-    records = run_study(
-        Engine.from_backbone(bb),
-        benchmarks=_csv(args.benchmarks),
-        personas=personas,
-        lengths=lengths,
-        placements=placements,
-        settings=settings_from(args),
-        out=args.out,
-        model_id=f"{bb.name}:{args.dtype}",
-        judge=load_judge(args, device),
-        library=library,
-    )
-    print(
+def format_grid(records: list[dict]) -> str:
+    """The grid as a plain-text table: one line per cell x category, score and delta [95% CI]."""
+    head = (
         f"{'persona':<16} {'length':<6} {'placement':<9} {'category':<24} {'score':>8} {'delta [95% CI]':>26}"
     )
+    lines = [head]
     for r in records:
         d = "-" if r["delta"] is None else f"{r['delta']:+.2f} [{r['delta_lo']:+.2f},{r['delta_hi']:+.2f}]"
         sc = "-" if r["score"] is None else f"{r['score']:.2f}"
         cat = f"{r['benchmark']}/{r['category']}"
-        print(f"{r['persona']:<16} {r['length']:<6} {r['placement']:<9} {cat:<24} {sc:>8} {d:>26}")
-    print(f"\nwrote {args.out / 'study.csv'} and study.json in {time.perf_counter() - t0:.0f} s")
-    if args.wandb:
-        wandb_log(args, "study", {"study/grid": records})
-    return 0
+        lines.append(f"{r['persona']:<16} {r['length']:<6} {r['placement']:<9} {cat:<24} {sc:>8} {d:>26}")
+    return "\n".join(lines)
