@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
+from prism_lightning.errors import require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})"
     )
     p.add_argument("--persona", default=None, help="persona/context name put in the prompt (base model only)")
-    p.add_argument("--persona_length", default="short", choices=LENGTHS)
+    p.add_argument("--persona_length", "--persona-length", default="short", choices=LENGTHS)
     p.add_argument("--placement", default="system", choices=PLACEMENTS)
     p.add_argument(
         "--context_file", action="append", default=[], help="extra persona/context file (repeatable)"
@@ -56,10 +57,6 @@ class _Session:
         self.replies: list[str] = []
         self.route: bool | None = None
         if args.checkpoint:
-            if args.persona:
-                raise SystemExit(
-                    "--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt."
-                )
             from prism_lightning.model.export import load_checkpoint
 
             override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
@@ -107,8 +104,27 @@ class _Session:
         self.turns, self.replies, self.route = [], [], None
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the arguments, before a model loads."""
+    require(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+    require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}.")
+    require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}.")
+    if args.threshold is not None:
+        require(0 < args.threshold < 1, f"--threshold must be in (0, 1), got {args.threshold}.")
+    BackboneConfig(dtype=args.dtype)  # names the valid dtypes
+    if args.checkpoint:
+        require(
+            not args.persona,
+            "--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt.",
+        )
+        from prism_lightning.model.export import verify_checkpoint
+
+        verify_checkpoint(args.checkpoint)
+
+
 def chat_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     session = _Session(args)
     if args.message is not None:
         print(session.ask(args.message))

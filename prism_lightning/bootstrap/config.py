@@ -89,3 +89,14 @@ class BootstrapConfig:
                 raise ConfigError(f"bootstrap.{name} must be >= 0, got {getattr(self, name)}.")
         if isinstance(self.judge, dict):  # plain dicts from YAML / kwargs
             self.judge = BackboneConfig(**self.judge)
+        self.check_personas()
+
+    def check_personas(self) -> None:
+        """Unknown persona names and unreadable context files fail at construction, before any work."""
+        from prism_lightning.contexts import ContextLibrary
+
+        library = ContextLibrary.from_config(self.context_files)
+        if isinstance(self.personas, list | tuple) and not self.personas:
+            names = ", ".join(library.names)
+            raise ConfigError(f"bootstrap.personas is empty; give names from: {names}, or all.")
+        library.select(self.personas)

@@ -64,8 +64,8 @@ _ENTRY_KEYS = frozenset({"description", "expertise", "category", "text", *LENGTH
 _RESERVED_NAMES = frozenset({"all"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _HOW_TO_ADD = (
-    "To add a context, list a .yaml/.txt/.md file under the config key `contexts.files` "
-    "(or give an entry under `contexts.inline`)."
+    "To add one, give a .yaml/.txt/.md file: --data.bootstrap.context_files for fit/bootstrap, "
+    "--context_file for chat."
 )
 
 
