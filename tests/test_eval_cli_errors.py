@@ -40,7 +40,7 @@ EVALUATE_CASES = {
     "missing benchmark file": (["--mmlu_file", "missing.jsonl"], ["--mmlu_file", "missing.jsonl"]),
     "zero batch size": (["--batch_size", "0"], ["batch_size", ">= 1"]),
     "zero judge batch size": (["--judge_batch_size", "0"], ["judge_batch_size", ">= 1"]),
-    "zero resamples": (["--ci_resamples", "0"], ["n_resamples", ">= 1"]),
+    "zero resamples": (["--ci_resamples", "0"], ["--ci_resamples", ">= 1"]),
     "zero threads": (["--threads", "0"], ["--threads", ">= 1"]),
     "out is a file": (["--out", "a_file"], ["a_file", "directory"]),
     # the old dashed spellings still parse, and reach the same checks

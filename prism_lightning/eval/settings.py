@@ -96,7 +96,8 @@ class EvalSettings:
         for name in ("mtbench_max_new_tokens", "safety_max_new_tokens", "judge_max_new_tokens", "batch_size",
                      "mmlu_batch_size", "judge_batch_size", "n_resamples"):  # fmt: skip
             if getattr(self, name) < 1:
-                raise EvalInputError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                flag = "ci_resamples" if name == "n_resamples" else name
+                raise EvalInputError(f"{name} (--{flag}) must be >= 1, got {getattr(self, name)}.")
         self.safety_sets = tuple(self.safety_sets)
         for s in self.safety_sets:
             if s not in B.SAFETY_SETS:
