@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import BootstrapConfig, IncompatibleRunError, run_bootstrap, stage_stores
@@ -16,7 +17,7 @@ from prism_lightning.bootstrap import answers as answers_mod
 from prism_lightning.bootstrap import queries as queries_mod
 from prism_lightning.bootstrap import verdicts as verdicts_mod
 from prism_lightning.bootstrap.queries import clean_query, filter_queries
-from prism_lightning.bootstrap.stage import KeyboardInterruptForTests
+from prism_lightning.bootstrap.stage import ShardWriter
 from prism_lightning.bootstrap.teacher import load_teacher_targets, response_token_ids, topk_over_response
 from prism_lightning.bootstrap.verdicts import logprob_verdict, parse_verdict, strict_verdict
 from prism_lightning.contexts import ContextLibrary, UnknownContextError
@@ -220,11 +221,28 @@ def test_switching_verdict_rule_relabels_without_rejudging(tiny_run, tmp_path, m
     assert [r["logprob_score"] for r in rows] == [r["logprob_score"] for r in old]
 
 
+class SimulatedKill(RuntimeError):
+    pass
+
+
+class KillDuringStage(Callback):
+    """Stops a stage's predict run after its first batch was written, as a kill would."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        writer = next(c for c in trainer.callbacks if isinstance(c, ShardWriter))
+        if writer.store.stage == self.stage and writer.batches >= 1:
+            raise SimulatedKill(f"killed during {self.stage}")
+
+
 def test_resume_after_interrupted_stage_loses_and_duplicates_nothing(tiny_run, tmp_path):
     result, backbone = tiny_run
     run_dir = tmp_path / "run"
-    with pytest.raises(KeyboardInterruptForTests):
-        run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER, _fail_after={"answers": 1})
+    with pytest.raises(SimulatedKill):
+        kill = {**TRAINER, "callbacks": [KillDuringStage("answers")]}
+        run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, kill)
     store = stage_stores(tiny_bootstrap_config(), backbone, run_dir)["answers"]
     assert not store.done_path.exists()
     partial = read_written_jsonl(store.shard_path(0))

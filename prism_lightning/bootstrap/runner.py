@@ -215,14 +215,11 @@ def run_bootstrap(
     backbone_config: BackboneConfig,
     run_dir: str | Path,
     trainer_kwargs: dict[str, Any] | None = None,
-    *,
-    _fail_after: dict[str, int] | None = None,
 ) -> BootstrapResult:
     """Bring every bootstrap stage under ``run_dir`` to done and return where they are + the summary.
 
     A second call with the same settings loads no model and creates no Trainer. ``trainer_kwargs``
-    go to the predict Trainers (``devices``, ``accelerator``, ``strategy``, ...). ``_fail_after``
-    (tests) simulates a kill: ``{stage: batches}``.
+    go to the predict Trainers (``devices``, ``accelerator``, ``strategy``, ``callbacks`` ...).
     """
     start_all = time.perf_counter()
     trainer_kwargs = dict(trainer_kwargs or {})
@@ -231,7 +228,6 @@ def run_bootstrap(
     by_name = {c.name: c for c in personas}
     stores = stage_stores(config, backbone_config, run_dir, personas)
     models = _Models(backbone_config, config.judge, _load_device(trainer_kwargs))
-    fail = _fail_after or {}
     timings: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
 
@@ -287,7 +283,6 @@ def run_bootstrap(
             batch_size=batch_size,
             trainer_kwargs=trainer_kwargs,
             token_keys=token_keys,
-            fail_after=fail.get(name),
         )
         timings[name] = {"cached": False, "seconds": round(time.perf_counter() - t0, 3)}
         return meta

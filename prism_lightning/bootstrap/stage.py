@@ -102,15 +102,11 @@ class PendingJobs(L.LightningDataModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Appends every predicted batch to this rank's shard of ``store``.
+    """Appends every predicted batch to this rank's shard of ``store``."""
 
-    ``fail_after`` (tests only) raises after that many batches have been written, simulating a kill.
-    """
-
-    def __init__(self, store: StageStore, fail_after: int | None = None) -> None:
+    def __init__(self, store: StageStore) -> None:
         super().__init__(write_interval="batch")
         self.store = store
-        self.fail_after = fail_after
         self.batches = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -135,12 +131,6 @@ class ShardWriter(BasePredictionWriter):
                 row[TENSOR_FILE_FIELD] = name
         self.store.append(rank, rows)
         self.batches += 1
-        if self.fail_after is not None and self.batches >= self.fail_after:
-            raise KeyboardInterruptForTests(f"simulated kill after {self.batches} batches")
-
-
-class KeyboardInterruptForTests(RuntimeError):
-    """Raised by :class:`ShardWriter` when ``fail_after`` is reached."""
 
 
 def make_trainer(trainer_kwargs: Mapping[str, Any] | None, callbacks: list) -> L.Trainer:
@@ -177,7 +167,6 @@ def run_stage(
     batch_size: int,
     trainer_kwargs: Mapping[str, Any] | None = None,
     token_keys: Sequence[str] = (),
-    fail_after: int | None = None,
 ) -> dict[str, Any]:
     """Bring ``store`` to done, computing only the missing rows; returns the stage's meta.
 
@@ -194,7 +183,7 @@ def run_stage(
     if before:
         log.info("%s: resuming, %d of %d rows already done", store.stage, len(jobs) - len(pending), len(jobs))
     if pending:
-        writer = ShardWriter(store, fail_after=fail_after)
+        writer = ShardWriter(store)
         trainer = make_trainer(trainer_kwargs, [writer])
         trainer.predict(make_task(), datamodule=PendingJobs(pending, batch_size), return_predictions=False)
     barrier()

@@ -51,7 +51,6 @@ DONE_MARKER = "DONE"
 TENSOR_FILE_FIELD = "tensor_file"
 
 # Kept for data/datamodule.py, which still imports it from here; new code imports from files.py.
-read_jsonl = read_written_jsonl
 
 
 class IncompatibleRunError(PrismError, RuntimeError):

@@ -45,10 +45,6 @@ class Gate(nn.Module):
         x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)
 
-    @torch.no_grad()
-    def probs(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.forward(features).float())
-
 
 def gate_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float | torch.Tensor) -> torch.Tensor:
     """Class-balanced binary cross-entropy: positives (distill) are weighted by n_retain / n_distill,
