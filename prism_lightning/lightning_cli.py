@@ -223,7 +223,7 @@ def derive_run_paths(cfg) -> None:
         if not name:
             continue
         init = _init_args(lg)
-        if not init.get("save_dir"):
+        if init.get("save_dir") in (None, "", "."):  # "." is WandbLogger's own default, not a choice
             init["save_dir"] = str(run_dir)
         if name == "WandbLogger":
             if not wandb_has_key():  # no key: keep the run on disk, `wandb sync` uploads it later

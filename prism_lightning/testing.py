@@ -112,15 +112,13 @@ def tiny_bootstrap_config(**overrides):
 
 
 # A `fit` override (after configs/default.yaml) that runs the whole method on a tiny model in seconds;
-# format with model=<tiny model dir>. Runs land in runs/tiny, the export in checkpoints/tiny.
+# format with model=<tiny model dir>. Runs land in runs/tiny (W&B through the default config's logger, with
+# its paths derived from data.run_dir), the export in checkpoints/tiny.
 TINY_FIT_YAML = """
 trainer:
   max_epochs: 2
   callbacks: []
   enable_checkpointing: false
-  logger:
-    class_path: lightning.pytorch.loggers.WandbLogger
-    init_args: {{project: prism_lightning, save_dir: runs/tiny}}
 model:
   backbone: {{model: {model}}}
   gate_hidden: [16]

@@ -121,3 +121,39 @@ def test_setup_refuses_an_unfinished_bootstrap(tiny_model_dir, tmp_path):
     )
     with pytest.raises(RuntimeError, match="not finished"):
         dm.setup("fit")
+
+
+def test_trainer_fit_from_python_exports_through_the_callback(tiny_run, tmp_path):
+    """The Python API: Trainer.fit(PrismModule, PrismDataModule) with PrismExport writes a checkpoint that
+    loads and routes, like the CLI's fit."""
+    import lightning as L
+
+    from prism_lightning import PrismExport, PrismModule, load_checkpoint
+
+    result, backbone = tiny_run
+    module = PrismModule(backbone=backbone, lora_rank=4, gate_hidden=[16])
+    export = PrismExport(str(tmp_path / "ckpt"))
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[export],
+    )  # fmt: skip
+    trainer.fit(module, make_dm(result, backbone))
+    assert export.exported == tmp_path / "ckpt"
+    routed = load_checkpoint(export.exported, device="cpu")
+    assert routed.meta["personas"] == ["math", "writing"]
+    assert routed.meta["training_config"]["exported_from"]["weights"] == "last"
+    assert 0.0 <= routed.gate_probs(["What is 2+2?"])[0] <= 1.0
+
+
+def test_export_from_best_needs_a_monitored_checkpoint(tiny_run, tmp_path):
+    import lightning as L
+
+    from prism_lightning import PrismError, PrismExport, PrismModule
+
+    result, backbone = tiny_run
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[PrismExport(str(tmp_path / "ckpt"), export_from="best")],
+    )  # fmt: skip
+    with pytest.raises(PrismError, match="export_from=best needs a ModelCheckpoint"):
+        trainer.fit(PrismModule(backbone=backbone, lora_rank=4, gate_hidden=[16]), make_dm(result, backbone))

@@ -45,6 +45,42 @@ def test_fit_bootstraps_trains_exports_and_routes(fitted):
     assert "val/kl" in metrics["before_fit"] and "val/kl" in metrics["after_fit"]
     assert "routed sanity check" in result.stdout
     assert list((work / "runs" / "tiny" / "wandb").glob("offline-run-*"))  # W&B offline without a key
+    assert (work / "runs" / "tiny" / "config.yaml").exists()
+    adapter_cfg = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == meta["base_model"]["name"]  # as the user named it
+    assert meta["files"]["gate.safetensors"]  # content hashes checked at load time
+    # one line per log record: Lightning's own handler only, and no litlogger advertisement
+    assert not [line for line in result.stderr.splitlines() if line.startswith("INFO lightning.")]
+    assert "litlogger" not in result.stderr
+
+
+def test_two_run_dirs_share_no_file_and_export_from_is_explicit(tiny_model_dir, tmp_path):
+    """With the default config's ModelCheckpoint and W&B logger, two runs that differ only in data.run_dir
+    write every output under their own directory; --export_from best exports the best checkpoint."""
+    override = tmp_path / "tiny.yaml"
+    text = TINY_FIT_YAML.format(model=tiny_model_dir)
+    override.write_text(text.replace("  callbacks: []\n  enable_checkpointing: false\n", ""))
+    default = str(ROOT / "configs/default.yaml")
+    common = ["fit", "--config", default, "--config", str(override), "--sanity_check", "false"]
+    first = run_cli(*common, "--data.run_dir", "runs/a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*common, "--data.run_dir", "runs/b", "--export_from", "best", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "runs", "tiny.yaml"]
+    for run in "ab":
+        root = tmp_path / "runs" / run
+        assert (root / "lightning" / "last.ckpt").exists() and (root / "config.yaml").exists()
+        assert list((root / "wandb").glob("offline-run-*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["a", "b"]
+    exported = {
+        run: json.loads((tmp_path / "checkpoints" / run / "prism.json").read_text())["training_config"]
+        for run in "ab"
+    }
+    assert exported["a"]["exported_from"]["weights"] == "last"
+    assert exported["b"]["exported_from"]["weights"] == "best"
+    assert "runs/b/lightning/epoch=" in exported["b"]["exported_from"]["checkpoint"]
+    assert "<- best" in second.stdout and "<- last" in first.stdout
 
 
 def test_second_bootstrap_is_a_no_op(fitted):
