@@ -202,7 +202,8 @@ def bench_training(args, device, dtype) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from prism_lightning.backbone import Backbone
-    from prism_lightning.model.module import PrismModule, topk_kl
+    from prism_lightning.model.losses import topk_kl
+    from prism_lightning.model.module import PrismModule
 
     res = {}
     b, t = args.train_batch, args.train_len

@@ -212,6 +212,20 @@ def balanced_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return out
 
 
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row's last prompt token in the last column, which is where
+    every prefill in this package reads the next-token logits and the gate its features."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 def _tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     ids: list[list[int] | None] = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -379,13 +393,8 @@ def _generate_ids(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    width = max(lengths)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, row in enumerate(ids):  # left padding: every row's last prompt token is in the last column
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    input_ids, mask = left_pad(ids, pad_id, device)
+    width = input_ids.shape[1]
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
     gens: list[torch.Generator | None] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -23,10 +24,14 @@ CONFIGS = sorted(
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # A copy of the sources, so the build leaves no build/ or egg-info behind in the checkout.
+    source = out / "source"
+    skip = shutil.ignore_patterns(".git", "runs", "checkpoints", "build", "dist", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, source, ignore=skip, symlinks=True)
     # Without build isolation when setuptools is here already (no download); CI can reach PyPI either way.
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *isolation, "-w", str(out), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *isolation, "-w", str(out), "-q"],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     (path,) = out.glob("prism_lightning-*.whl")

@@ -18,7 +18,7 @@ import torch
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import StageStore, run_bootstrap, stage_stores
-from prism_lightning.bootstrap.runner import STAGES
+from prism_lightning.bootstrap.summary import STAGES
 from prism_lightning.bootstrap.teacher import load_teacher_targets
 from prism_lightning.testing import tiny_bootstrap_config
 

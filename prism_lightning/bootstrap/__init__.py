@@ -50,8 +50,9 @@ persona under both rules, the active rule and warnings.
 """
 
 from prism_lightning.bootstrap.config import VERDICT_RULES, BootstrapConfig
-from prism_lightning.bootstrap.runner import BootstrapResult, format_summary, run_bootstrap, stage_stores
+from prism_lightning.bootstrap.runner import BootstrapResult, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.store import FORMAT_VERSION, IncompatibleRunError, StageStore
+from prism_lightning.bootstrap.summary import format_summary
 
 __all__ = [
     "FORMAT_VERSION",

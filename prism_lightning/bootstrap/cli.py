@@ -15,8 +15,9 @@ from prism_lightning.bootstrap.config import BootstrapConfig
 
 
 def bootstrap_main(argv: Sequence[str] | None = None) -> int:
-    from prism_lightning.bootstrap.runner import format_summary, run_bootstrap
+    from prism_lightning.bootstrap.runner import run_bootstrap
     from prism_lightning.bootstrap.stage import global_rank
+    from prism_lightning.bootstrap.summary import format_summary
     from prism_lightning.lightning_cli import parse_config, trainer_kwargs_from
     from prism_lightning.model.module import check_against_model, check_module_settings
 

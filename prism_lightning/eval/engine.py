@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_lightning.generation import Sampling, generate
+from prism_lightning.generation import Sampling, generate, left_pad
 
 __all__ = ["Engine", "EngineOutput"]
 
@@ -153,13 +153,7 @@ class Engine:
         try:
             for start in range(0, n, batch_size):
                 chunk = order[start : start + batch_size]
-                width = max(len(rows[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, i in enumerate(chunk):
-                    ids[j, width - len(rows[i]) :] = torch.tensor(rows[i], dtype=torch.long)
-                    mask[j, width - len(rows[i]) :] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                ids, mask = left_pad([rows[i] for i in chunk], pad_id, device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 if ctl is not None:
                     if mode == "off":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch
+from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch, left_pad
 from prism_lightning.model.routing import RoutingController
 
 
@@ -28,16 +28,6 @@ class RoutedGeneration:
 def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     # Same rule as the generation engine: the chat template already holds the special tokens.
     return [list(r) for r in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _device(model) -> torch.device:
@@ -123,7 +113,7 @@ def prompt_gate_probs(
     device = _device(model)
     out = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[start : start + batch_size], pad_id, device)
+        ids, mask = left_pad(rows[start : start + batch_size], pad_id, device)
         out.append(controller.gate_probs(ids, mask).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
