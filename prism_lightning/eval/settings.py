@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from prism_lightning.errors import PrismError
+from prism_lightning.errors import ConfigError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 
@@ -38,7 +38,7 @@ JUDGE_MODES: tuple[str, ...] = ("auto", "generate", "logprob")
 GENERATE_JUDGE_MIN_PARAMS = 1_000_000_000
 
 
-class EvalInputError(PrismError, ValueError):
+class EvalInputError(ConfigError):
     """A setting, benchmark or condition the user gave that cannot be evaluated; the message lists the
     valid choices. The CLI prints it as one line (a PrismError) before any model is loaded."""
 
