@@ -190,7 +190,7 @@ def test_unknown_name_suggests_close_match() -> None:
     assert "'mathh'" in message
     assert "Did you mean 'math'" in message
     assert "coding" in message  # lists the available names
-    assert "contexts.files" in message  # says how to add one
+    assert "--data.bootstrap.context_files" in message and "--context_file" in message  # how to add one
     assert isinstance(info.value, KeyError)
 
 
