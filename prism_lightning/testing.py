@@ -31,14 +31,41 @@ _CORPUS = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 384, chat_template: str = TINY_CHAT_TEMPLATE):
-    """A byte-level BPE tokenizer with ChatML special tokens, trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenizer split (Llama 3's is alike): punctuation keeps the line breaks that follow it
+# (`` ?[^\s\p{L}\p{N}]+[\r\n]*``), so BPE learns merged tokens such as "?\n", ":\n" and ".\n".
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Lines ending in punctuation, frequent enough that "?\n", ":\n" and ".\n" become single tokens.
+_LINES_CORPUS = (
+    "Here is a question:\nWhat is twelve times seven?\nWrite a short poem about the sea.\n"
+    "1. Explain how photosynthesis works in plants.\nQuery:\nWhich answer is better?\n"
+)
+
+
+def build_tiny_tokenizer(
+    vocab_size: int = 384, chat_template: str = TINY_CHAT_TEMPLATE, *, merged_newlines: bool = False
+):
+    """A byte-level BPE tokenizer with ChatML special tokens, trained in milliseconds.
+
+    ``merged_newlines`` splits words like Qwen2.5 / Llama 3 and trains on lines, so the tokenizer has
+    tokens that hold punctuation and a line break together ("?\n", ":\n", ".\n"); the default
+    (GPT-2 split, like SmolLM2) always puts a line break in a token of its own."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if merged_newlines:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -46,7 +73,8 @@ def build_tiny_tokenizer(vocab_size: int = 384, chat_template: str = TINY_CHAT_T
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    corpus = [_CORPUS] * 4 + ([_LINES_CORPUS] * 8 if merged_newlines else [])
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
@@ -80,11 +108,16 @@ def build_tiny_model(vocab_size: int, *, layers: int = 4, hidden: int = 64, seed
 
 
 def save_tiny_model(
-    directory: str | Path, *, layers: int = 4, hidden: int = 64, chat_template: str = TINY_CHAT_TEMPLATE
+    directory: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    chat_template: str = TINY_CHAT_TEMPLATE,
+    merged_newlines: bool = False,
 ) -> Path:
     """Write a tiny model + tokenizer to a directory that `load_backbone` takes like any local model."""
     directory = Path(directory)
-    tokenizer = build_tiny_tokenizer(chat_template=chat_template)
+    tokenizer = build_tiny_tokenizer(chat_template=chat_template, merged_newlines=merged_newlines)
     model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -8,11 +8,14 @@ Shard row (one per generation): ``{"id": "<persona>-<i>", "persona", "index", "r
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 import string
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from prism_lightning.bootstrap.prompts import query_prompt_text
 from prism_lightning.bootstrap.stage import StageTask
@@ -124,38 +127,100 @@ def query_jobs(formatter, personas: Sequence[Context], per_persona: int) -> list
     ]
 
 
-def newline_token_ids(tokenizer) -> list[int]:
-    """Every vocabulary token whose text contains a line break."""
+def line_break_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Vocabulary tokens whose text holds a line break: (those with nothing but whitespace before the
+    first break, those with text before it). Qwen2.5 and Llama 3 have many of the second kind
+    ("?\n", ":\n", ".\n"): the text before their break belongs to the query's first line."""
     ids = range(len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in ids])
-    return [i for i, text in zip(ids, texts, strict=True) if "\n" in text]
+    leading: list[int] = []
+    merged: list[int] = []
+    for i, text in zip(ids, texts, strict=True):
+        if "\n" in text:
+            (merged if text.split("\n", 1)[0].strip() else leading).append(i)
+    return leading, merged
+
+
+def first_line(tokenizer, token_ids: Sequence[int]) -> str:
+    """The generated text up to (not including) its first line break, whichever token carried it."""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+class _StopAfterLineBreak:
+    """While active, a decode step whose input token holds a line break after other text (a merged
+    token such as "?\n", just sampled) puts all of that row's next-token mass on a stop token.
+
+    The generation engine drops the token that stops a row, so stopping *on* "?\n" would lose the
+    "?". Instead the row keeps that token and ends one step later, on ``stop_id``. The prefill (the
+    first forward of each batch) is left alone: its last token is the prompt's, not a generated one.
+    """
+
+    def __init__(self, model, merged_ids: Sequence[int], stop_id: int) -> None:
+        self.model = model
+        self.merged = torch.tensor(sorted(set(merged_ids)), dtype=torch.long)
+        self.stop_id = int(stop_id)
+        self._calls = 0
+        self._handle = None
+
+    def __enter__(self) -> _StopAfterLineBreak:
+        self._calls = 0
+        self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module, args, kwargs, output):
+        self._calls += 1
+        if self._calls == 1:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        hit = torch.isin(input_ids[:, -1], self.merged.to(input_ids.device))
+        forced = torch.full_like(logits[0, -1], float("-inf"))
+        forced[self.stop_id] = 0.0
+        logits[:, -1] = torch.where(hit[:, None], forced, logits[:, -1])
+        return None
 
 
 class QueryTask(StageTask):
+    """Generates the raw queries; with ``stop_at_newline`` a row ends at its first line break and keeps
+    the text before it (see :class:`_StopAfterLineBreak` for tokens that hold both)."""
+
     def __init__(self, backbone, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True) -> None:
         super().__init__()
         self.model = backbone.model
         self.tokenizer = backbone.tokenizer
         self.sampling = sampling
         self.seed = seed
+        self.stop_at_newline = stop_at_newline
         self.stop_ids = None
+        self._merged_line_breaks: list[int] = []
         if stop_at_newline:
-            self.stop_ids = stop_token_ids(backbone.tokenizer, backbone.model) + newline_token_ids(
-                backbone.tokenizer
-            )
+            leading, self._merged_line_breaks = line_break_token_ids(backbone.tokenizer)
+            # A token with only whitespace before its break can stop the row at once: nothing is lost.
+            self.stop_ids = list(dict.fromkeys(stop_token_ids(backbone.tokenizer, backbone.model) + leading))
+
+    def _line_break_guard(self):
+        if not (self._merged_line_breaks and self.stop_ids):
+            return contextlib.nullcontext()
+        return _StopAfterLineBreak(self.model, self._merged_line_breaks, self.stop_ids[0])
 
     def process(self, jobs):
         seeds = [row_seed(self.seed, f"queries:{job['id']}") for job in jobs]
         prompts = [j["prompt"] for j in jobs]
-        gens = generate_batch(
-            self.model, self.tokenizer, prompts, self.sampling, seeds=seeds, stop_ids=self.stop_ids
-        )
+        with self._line_break_guard():
+            gens = generate_batch(
+                self.model, self.tokenizer, prompts, self.sampling, seeds=seeds, stop_ids=self.stop_ids
+            )
         return [
             {
                 "id": job["id"],
                 "persona": job["persona"],
                 "index": job["index"],
-                "raw": gen.text,
+                "raw": first_line(self.tokenizer, gen.token_ids) if self.stop_at_newline else gen.text,
                 "finish": gen.finish_reason,
                 "tokens": len(gen.token_ids),
             }

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Floors of the standardising std (see Gate.set_feature_stats).
+STD_REL_FLOOR = 0.1
+STD_MAGNITUDE_FLOOR = 1.0 / 64
+STD_ABS_FLOOR = 1e-4
+
 
 class Gate(nn.Module):
     """standardise -> [Linear -> GELU -> Dropout]* -> 1 logit.
@@ -36,9 +41,41 @@ class Gate(nn.Module):
         self.net = nn.Sequential(*layers)
 
     @torch.no_grad()
-    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-5) -> None:
-        self.feature_mean.copy_(mean.to(self.feature_mean))
-        self.feature_std.copy_(std.to(self.feature_std) + eps)
+    def set_feature_stats(
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        *,
+        rel_floor: float = STD_REL_FLOOR,
+        magnitude_floor: float = STD_MAGNITUDE_FLOOR,
+        abs_floor: float = STD_ABS_FLOOR,
+    ) -> None:
+        """Store the training features' per-dimension mean and std, the std clamped from below.
+
+        Why a floor: a dimension that is (nearly) constant over the training queries has a std of
+        ~0, and dividing by it turns a one-ulp bf16 difference between the training path
+        (right-padded prompt+response) and the inference path (left-padded prefill) into tens of
+        standard units, enough to flip the gate. Each dimension's std is raised to at least
+        ``max(rel_floor * median std, magnitude_floor * |mean|, abs_floor)``:
+
+        * ``rel_floor`` (0.1) of the median std over dimensions (the median, so a few huge
+          "massive activation" dimensions do not raise it): no dimension is scaled up more than 10x
+          a typical one, so rounding noise, of about the same absolute size in every dimension of
+          similar magnitude, is amplified at most 10x more than it already is in a typical dimension.
+        * ``magnitude_floor`` (1/64) of the dimension's own |mean|: bf16 keeps 8 significant bits, so
+          two paths differ by about |mean| / 256 per rounding; with this floor such a difference is
+          at most ~0.25 standard units, even in a large near-constant dimension.
+        * ``abs_floor`` (1e-4) when every std is ~0 (e.g. a single training row).
+
+        Typical dimensions are untouched (on SmolLM2 their std is ~1/12 of their magnitude). The
+        floor is applied here, not in :meth:`forward`, so exported ``feature_std`` buffers load as
+        they were trained.
+        """
+        mean = mean.detach().to(self.feature_mean)
+        std = std.detach().to(self.feature_std).nan_to_num(0.0).clamp_min(0.0)
+        floor = torch.maximum((rel_floor * std.median()).clamp_min(abs_floor), magnitude_floor * mean.abs())
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.maximum(std, floor))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, h) features -> (B,) logits, computed in the gate's own dtype (fp32 by default)."""
