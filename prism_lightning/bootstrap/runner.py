@@ -128,6 +128,8 @@ def stage_settings(
             "query_max_new_tokens": config.query_max_new_tokens,
             "min_query_chars": config.min_query_chars,
             "query_stop_at_newline": config.query_stop_at_newline,
+            # 2: a token that carries text before its line break (Qwen's "?\n") keeps that text
+            "line_break_rule": 2,
             "seed": config.seed,
             "prompt_version": PROMPT_VERSION,
         },
