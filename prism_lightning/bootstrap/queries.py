@@ -152,18 +152,16 @@ class _StopAfterLineBreak:
 
     The generation engine drops the token that stops a row, so stopping *on* "?\n" would lose the
     "?". Instead the row keeps that token and ends one step later, on ``stop_id``. The prefill (the
-    first forward of each batch) is left alone: its last token is the prompt's, not a generated one.
+    forward of each batch, several tokens per row) is left alone: its last token is the prompt's.
     """
 
     def __init__(self, model, merged_ids: Sequence[int], stop_id: int) -> None:
         self.model = model
         self.merged = torch.tensor(sorted(set(merged_ids)), dtype=torch.long)
         self.stop_id = int(stop_id)
-        self._calls = 0
         self._handle = None
 
     def __enter__(self) -> _StopAfterLineBreak:
-        self._calls = 0
         self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
@@ -173,10 +171,9 @@ class _StopAfterLineBreak:
             self._handle = None
 
     def _hook(self, module, args, kwargs, output):
-        self._calls += 1
-        if self._calls == 1:
-            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or input_ids.shape[1] != 1:  # a prefill (every batch has its own)
+            return None
         logits = output.logits if hasattr(output, "logits") else output[0]
         hit = torch.isin(input_ids[:, -1], self.merged.to(input_ids.device))
         forced = torch.full_like(logits[0, -1], float("-inf"))
