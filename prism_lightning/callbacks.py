@@ -60,6 +60,7 @@ class PrismExport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from prism_lightning.model.export import export_checkpoint
+        from prism_lightning.model.sharding import is_sharded, trainable_state_dict
 
         after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.exported_from = {
@@ -70,17 +71,21 @@ class PrismExport(Callback):
         if self.export_from == "best":
             self._load_best(trainer, pl_module)
         out = self.resolve_dir(trainer)
+        # A sharded module holds only this rank's shards: every rank gathers, rank 0 writes.
+        state = trainable_state_dict(pl_module) if is_sharded(pl_module) else None
         if trainer.is_global_zero:
             dm = trainer.datamodule
             training = dict(self.training_config or pl_module.training_config())
             training["metrics"] = {"before_fit": self.metrics_before, "after_fit": after}
             training["exported_from"] = self.exported_from
+            training["plan"] = dict(getattr(pl_module, "plan", {}))
             export_checkpoint(
                 pl_module,
                 out,
                 personas=list(getattr(dm, "persona_names", [])),
                 bootstrap_summary=getattr(dm, "bootstrap_summary", None),
                 training_config=training,
+                trainable_state=state,
             )
         trainer.strategy.barrier("prism_export")
         self.exported = out
@@ -93,7 +98,7 @@ class PrismExport(Callback):
             )
             return
         ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        pl_module.load_state_dict(ckpt["state_dict"], strict=False)
+        load_trainable_state(pl_module, ckpt["state_dict"])
         self.exported_from = {
             "weights": "best",
             "checkpoint": str(best),
@@ -101,3 +106,17 @@ class PrismExport(Callback):
             "global_step": ckpt.get("global_step"),
             "score": float(trainer.checkpoint_callback.best_model_score),
         }
+
+
+def load_trainable_state(module: L.LightningModule, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter + gate tensors (a ``.ckpt``'s state_dict, whole tensors) into ``module``; a sharded
+    module takes its own shard of each (every rank calls this)."""
+    from prism_lightning.model.sharding import is_sharded
+
+    if not is_sharded(module):
+        module.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # a copy: the loader replaces the dict's values with this rank's shards
+    set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))

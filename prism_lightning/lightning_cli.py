@@ -33,8 +33,9 @@ SANITY_QUERIES = (
 
 
 def trainer_kwargs_from(trainer) -> dict[str, Any]:
-    """The bootstrap's predict Trainers get the fit's devices; a strategy object (FSDP) falls back to
-    Lightning's default, which is DDP for several devices: generation needs no sharding of a frozen model."""
+    """The bootstrap's predict Trainers get the fit's devices; a strategy object (the FSDP preset's
+    PrismFSDPStrategy) falls back to Lightning's default, which is DDP for several devices: generation
+    runs a whole frozen model per process, so a model must fit one device to bootstrap."""
     strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
     return {
         "accelerator": trainer.accelerator,
@@ -109,6 +110,7 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         # Everything that can be checked without the weights, before the bootstrap's long work.
         check_against_model(dict(self.model.hparams), self.model.backbone_config)
+        dm.apply_global_batch(self.trainer)  # a global batch the processes cannot split fails here
         self.exporter = PrismExport(
             export_dir=str(self.export_dir()),
             export_from=cfg.export_from,

@@ -42,7 +42,7 @@ from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.stage import dist_ready
 from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
-from prism_lightning.errors import PrismError, require
+from prism_lightning.errors import ConfigError, PrismError, require
 from prism_lightning.files import read_input_jsonl
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,25 @@ def collate_examples(batch: Sequence[Mapping[str, Any]], pad_id: int, top_k: int
     return out
 
 
+def accumulation_for(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimiser step that make ``global_batch_size`` rows with ``batch_size`` rows per
+    process and ``world_size`` processes; a :class:`ConfigError` naming what would divide when none does."""
+    per_step = batch_size * world_size
+    if global_batch_size % per_step == 0:
+        return global_batch_size // per_step
+    per_process = global_batch_size // world_size if global_batch_size % world_size == 0 else 0
+    fits = [b for b in range(1, per_process + 1) if per_process % b == 0]
+    if fits:
+        hint = f"set data.batch_size to {' or '.join(map(str, fits))}, or "
+    else:
+        hint = f"no data.batch_size divides it over {world_size} processes; "
+    raise ConfigError(
+        f"data.global_batch_size={global_batch_size} is not a multiple of data.batch_size ({batch_size}) "
+        f"x world size ({world_size}) = {per_step}: {hint}"
+        f"set data.global_batch_size to a multiple of {per_step}."
+    )
+
+
 def load_tokenizer_and_formatter(backbone: BackboneConfig):
     """Tokenizer + chat formatter of a backbone without loading its weights."""
     from transformers import AutoTokenizer
@@ -177,7 +196,11 @@ class PrismDataModule(L.LightningDataModule):
             saved config all go under it, so one directory holds one run.
         bootstrap: how the training rows are made (see BootstrapConfig).
         backbone: linked from model.backbone; set it there.
-        batch_size: training rows per device and step.
+        batch_size: training rows per device and micro-batch.
+        global_batch_size: training rows per optimiser step over all processes; the trainer's
+            accumulate_grad_batches is derived from it (global / (batch_size x world size), which must
+            divide exactly), so the step count does not depend on the number of GPUs. null keeps
+            batch_size x trainer.accumulate_grad_batches x world size.
         val_fraction: held-out share of the rows, stratified by gate target, in [0, 1).
         max_length: longest prompt + response in tokens; longer rows lose response tokens first.
         num_workers: DataLoader workers.
@@ -191,6 +214,7 @@ class PrismDataModule(L.LightningDataModule):
         bootstrap: BootstrapConfig = BootstrapConfig(),
         backbone: BackboneConfig = BackboneConfig(),
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.2,
         max_length: int = 512,
         num_workers: int = 0,
@@ -202,10 +226,15 @@ class PrismDataModule(L.LightningDataModule):
         require(max_length >= 2, f"data.max_length must be >= 2, got {max_length}.")
         require(batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}.")
         require(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}.")
+        require(
+            global_batch_size is None or global_batch_size >= 1,
+            f"data.global_batch_size must be >= 1 or null, got {global_batch_size}.",
+        )
         self.run_dir = run_dir
         self.bootstrap = replace(bootstrap)  # own copies: the defaults are shared objects
         self.backbone = replace(backbone)
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.val_fraction = val_fraction
         self.max_length = max_length
         self.num_workers = num_workers
@@ -246,7 +275,25 @@ class PrismDataModule(L.LightningDataModule):
             )
         run_bootstrap(self.bootstrap, self.backbone, self.run_dir, {"devices": 1})
 
+    def apply_global_batch(self, trainer) -> None:
+        """Set ``trainer.accumulate_grad_batches`` from ``global_batch_size`` and the trainer's world size
+        (nodes x devices, known before the processes start); nothing when it is null."""
+        if self.global_batch_size is None:
+            return
+        world = int(trainer.num_nodes) * int(trainer.num_devices)
+        accumulate = accumulation_for(self.global_batch_size, self.batch_size, world)
+        if trainer.accumulate_grad_batches not in (1, accumulate):
+            log.warning(
+                "data.global_batch_size=%d sets accumulate_grad_batches=%d (the configured %d is ignored)",
+                self.global_batch_size,
+                accumulate,
+                trainer.accumulate_grad_batches,
+            )
+        trainer.accumulate_grad_batches = accumulate
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.trainer is not None:
+            self.apply_global_batch(self.trainer)
         if stage == "predict":
             return
         if self.train_set is not None:

@@ -51,8 +51,14 @@ def export_checkpoint(
     personas: list[str],
     bootstrap_summary: dict | None = None,
     training_config: dict | None = None,
+    trainable_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write adapter + gate + prism.json atomically (temporary sibling directory, then rename)."""
+    """Write adapter + gate + prism.json atomically (temporary sibling directory, then rename).
+
+    ``trainable_state``: the module's adapter + gate tensors, gathered whole (keys ``model.*`` and
+    ``gate.*``, see ``sharding.trainable_state_dict``); needed when the module is sharded, whose own
+    parameters are only this rank's shards. Default: the module's own weights.
+    """
     from safetensors.torch import save_file
 
     module._require_model()
@@ -62,9 +68,22 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        module.model.save_pretrained(tmp / ADAPTER_DIR)
+        if trainable_state is None:
+            from prism_lightning.model.sharding import is_sharded
+
+            if is_sharded(module):
+                raise ValueError(
+                    "export_checkpoint of a sharded module needs trainable_state: call "
+                    "sharding.trainable_state_dict(module) on every rank and pass rank 0's result."
+                )
+            module.model.save_pretrained(tmp / ADAPTER_DIR)
+            gate_state = module.gate.state_dict()
+        else:
+            adapter_state = {k[6:]: v for k, v in trainable_state.items() if k.startswith("model.")}
+            module.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
+            gate_state = {k[5:]: v for k, v in trainable_state.items() if k.startswith("gate.")}
         _record_public_base_name(tmp / ADAPTER_DIR, public_model_name(module.backbone_name))
-        gate_state = {k: v.detach().cpu().contiguous() for k, v in module.gate.state_dict().items()}
+        gate_state = {k: v.detach().cpu().contiguous() for k, v in gate_state.items()}
         save_file(gate_state, str(tmp / GATE_FILE))
         hp = module.hparams
         meta = {

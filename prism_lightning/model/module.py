@@ -15,7 +15,7 @@ import torch
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
-from prism_lightning.backbone import BackboneConfig
+from prism_lightning.backbone import BackboneConfig, resolve_dtype
 from prism_lightning.errors import require
 from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
 from prism_lightning.model.losses import full_kl, topk_kl
@@ -23,6 +23,7 @@ from prism_lightning.model.routing import (
     MODES,
     RoutingController,
     apply_lora,
+    decoder_layers,
     inner_model,
     validate_routing_setup,
 )
@@ -77,6 +78,51 @@ def _metrics(threshold: float) -> MetricCollection:
             "gate_f1": BinaryF1Score(threshold=threshold),
         }
     )
+
+
+def _dtype_for(backbone: BackboneConfig, device: torch.device) -> BackboneConfig:
+    """``backbone`` with its ``auto`` dtype fixed to the one it gets on ``device``."""
+    dtype = str(resolve_dtype(backbone.dtype, device)).removeprefix("torch.")
+    return dataclasses.replace(backbone, dtype=dtype)
+
+
+def training_plan(trainer: L.Trainer, steps: int, warmup: int) -> dict[str, int | None]:
+    """Rows, batch sizes and optimiser steps of a fit as Lightning will run it. Per epoch each process
+    gets ceil(rows / world) rows (the distributed sampler repeats a few to even them out), so
+    ceil(that / batch) micro-batches, and Lightning steps after every ``accumulate`` micro-batches and
+    after the epoch's last: ceil(micro-batches / accumulate) steps, which equals ceil(rows / global)."""
+    dm = getattr(trainer, "datamodule", None)
+    rows = len(dm.train_set) if getattr(dm, "train_set", None) is not None else None
+    batch = getattr(dm, "batch_size", None) if dm is not None else None
+    world, accumulate = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    micro = trainer.num_training_batches
+    return {
+        "rows": rows,
+        "world_size": world,
+        "per_device_batch": batch,
+        "accumulate_grad_batches": accumulate,
+        "global_batch": batch * accumulate * world if batch else None,
+        "steps_per_epoch": math.ceil(micro / accumulate) if math.isfinite(micro) else None,
+        "optimizer_steps": steps,
+        "warmup_steps": warmup,
+    }
+
+
+def format_plan(plan: dict[str, int | None]) -> str:
+    """The plan as one block, printed when fit starts."""
+    labels = {
+        "rows": "training rows",
+        "world_size": "world size (processes)",
+        "per_device_batch": "per-device batch",
+        "accumulate_grad_batches": "gradient accumulation",
+        "global_batch": "global batch",
+        "steps_per_epoch": "optimiser steps / epoch",
+        "optimizer_steps": "optimiser steps",
+        "warmup_steps": "warmup steps",
+    }
+    lines = ["training plan"]
+    lines += [f"  {label:<26}{'-' if plan[key] is None else plan[key]:>8}" for key, label in labels.items()]
+    return "\n".join(lines)
 
 
 class PrismModule(L.LightningModule):
@@ -147,6 +193,7 @@ class PrismModule(L.LightningModule):
         self.formatter = None
         self.backbone_name = backbone.model
         self.backbone_source: str | None = None
+        self.plan: dict[str, int | None] = {}  # rows, batches and steps of the last fit (training_plan)
         # Only the adapter and gate go into .ckpt files (the base is reloaded from its source).
         self.strict_loading = False
         self.train_metrics = _metrics(threshold)
@@ -162,17 +209,43 @@ class PrismModule(L.LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        sharded = self._shard_for_trainer()
+        # Sharded: load on the host in the device's dtype; fully_shard moves each rank's shards over.
+        compute = device if sharded else None
+        load_on = torch.device("cpu") if sharded else device
         if self.hparams.checkpoint:
-            self.attach_checkpoint(self.hparams.checkpoint, device)
-            return
-        self.attach_backbone(self.backbone_config.load(device=device))
+            self.attach_checkpoint(self.hparams.checkpoint, load_on, dtype_for=compute)
+        else:
+            backbone = self.backbone_config if compute is None else _dtype_for(self.backbone_config, compute)
+            self.attach_backbone(backbone.load(device=load_on))
+        if sharded:
+            from prism_lightning.model.sharding import shard_module
 
-    def attach_checkpoint(self, path: str, device: torch.device | str) -> None:
+            shard_module(self, decoder_layers(self.model), self.device_mesh["data_parallel"])
+
+    def _shard_for_trainer(self) -> bool:
+        """FSDP2 under the sharded strategy, except for predict: generation calls the model outside the
+        sharded step methods, so predict keeps a whole model per process."""
+        if self._trainer is None:
+            return False
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        strategy = self.trainer.strategy
+        return isinstance(strategy, ModelParallelStrategy) and self.trainer.state.fn != TrainerFn.PREDICTING
+
+    def attach_checkpoint(
+        self, path: str, device: torch.device | str, *, dtype_for: torch.device | None = None
+    ) -> None:
         """Serve an exported run (predict/validate): base, adapter and gate come from the export, so
-        its base-model check applies and the gate layer is the one it was trained with."""
-        from prism_lightning.model.export import load_checkpoint
+        its base-model check applies and the gate layer is the one it was trained with. ``dtype_for``:
+        load in the dtype the base would have on that device (a sharded model loads on the host)."""
+        from prism_lightning.model.export import load_checkpoint, read_meta
 
-        routed = load_checkpoint(path, device=device)
+        override = None
+        if dtype_for is not None:
+            override = _dtype_for(BackboneConfig(**read_meta(path)["base_model"]["backbone"]), dtype_for)
+        routed = load_checkpoint(path, device=device, backbone_override=override)
         self.model, self.gate, self.controller = routed.model, routed.gate, routed.controller
         self.tokenizer, self.formatter = routed.tokenizer, routed.formatter
         base = routed.meta["base_model"]
@@ -219,13 +292,14 @@ class PrismModule(L.LightningModule):
     # -- training -----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         """Standardise the gate's input with the training rows' feature statistics (see Gate): one
-        pass over the train split through layers <= k only."""
+        pass over the train split through layers <= k only. Sharded, every rank runs the same number
+        of batches (Lightning's distributed sampler pads), as the layers' all-gathers need."""
         total = total_sq = count = None
         with torch.no_grad():
             for batch in self.trainer.train_dataloader:
                 ids = batch["input_ids"].to(self.device)
                 attn = batch["attention_mask"].to(self.device)
-                feats = self.controller.gate_features(ids, attn, batch["prompt_lengths"].to(self.device) - 1)
+                feats = self._gate_features_batch(ids, attn, batch["prompt_lengths"].to(self.device) - 1)
                 feats = feats.double()
                 s, sq = feats.sum(0), (feats * feats).sum(0)
                 n = torch.tensor(float(feats.shape[0]), dtype=torch.float64, device=feats.device)
@@ -241,6 +315,24 @@ class PrismModule(L.LightningModule):
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0.0)
         self.gate.set_feature_stats(mean.float(), var.sqrt().float())
+
+    def _gate_features_batch(
+        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Gate features of a batch on their own (a sharded model registers this as an FSDP forward
+        method, so the embeddings are gathered around it)."""
+        return self._features_until_gate(ids, attn, positions)
+
+    def _features_until_gate(
+        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Embeddings + layers <= k; the controller ends the forward after layer k, before FSDP's
+        post-forward hook of that layer, which is why a sharded layer k is resharded here."""
+        from prism_lightning.model.sharding import reshard
+
+        feats = self.controller.gate_features(ids, attn, positions)
+        reshard(decoder_layers(self.model)[self.controller.gate_layer])
+        return feats
 
     def _pos_weight(self, target: torch.Tensor) -> float:
         counts = None
@@ -296,7 +388,7 @@ class PrismModule(L.LightningModule):
             retain_mask = ~distill
             with torch.no_grad():
                 width_r = int(attn[retain_mask].sum(-1).max())
-                feats_r = ctl.gate_features(
+                feats_r = self._features_until_gate(
                     ids[retain_mask, :width_r], attn[retain_mask, :width_r], prompt_len[retain_mask] - 1
                 )
             width_d = int(attn[distill].sum(-1).max())
@@ -392,6 +484,9 @@ class PrismModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 0
         warmup = int(round(total * hp.warmup_ratio)) if total else 0
+        self.plan = training_plan(self.trainer, total, warmup)
+        if self.trainer.is_global_zero:
+            print(format_plan(self.plan), flush=True)
 
         def factor(step: int) -> float:
             if step < warmup:
