@@ -618,6 +618,9 @@ def main(argv=None) -> dict:
         if key in ratios:
             ok = ratios[key] <= lim if op == "<=" else ratios[key] >= lim
             verdicts[key] = f"target {op} {lim}: {'PASS' if ok else 'MISS'}"
+            if key == "routing_cost_in_prefill_vs_base":  # a paired difference: say how noisy it is
+                d, base = res["routing_cost_routed_on_minus_plain_on_s"], res["base"]["median"]
+                verdicts[key] += f" (median; repeats {d['min'] / base:+.3f} .. {d['max'] / base:+.3f})"
     report = {
         "card": "routing_and_training",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
