@@ -66,6 +66,7 @@ class PrismExport(Callback):
         self.exported_from = {
             "weights": "last",
             "epoch": trainer.current_epoch,
+            "epochs": trainer.current_epoch,  # epochs completed (fit's summary prints this key)
             "global_step": trainer.global_step,
         }
         if self.export_from == "best":

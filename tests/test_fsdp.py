@@ -1,5 +1,7 @@
 """Sharded (FSDP2) training on two CPU processes (gloo) against DDP from the same seed and batches:
-equal losses, equal exports (the adapter loads with plain peft), and resume from a .ckpt."""
+equal losses, equal exports (the adapter loads with plain peft), and resume from a .ckpt. The ranks'
+batches differ in kind (mixed on rank 0; all-distill, then all-retain on rank 1), so a pass that
+depended on a rank's own rows would desynchronise the layers' all-gathers."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def trainer(max_steps, callbacks):
 rank = int(os.environ.get("LOCAL_RANK", 0))
 torch.manual_seed(0)
 batches = make_batches(make_module({model_dir!r}), n_batches=4)
+for i, target in ((1, 1.0), (3, 0.0)):  # rank 1 gets an all-distill, then an all-retain batch
+    batches[i]["gate_target"][:] = target
 loader = torch.utils.data.DataLoader(batches[rank::2], batch_size=None)
 torch.manual_seed(0)
 module = make_module({model_dir!r}, gradient_checkpointing=True)  # as the 7B configs train
@@ -57,7 +61,8 @@ resumed = Losses()
 torch.manual_seed(0)
 again = trainer(3, [resumed])
 ckpt = {root!r} + "/step2.ckpt"
-again.fit(make_module({model_dir!r}, gradient_checkpointing=True), train_dataloaders=loader, ckpt_path=ckpt)
+resume = make_module({model_dir!r}, gradient_checkpointing=True, retain_weight=0.5)  # with a retain loss
+again.fit(resume, train_dataloaders=loader, ckpt_path=ckpt)
 
 # export_from=best's reload: the step-2 weights go back into the (sharded) module on every rank
 from prism_lightning.callbacks import load_trainable_state
@@ -142,3 +147,46 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tiny_model_dir, tmp_path):
     assert sorted(gates["fsdp"]) == sorted(gates["ddp"])
     for key, value in gates["ddp"].items():
         torch.testing.assert_close(gates["fsdp"][key], value, atol=1e-5, rtol=1e-4)
+
+
+CPU_FSDP_YAML = """
+trainer:
+  accelerator: cpu
+  devices: 2
+  strategy:
+    class_path: prism_lightning.model.sharding.PrismFSDPStrategy
+  precision: 32-true
+data:
+  batch_size: 2
+  global_batch_size: 8
+"""
+
+
+@pytest.mark.slow
+def test_fit_cli_with_the_sharded_strategy(tiny_model_dir, tmp_path):
+    """The whole `fit` (bootstrap as DDP predict, validation before fit, sharded training, gathered export,
+    routed sanity check) with the FSDP strategy on two CPU processes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prism_lightning.testing import TINY_FIT_YAML
+
+    (tmp_path / "tiny.yaml").write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
+    (tmp_path / "cpu_fsdp.yaml").write_text(CPU_FSDP_YAML)
+    root = Path(__file__).resolve().parents[1]
+    configs = [str(root / "configs/default.yaml"), "tiny.yaml", "cpu_fsdp.yaml"]
+    args = [a for path in configs for a in ("--config", path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-m", "prism_lightning", "fit", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "routed sanity check" in proc.stdout
+    meta = json.loads((tmp_path / "checkpoints" / "tiny" / "prism.json").read_text())
+    plan = meta["training_config"]["plan"]
+    assert plan["world_size"] == 2 and plan["global_batch"] == 8 and plan["accumulate_grad_batches"] == 2
+    assert meta["training_config"]["exported_from"]["global_step"] == plan["optimizer_steps"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = PeftModel.from_pretrained(base, tmp_path / "checkpoints" / "tiny" / "adapter")
+    assert any("lora_A" in name for name, _ in plain.named_parameters())

@@ -193,6 +193,7 @@ class PrismModule(L.LightningModule):
         self.formatter = None
         self.backbone_name = backbone.model
         self.backbone_source: str | None = None
+        self._sharded = False  # set by configure_model under the FSDP strategy
         self.plan: dict[str, int | None] = {}  # rows, batches and steps of the last fit (training_plan)
         # Only the adapter and gate go into .ckpt files (the base is reloaded from its source).
         self.strict_loading = False
@@ -222,6 +223,7 @@ class PrismModule(L.LightningModule):
             from prism_lightning.model.sharding import shard_module
 
             shard_module(self, decoder_layers(self.model), self.device_mesh["data_parallel"])
+            self._sharded = True
 
     def _shard_for_trainer(self) -> bool:
         """FSDP2 under the sharded strategy, except for predict: generation calls the model outside the
@@ -360,21 +362,26 @@ class PrismModule(L.LightningModule):
         lm_head = self.base_model.get_output_embeddings()
         ctl = self.controller
 
+        # Sharded, every rank must run the same layer forwards (each one all-gathers its weights), so the
+        # choice of passes may not depend on a rank's own rows: one pass over all rows (the losses equal
+        # the split path's), and with a retain loss a reference pass over all rows.
+        sharded = self._sharded
         ref_logits = None
         retain_sel = None
-        use_retain = hp.retain_weight > 0 and bool((target == 0).any())
+        use_retain = hp.retain_weight > 0 and (sharded or bool((target == 0).any()))
         if use_retain:  # adapter-off reference for retain rows: no grad, adapters skipped
             retain_rows = target == 0
             retain_sel = retain_rows[:, None] & (steps[None] < resp_len[:, None])
+            ref_rows = torch.ones_like(retain_rows) if sharded else retain_rows
             with torch.no_grad():
                 ctl.set_mask(0.0)
-                h_ref = decoder(input_ids=ids[retain_rows], attention_mask=attn[retain_rows], use_cache=False)
-                sub = retain_sel[retain_rows]
-                h_ref = h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[retain_rows][sub]]
+                h_ref = decoder(input_ids=ids[ref_rows], attention_mask=attn[ref_rows], use_cache=False)
+                sub = retain_sel[ref_rows]
+                h_ref = h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[ref_rows][sub]]
                 ref_logits = lm_head(h_ref)
 
         distill = target > 0
-        if use_retain or not bool(distill.any()) or bool(distill.all()):
+        if sharded or use_retain or not bool(distill.any()) or bool(distill.all()):
             # One forward over every row: adapter on for distill rows (all rows with a retain loss),
             # gate features read at the last prompt token after layer k by the controller's hook.
             ctl.set_mask(torch.ones_like(target) if use_retain else target)
@@ -416,7 +423,7 @@ class PrismModule(L.LightningModule):
             kl = hidden.sum() * 0.0
         loss = g_loss + kl
         retain = torch.zeros((), device=ids.device)
-        if use_retain:
+        if use_retain and ref_logits.shape[0] > 0:
             stu = lm_head(hidden[rows[retain_sel], pos[retain_sel]])
             retain = full_kl(ref_logits, stu, hp.kl_temperature).mean()
             loss = loss + hp.retain_weight * retain
