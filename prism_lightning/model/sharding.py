@@ -38,8 +38,8 @@ class PrismFSDPStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure FSDP2 data parallelism over every process (no
     tensor parallelism), with checkpoints of the trainable weights only.
 
-    ``PrismModule.configure_model`` applies :func:`shard_module` on the strategy's device mesh. Runs on
-    GPUs (NCCL) and on CPUs (gloo), which is how the tests check it against DDP.
+    ``PrismModule.configure_model`` applies :func:`shard_module` on the strategy's device mesh. NCCL on
+    GPUs, gloo on CPUs: the tests check it against DDP on two CPU processes.
 
     Args:
         process_group_backend: ``nccl``/``gloo``; default by device.
