@@ -42,6 +42,14 @@ def work(tiny_model_dir, tmp_path_factory) -> Path:
     data = bytearray(gate.read_bytes())
     data[-3] ^= 0x01
     gate.write_bytes(bytes(data))
+    # same architecture and tokenizer, other weights: the checkpoint must refuse it
+    from transformers import AutoTokenizer
+
+    from prism_lightning.testing import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    build_tiny_model(len(tokenizer), seed=1).save_pretrained(root / "other-weights")
+    tokenizer.save_pretrained(root / "other-weights")
     (root / "prompts-bad.jsonl").write_text('{"query": "fine"}\n{"query": "broken\n{"query": "also fine"}\n')
     (root / "prompts-noquery.jsonl").write_text('{"query": "fine"}\n{"text": "no query key"}\n')
     return root
@@ -93,6 +101,10 @@ CASES = {
     "chat truncated gate": (["chat", "--checkpoint", "cut-gate", "hi"], "gate.safetensors differs"),
     "chat truncated adapter": (["chat", "--checkpoint", "cut-adapter", "hi"], "adapter_model.safetensors"),
     "chat edited gate": (["chat", "--checkpoint", "edited-gate", "hi"], "sha256 mismatch"),
+    "chat other base weights": (
+        ["chat", "--checkpoint", "ckpt", "--model", "other-weights", "hi"],
+        "the loaded model's weights differ",
+    ),
     "chat persona with checkpoint": (
         ["chat", "--checkpoint", "ckpt", "--persona", "math", "hi"],
         "--persona and --checkpoint exclude each other",

@@ -49,6 +49,7 @@ def test_fit_bootstraps_trains_exports_and_routes(fitted):
     adapter_cfg = json.loads((export / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == meta["base_model"]["name"]  # as the user named it
     assert meta["files"]["gate.safetensors"]  # content hashes checked at load time
+    assert meta["base_model"]["weights"]["embedding"]  # the base weights' fingerprint, checked at load
     # one line per log record: Lightning's own handler only, and no litlogger advertisement
     assert not [line for line in result.stderr.splitlines() if line.startswith("INFO lightning.")]
     assert "litlogger" not in result.stderr

@@ -45,7 +45,6 @@ from prism_lightning.generation import SamplingConfig
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class BootstrapResult:
     """Where each finished stage lives and the run summary (also in ``summary_path``)."""

@@ -17,6 +17,7 @@ import torch
 from prism_lightning.backbone import BackboneConfig, public_model_name
 from prism_lightning.errors import PrismError
 from prism_lightning.files import sha256_file
+from prism_lightning.model.fingerprint import check_weight_fingerprint, weight_fingerprint
 from prism_lightning.model.gate import Gate
 
 FORMAT_VERSION = 1
@@ -94,6 +95,9 @@ def export_checkpoint(
                 "source": module.backbone_source,
                 "backbone": _backbone_dict(module.backbone_config),
                 "fingerprint": base_fingerprint(module.base_model.config),
+                # taken before sharding (a sharded rank holds only slices of the embedding)
+                "weights": getattr(module, "base_weights_fingerprint", None)
+                or weight_fingerprint(module.base_model),
             },
             "gate_layer": int(hp.gate_layer),
             "gate_hidden": [int(h) for h in hp.gate_hidden],
@@ -197,8 +201,14 @@ def load_checkpoint(
     *,
     device: str | torch.device | None = None,
     backbone_override: BackboneConfig | None = None,
+    check_weights: bool = True,
 ):
-    """Load base model (from prism.json unless overridden) + adapter + gate into a RoutedModel."""
+    """Load base model (from prism.json unless overridden) + adapter + gate into a RoutedModel.
+
+    The base must be the one the checkpoint was trained on: same architecture and, for checkpoints that
+    recorded it, the same weights (a fingerprint of a few embedding rows and the first layer), so an
+    adapter trained on one model never loads silently onto a fine-tune of the same shape.
+    ``check_weights=False`` skips the weight check (on purpose, e.g. a re-quantised copy)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -214,6 +224,13 @@ def load_checkpoint(
         raise CheckpointMismatchError(
             f"Checkpoint {path} was trained on {meta['base_model']['name']!r} ({expected}), "
             f"but you loaded {cfg.model!r} ({got}). Load the base model it was trained on."
+        )
+    if check_weights:
+        check_weight_fingerprint(
+            meta["base_model"].get("weights"),
+            bb.model,
+            checkpoint=str(path),
+            override="load_checkpoint(..., check_weights=False)",
         )
     # Keep the adapter in the base model's dtype: peft would otherwise upcast a bf16 model's adapter
     # to fp32 (for training stability), and every LoRA matmul would run in fp32 with casts around it.

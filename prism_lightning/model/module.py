@@ -17,6 +17,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Sco
 
 from prism_lightning.backbone import BackboneConfig, resolve_dtype
 from prism_lightning.errors import require
+from prism_lightning.model.fingerprint import weight_fingerprint
 from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
 from prism_lightning.model.losses import full_kl, topk_kl
 from prism_lightning.model.routing import (
@@ -279,6 +280,7 @@ class PrismModule(L.LightningModule):
         self.controller = RoutingController(self.model, self.gate, hp.gate_layer, threshold=hp.threshold)
         self.tokenizer, self.formatter = bb.tokenizer, bb.formatter
         self.backbone_name, self.backbone_source = bb.name, bb.source
+        self.base_weights_fingerprint = weight_fingerprint(net)  # before any sharding; stored at export
 
     def _require_model(self) -> None:
         if self.model is None:
