@@ -187,6 +187,7 @@ def test_fit_cli_with_the_sharded_strategy(tiny_model_dir, tmp_path):
     plan = meta["training_config"]["plan"]
     assert plan["world_size"] == 2 and plan["global_batch"] == 8 and plan["accumulate_grad_batches"] == 2
     assert meta["training_config"]["exported_from"]["global_step"] == plan["optimizer_steps"]
+    assert meta["base_model"]["weights"]["embedding"]  # fingerprinted before sharding, not from a shard
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     plain = PeftModel.from_pretrained(base, tmp_path / "checkpoints" / "tiny" / "adapter")
     assert any("lora_A" in name for name, _ in plain.named_parameters())
