@@ -23,7 +23,8 @@ from prism_lightning.backbone import BackboneConfig
 from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
-from prism_lightning.model.module import PrismModule, check_against_model
+from prism_lightning.model.checks import check_against_model
+from prism_lightning.model.module import PrismModule
 
 SANITY_QUERIES = (
     "Write a short poem about autumn leaves.",

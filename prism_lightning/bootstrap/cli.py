@@ -19,7 +19,7 @@ def bootstrap_main(argv: Sequence[str] | None = None) -> int:
     from prism_lightning.bootstrap.stage import global_rank
     from prism_lightning.bootstrap.summary import format_summary
     from prism_lightning.lightning_cli import parse_config, trainer_kwargs_from
-    from prism_lightning.model.module import check_against_model, check_module_settings
+    from prism_lightning.model.checks import check_against_model, check_module_settings
 
     cfg = parse_config("bootstrap", list(sys.argv[1:] if argv is None else argv))
     data = cfg.data

@@ -8,6 +8,7 @@ pass. LM-head logits are computed only at response positions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import lightning as L
@@ -16,59 +17,23 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from prism_lightning.backbone import BackboneConfig, resolve_dtype
-from prism_lightning.errors import require
+from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
 from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
 from prism_lightning.model.losses import full_kl, topk_kl
 from prism_lightning.model.routing import (
-    MODES,
     RoutingController,
     apply_lora,
     decoder_layers,
     inner_model,
-    validate_routing_setup,
 )
+from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
 
 # .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
 # (Lightning's default when resuming) rebuild that plain dataclass.
 torch.serialization.add_safe_globals([BackboneConfig])
 
-LR_SCHEDULES = ("cosine", "linear", "constant")
 _TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def check_module_settings(settings: dict) -> None:
-    """Value ranges of PrismModule's settings, checked at construction so a bad value fails before the
-    bootstrap starts (the model-dependent checks are in :func:`check_against_model`)."""
-    s = settings
-    require(s["gate_layer"] >= 0, f"model.gate_layer must be >= 0, got {s['gate_layer']}.")
-    require(s["lora_rank"] >= 1, f"model.lora_rank must be >= 1, got {s['lora_rank']}.")
-    require(s["lora_alpha"] > 0, f"model.lora_alpha must be > 0, got {s['lora_alpha']}.")
-    for key in ("lora_dropout", "gate_dropout", "warmup_ratio"):
-        require(0.0 <= s[key] < 1.0, f"model.{key} must be in [0, 1), got {s[key]}.")
-    require(len(s["lora_target_modules"]) > 0, "model.lora_target_modules is empty; name at least one.")
-    hidden = s["gate_hidden"]
-    require(all(int(h) >= 1 for h in hidden), f"model.gate_hidden widths must be >= 1, got {hidden}.")
-    for key in ("gate_lr", "lora_lr", "kl_temperature"):
-        require(s[key] > 0, f"model.{key} must be > 0, got {s[key]}.")
-    for key in ("weight_decay", "retain_weight", "predict_temperature"):
-        require(s[key] >= 0, f"model.{key} must be >= 0, got {s[key]}.")
-    require(0.0 < s["threshold"] < 1.0, f"model.threshold must be in (0, 1), got {s['threshold']}.")
-    top_p = s["predict_top_p"]
-    require(0.0 < top_p <= 1.0, f"model.predict_top_p must be in (0, 1], got {top_p}.")
-    for key in ("predict_max_new_tokens", "predict_batch_size"):
-        require(s[key] >= 1, f"model.{key} must be >= 1, got {s[key]}.")
-    choices = {"lr_schedule": LR_SCHEDULES, "predict_mode": MODES}
-    for key, allowed in choices.items():
-        require(s[key] in allowed, f"Unknown model.{key} {s[key]!r}; choose one of {', '.join(allowed)}.")
-
-
-def check_against_model(settings: dict, backbone: BackboneConfig) -> None:
-    """Gate layer and LoRA targets against the model's own config, without loading its weights (a
-    meta-device copy lists the module names), so a typo fails in seconds, not after the bootstrap."""
-    from prism_lightning.backbone import meta_model
-
-    validate_routing_setup(meta_model(backbone), settings["gate_layer"], settings["lora_target_modules"])
 
 
 def _metrics(threshold: float) -> MetricCollection:
@@ -85,45 +50,6 @@ def _dtype_for(backbone: BackboneConfig, device: torch.device) -> BackboneConfig
     """``backbone`` with its ``auto`` dtype fixed to the one it gets on ``device``."""
     dtype = str(resolve_dtype(backbone.dtype, device)).removeprefix("torch.")
     return dataclasses.replace(backbone, dtype=dtype)
-
-
-def training_plan(trainer: L.Trainer, steps: int, warmup: int) -> dict[str, int | None]:
-    """Rows, batch sizes and optimiser steps of a fit as Lightning will run it. Per epoch each process
-    gets ceil(rows / world) rows (the distributed sampler repeats a few to even them out), so
-    ceil(that / batch) micro-batches, and Lightning steps after every ``accumulate`` micro-batches and
-    after the epoch's last: ceil(micro-batches / accumulate) steps, which equals ceil(rows / global)."""
-    dm = getattr(trainer, "datamodule", None)
-    rows = len(dm.train_set) if getattr(dm, "train_set", None) is not None else None
-    batch = getattr(dm, "batch_size", None) if dm is not None else None
-    world, accumulate = int(trainer.world_size), int(trainer.accumulate_grad_batches)
-    micro = trainer.num_training_batches
-    return {
-        "rows": rows,
-        "world_size": world,
-        "per_device_batch": batch,
-        "accumulate_grad_batches": accumulate,
-        "global_batch": batch * accumulate * world if batch else None,
-        "steps_per_epoch": math.ceil(micro / accumulate) if math.isfinite(micro) else None,
-        "optimizer_steps": steps,
-        "warmup_steps": warmup,
-    }
-
-
-def format_plan(plan: dict[str, int | None]) -> str:
-    """The plan as one block, printed when fit starts."""
-    labels = {
-        "rows": "training rows",
-        "world_size": "world size (processes)",
-        "per_device_batch": "per-device batch",
-        "accumulate_grad_batches": "gradient accumulation",
-        "global_batch": "global batch",
-        "steps_per_epoch": "optimiser steps / epoch",
-        "optimizer_steps": "optimiser steps",
-        "warmup_steps": "warmup steps",
-    }
-    lines = ["training plan"]
-    lines += [f"  {label:<26}{'-' if plan[key] is None else plan[key]:>8}" for key, label in labels.items()]
-    return "\n".join(lines)
 
 
 class PrismModule(L.LightningModule):
@@ -497,16 +423,7 @@ class PrismModule(L.LightningModule):
         if self.trainer.is_global_zero:
             print(format_plan(self.plan), flush=True)
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if not total or hp.lr_schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if hp.lr_schedule == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0 - progress
-
+        factor = functools.partial(lr_factor, warmup=warmup, total=total, schedule=hp.lr_schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
