@@ -65,8 +65,7 @@ class PrismExport(Callback):
         after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.exported_from = {
             "weights": "last",
-            "epoch": trainer.current_epoch,
-            "epochs": trainer.current_epoch,  # epochs completed (fit's summary prints this key)
+            "epochs": trainer.current_epoch,  # completed: the loop has moved past the last one
             "global_step": trainer.global_step,
         }
         if self.export_from == "best":
