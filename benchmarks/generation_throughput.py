@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism_lightning.generation import SamplingConfig, generate, stop_token_ids  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_and_training import commit_hash  # noqa: E402  (one git lookup for every benchmark)
 
 NAIVE, PLAIN = "naive (model.generate x1)", "plain batched model.generate"
 PLAIN_SORTED, OURS = "plain batched generate, sorted", "ours (generation.generate)"
@@ -135,16 +137,6 @@ QUERIES = [
     "Give me three ideas for a birthday party for a seven-year-old who loves dinosaurs.",
     "What is the capital of Australia?",
 ]
-
-
-def commit_hash() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        cmd = ["git", "rev-parse", "HEAD"]
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def machine_description(device: torch.device) -> dict:
