@@ -23,6 +23,7 @@ from prism_lightning.backbone import BackboneConfig
 from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
+from prism_lightning.errors import ConfigError
 from prism_lightning.model.checks import check_against_model
 from prism_lightning.model.module import PrismModule
 
@@ -102,7 +103,7 @@ class PrismCLI(LightningCLI):
             trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
         derive_run_paths(cfg)
         if self.subcommand == "fit" and cfg.get("export_from") not in EXPORT_FROM:
-            raise_config(
+            raise ConfigError(
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
 
@@ -200,12 +201,6 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         output = cfg.get("predict_output") or str(Path(self.datamodule.run_dir) / "predictions.jsonl")
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
-
-
-def raise_config(message: str) -> None:
-    from prism_lightning.errors import ConfigError
-
-    raise ConfigError(message)
 
 
 def derive_run_paths(cfg) -> None:
