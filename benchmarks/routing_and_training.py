@@ -275,9 +275,22 @@ def bench_inference(args, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
         if bool((torch.sigmoid(gate(o.hidden_states[1][:, -1])) >= 0.5).any()):
             fwd(plain)
 
+    def merged_run(name=None):  # the opt-in fast path: an all-on batch on merged weights
+        def setup():
+            ctl.reset()
+            set_gate(30.0)
+            ctl.use_merged_weights(True)
+
+        def run():
+            ctl.arm()
+            fwd(routed, name=name)
+
+        return Variant(run, setup, lambda *a, **k: ctl.use_merged_weights(False))
+
     variants = {
         "base": Variant(lambda: fwd(base, name="base")),
         "plain_peft_on": Variant(lambda: fwd(plain, name="plain_on"), plain_on_setup),
+        "routed_on_merged": merged_run(name="routed_on_merged"),
         "plain_peft_off": Variant(lambda: fwd(plain), plain_off_setup, lambda *a, **k: plain_on_setup()),
         "routed_on": routed_run(30.0, name="routed_on"),
         "routed_off": routed_run(-30.0, name="routed_off"),
@@ -349,6 +362,11 @@ def bench_inference(args, device: str, dtype: torch.dtype) -> tuple[dict, dict]:
             "decode_base": decode(base),
             "decode_plain_peft_on": decode(plain, plain_on_setup),
             "decode_routed_on": decode(routed, routed_state("on")),
+            "decode_routed_on_merged": Variant(
+                decode(routed, routed_state("on")).fn,
+                lambda: (ctl.use_merged_weights(True), ctl.set_mask(1.0)),
+                lambda *a, **k: ctl.use_merged_weights(False),
+            ),
             "decode_routed_off": decode(routed, routed_state("off")),
             "decode_routed_mixed": decode(routed, routed_state("mixed")),
         }
@@ -546,6 +564,7 @@ def ratios_from(res: dict) -> dict:
     if "base" in res:
         base = res["base"]["median"]
         r["prefill_routed_on_vs_base"] = res["routed_on"]["median"] / base
+        r["prefill_routed_on_merged_vs_base"] = res["routed_on_merged"]["median"] / base
         r["prefill_plain_peft_on_vs_base"] = res["plain_peft_on"]["median"] / base
         r["prefill_routed_off_vs_base"] = res["routed_off"]["median"] / base
         r["prefill_routed_mixed_vs_base"] = res["routed_mixed"]["median"] / base
@@ -557,7 +576,14 @@ def ratios_from(res: dict) -> dict:
         r["decision_cost_plain_early_exit_vs_base"] = res["decision_cost_early_exit_s"]["median"] / base
         r["decision_cost_plain_reference_vs_base"] = res["decision_cost_reference_s"]["median"] / base
         dbase = res["decode_base"]["median"]
-        for key in ("decode_plain_peft_on", "decode_routed_on", "decode_routed_off", "decode_routed_mixed"):
+        decode_keys = (
+            "decode_plain_peft_on",
+            "decode_routed_on",
+            "decode_routed_on_merged",
+            "decode_routed_off",
+            "decode_routed_mixed",
+        )
+        for key in decode_keys:
             r[f"{key}_vs_base"] = res[key]["median"] / dbase
     if "ours_all_distill" in res:
         t = res["_times"]

@@ -264,6 +264,50 @@ def test_routed_generation_matches_base_and_adapter(tiny_model_dir, tmp_path):
     assert isinstance(rows[0]["route"], bool) and 0.0 <= rows[0]["gate_prob"] <= 1.0
 
 
+def test_merged_fast_path_serves_all_on_batches_like_peft_merged(tiny_model_dir, tmp_path):
+    """All-on batches run on merged weights and equal peft's own merged model bit for bit; all-off
+    batches stay the base model; mixed batches keep the masked path; the base weights come back intact."""
+    from transformers import AutoModelForCausalLM
+
+    module, batches = _trained_module(tiny_model_dir, tmp_path, steps=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.5)
+    out = export_checkpoint(module, tmp_path / "ckpt", personas=[], bootstrap_summary=None)
+    fast = load_checkpoint(out, device="cpu", merge_weights=True)
+    merged = load_checkpoint(out, device="cpu")
+    merged.controller.remove()
+    merged.model.merge_adapter()  # peft's own merge, the reference for all-on batches
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    unmerged = load_checkpoint(out, device="cpu")
+    originals = {n: p for n, p in unmerged.model.named_parameters() if "base_layer" in n}
+    ids = batches[0]["input_ids"]
+    n = ids.shape[0]
+    with torch.no_grad():
+        fast.controller.arm(force=torch.ones(n, dtype=torch.bool))
+        on = fast.model(input_ids=ids).logits
+        assert torch.equal(on, merged.model(input_ids=ids).logits)
+        unmerged.controller.reset()
+        torch.testing.assert_close(on, unmerged.model(input_ids=ids).logits, rtol=1e-3, atol=1e-3)  # rounding
+        fast.controller.arm(force=torch.zeros(n, dtype=torch.bool))
+        assert torch.equal(fast.model(input_ids=ids).logits, base(input_ids=ids).logits)
+        mixed = torch.tensor([i % 2 == 0 for i in range(n)])
+        fast.controller.arm(force=mixed)
+        unmerged.controller.arm(force=mixed)
+        assert torch.equal(fast.model(input_ids=ids).logits, unmerged.model(input_ids=ids).logits)
+        # routed generation, all on: the merged model's tokens
+        queries = DISTILL_QUERIES[:3]
+        sampling = SamplingConfig(max_new_tokens=6)
+        got = fast.generate(queries, sampling=sampling, route=True)
+        want = generate_batch(merged.model, merged.tokenizer, merged.prompts(queries), sampling)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want] and all(g.route for g in got)
+    fast.controller.use_merged_weights(False)
+    restored = [torch.equal(p, originals[n]) for n, p in fast.model.named_parameters() if n in originals]
+    assert restored and all(restored)  # the base weights were swapped, never written
+
+
 def test_resume_from_lightning_ckpt(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     module = make_module(tiny_model_dir)

@@ -202,13 +202,16 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     backbone_override: BackboneConfig | None = None,
     check_weights: bool = True,
+    merge_weights: bool = False,
 ):
     """Load base model (from prism.json unless overridden) + adapter + gate into a RoutedModel.
 
     The base must be the one the checkpoint was trained on: same architecture and, for checkpoints that
     recorded it, the same weights (a fingerprint of a few embedding rows and the first layer), so an
     adapter trained on one model never loads silently onto a fine-tune of the same shape.
-    ``check_weights=False`` skips the weight check (on purpose, e.g. a re-quantised copy)."""
+    ``check_weights=False`` skips the weight check (on purpose, e.g. a re-quantised copy).
+    ``merge_weights=True`` serves batches routed all on with merged weights (see
+    :meth:`RoutingController.use_merged_weights`)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -253,4 +256,5 @@ def load_checkpoint(
         threshold=meta["threshold"],
         adapter_name=meta.get("adapter_name", "default"),
         meta=meta,
+        merge_weights=merge_weights,
     )

@@ -132,6 +132,7 @@ class RoutedModel:
         threshold: float = 0.5,
         adapter_name: str = "default",
         meta: dict | None = None,
+        merge_weights: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -143,6 +144,8 @@ class RoutedModel:
         self.controller = RoutingController(
             model, gate, gate_layer, adapter_name=adapter_name, threshold=threshold
         )
+        if merge_weights:  # all-on batches at the base model's cost, for a second copy of the projections
+            self.controller.use_merged_weights()
 
     @property
     def device(self) -> torch.device:

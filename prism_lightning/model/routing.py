@@ -151,6 +151,9 @@ class RoutingController:
         self._positions: torch.Tensor | None = None
         self._stop_after = False
         self._force: torch.Tensor | None = None
+        # merged-weights fast path (use_merged_weights): per LoRA layer (base weight, merged weight)
+        self._merged: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] | None = None
+        self._weights_merged = False
         self.probs: torch.Tensor | None = None  # gate probabilities of the last armed pass (its rows)
         self.decision: torch.Tensor | None = None  # routed rows of the last armed pass (bool)
         self.features: torch.Tensor | None = None
@@ -195,12 +198,15 @@ class RoutingController:
         else:
             self._state = "mixed"
             self._mask = on
+            self._swap_weights(False)
             self._set_skipping(False)
 
     def _set_uniform(self, state: str) -> None:
         self._state = state
         self._mask = None
-        self._set_skipping(state == "off" and not torch.is_grad_enabled())
+        merged = state == "on" and self._merged is not None and not torch.is_grad_enabled()
+        self._swap_weights(merged)
+        self._set_skipping(merged or (state == "off" and not torch.is_grad_enabled()))
 
     def _set_skipping(self, skip: bool) -> None:
         # Toggle the layers' flag directly: peft's enable_adapters() would also flip requires_grad.
@@ -208,6 +214,37 @@ class RoutingController:
             for layer in self._lora_layers:
                 layer._disable_adapters = skip
             self._skipping = skip
+
+    # -- merged-weights fast path ---------------------------------------------------------------------
+    @torch.no_grad()
+    def use_merged_weights(self, enabled: bool = True) -> None:
+        """Serve batches whose rows are all routed on with merged weights (W + scaling * B A: one matmul
+        per projection instead of three), so an all-on prefill and its decode steps cost what the base
+        model costs. Mixed batches keep the masked path and all-off batches the base weights.
+
+        Costs a second copy of every adapted projection (the layers above the gate layer). Inference
+        only (never while autograd records). An all-on batch then equals peft's own merged model bit
+        for bit (the merged weight is computed as ``peft`` merges it), not the unmerged adapter: the
+        two differ by rounding."""
+        if enabled and self._merged is None:
+            self._merged = []
+            for layer in self._lora_layers:
+                weight = layer.get_base_layer().weight
+                delta = layer.get_delta_weight(self.adapter_name).to(weight.dtype)
+                self._merged.append((layer, weight.data, weight.data + delta))
+        elif not enabled and self._merged is not None:
+            self._swap_weights(False)
+            self._merged = None
+        if self._state != "mixed":
+            self._set_uniform(self._state)
+
+    def _swap_weights(self, merged: bool) -> None:
+        """Point each adapted projection at its merged or its base weight (no copy: ``.data`` swap)."""
+        if merged == self._weights_merged or self._merged is None:
+            return
+        for layer, base, fused in self._merged:
+            layer.get_base_layer().weight.data = fused if merged else base
+        self._weights_merged = merged
 
     def reset(self) -> None:
         """Back to adapter-on for every sequence (a plain always-on LoRA model)."""
@@ -330,4 +367,6 @@ class RoutingController:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._swap_weights(False)
+        self._merged = None
         self._set_skipping(False)
