@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--route", default="gated", choices=("gated", "on", "off"), help="routing mode with --checkpoint"
     )
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
+    p.add_argument(
+        "--merge_weights",
+        action="store_true",
+        help="with --checkpoint: answer adapter-on turns on merged weights (faster, a second weight copy)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
@@ -60,7 +65,12 @@ class _Session:
             from prism_lightning.model.export import load_checkpoint
 
             override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
-            self.routed = load_checkpoint(args.checkpoint, device=args.device, backbone_override=override)
+            self.routed = load_checkpoint(
+                args.checkpoint,
+                device=args.device,
+                backbone_override=override,
+                merge_weights=args.merge_weights,
+            )
             self.backbone = None
             self.context = None
         else:

@@ -124,6 +124,10 @@ def test_chat_with_checkpoint_prints_the_route(fitted):
     result = run_cli("chat", "--checkpoint", "checkpoints/tiny", "--max_new_tokens", "4", "hello", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[route: " in result.stderr and "gate p=" in result.stderr
+    forced = ("chat", "--checkpoint", "checkpoints/tiny", "--max_new_tokens", "4", "--route", "on", "hello")
+    merged = run_cli(*forced, "--merge_weights", cwd=work)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "[route: adapter" in merged.stderr
 
 
 def test_validate_and_test_score_the_exported_checkpoint(fitted):

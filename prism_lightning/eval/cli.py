@@ -239,6 +239,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap = _parser("evaluate", __doc__)
     ap.add_argument("--checkpoint", default=None, help="exported PRISM checkpoint (or a run dir holding one)")
     ap.add_argument(
+        "--merge_weights",
+        action="store_true",
+        help="serve batches routed all on with merged weights (faster; equals peft's merged model, not the "
+        "unmerged adapter bit for bit; costs a second copy of the adapted projections)",
+    )
+    ap.add_argument(
         "--benchmarks", default=",".join(BENCHMARKS), help="comma list of " + ",".join(BENCHMARKS)
     )
     ap.add_argument(
@@ -278,10 +284,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         saved = {k: v for k, v in saved.items() if k in fields}
         saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
         override = BackboneConfig(**saved)
-        routed = load_checkpoint(ckpt, device=device, backbone_override=override)
+        routed = load_checkpoint(
+            ckpt, device=device, backbone_override=override, merge_weights=args.merge_weights
+        )
         engine = Engine.from_routed(routed, name=str(ckpt))
         base_name = routed.meta["base_model"]["name"]
-        model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}"
+        merged = ":merged" if args.merge_weights else ""  # rows of the two paths are kept apart
+        model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}{merged}"
     else:
         bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
         engine = Engine.from_backbone(bb)
