@@ -71,6 +71,19 @@ def test_bootstrap_frames_match_the_stage_files(analysis_inputs):
     _drawn(F.length_histograms(lengths))
 
 
+
+def test_a_damaged_stage_is_a_missing_input_not_a_figure(analysis_inputs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(analysis_inputs.run_dir, run)
+    rows_file = L._stage_dir(run, "verdicts") / "rows.jsonl"
+    data = rows_file.read_bytes()
+    rows_file.write_bytes(data[: len(data) * 2 // 3])  # a kill or a bad copy cut it mid-line
+    with pytest.raises(L.MissingInputError, match="verdicts stage .* is damaged .*python -m prism_lightning"):
+        L.stage_rows(run, "verdicts")
+    assert len(L.stage_rows(run, "queries")) > 0  # the intact stages still load
+
 def test_training_curves_from_wandb_offline_files(analysis_inputs):
     curves = L.training_curves(analysis_inputs.run_dir)
     assert set(curves["source"]) == {"wandb"} and curves["run"].nunique() == 1

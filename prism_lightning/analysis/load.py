@@ -93,7 +93,27 @@ def stage_rows(run_dir: str | Path, stage: str) -> list[dict[str, Any]]:
     """The rows of one bootstrap stage (schemas: :mod:`prism_lightning.bootstrap`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
-    return _read_jsonl(_stage_dir(Path(run_dir), stage) / "rows.jsonl")
+    directory = _stage_dir(Path(run_dir), stage)
+    _check_stage(directory, stage)
+    return _read_jsonl(directory / "rows.jsonl")
+
+
+def _check_stage(directory: Path, stage: str) -> None:
+    """A damaged stage (truncated or edited rows, a missing tensor file) is a missing input, never plotted:
+    the bootstrap recomputes it."""
+    from prism_lightning.bootstrap.store import finished_dir_problem
+
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    problem = "meta.json is missing or unreadable" if not isinstance(meta, dict) else None
+    problem = problem or finished_dir_problem(directory, meta)
+    if problem:
+        raise MissingInputError(
+            f"the {stage} stage in {directory} is damaged ({problem}): run `python -m prism_lightning "
+            "bootstrap` with the run's config, which recomputes it"
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
