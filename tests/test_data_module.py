@@ -157,3 +157,15 @@ def test_export_from_best_needs_a_monitored_checkpoint(tiny_run, tmp_path):
     )  # fmt: skip
     with pytest.raises(PrismError, match="export_from=best needs a ModelCheckpoint"):
         trainer.fit(PrismModule(backbone=backbone, lora_rank=4, gate_hidden=[16]), make_dm(result, backbone))
+
+
+def test_teacher_tensors_that_disagree_with_their_row_are_refused(tiny_run):
+    from prism_lightning import PrismError
+
+    result, _ = tiny_run
+    rows = [dict(r) for r in result.rows("teacher")]
+    assert rows, "the tiny bootstrap made no teacher rows"
+    assert set(load_teacher_targets(result.stage_dirs["teacher"], rows)) == {r["id"] for r in rows}
+    rows[0]["n_tokens"] += 1  # the row and its tensors no longer agree
+    with pytest.raises(PrismError, match=f"teacher tensors of row {rows[0]['id']}"):
+        load_teacher_targets(result.stage_dirs["teacher"], rows)

@@ -21,6 +21,7 @@ import torch
 
 from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.errors import PrismError
 from prism_lightning.generation import END_OF_TURN_TOKENS
 
 
@@ -139,6 +140,14 @@ def load_teacher_targets(
         with safe_open(str(Path(stage_dir) / name), framework="pt") as fh:
             for i in ids:
                 out[i] = {key: fh.get_tensor(f"{i}.{key}") for key in ("values", "indices", "response_ids")}
+    for r in rows:  # the row says what its tensors must look like; a mismatch is a damaged stage
+        got, want = out[r["id"]], (int(r["n_tokens"]), int(r["top_k"]))
+        shapes = {k: tuple(v.shape) for k, v in got.items()}
+        if shapes != {"values": want, "indices": want, "response_ids": want[:1]}:
+            raise PrismError(
+                f"teacher tensors of row {r['id']} in {stage_dir} have shapes {shapes}, the row says "
+                f"{want[0]} tokens x top {want[1]}: delete {stage_dir} and rerun to recompute the stage."
+            )
     return out
 
 
