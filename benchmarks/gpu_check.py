@@ -560,30 +560,21 @@ class Check:
         self.routed = None
         free()
 
-    def speed_routing(self) -> dict:
+    def _routing_and_training(self, part: str, skip: str, keys: tuple[str, ...]) -> dict:
         import routing_and_training
 
         self._drop_routed()
-        rep = routing_and_training.main(self._speed_args("routing") + ["--skip-training"])
-        return {
-            "ratios": rep["ratios"],
-            "targets": rep["targets"],
-            "checks": rep["checks"],
-            "results": rep["results"],
-            "settings": rep["settings"],
-        }
+        rep = routing_and_training.main(self._speed_args(part) + [skip])
+        return {key: rep[key] for key in keys}
+
+    def speed_routing(self) -> dict:
+        keys = ("ratios", "targets", "checks", "results", "settings")
+        return self._routing_and_training("routing", "--skip-training", keys)
 
     def speed_training(self) -> dict:
-        import routing_and_training
-
-        self._drop_routed()
-        rep = routing_and_training.main(self._speed_args("training") + ["--skip-inference"])
-        return {
-            "ratios": rep["ratios"],
-            "targets": rep["targets"],
-            "results": rep["results"],
-            "settings": rep["settings"],
-        }
+        return self._routing_and_training(
+            "training", "--skip-inference", ("ratios", "targets", "results", "settings")
+        )
 
     def speed_generation(self) -> dict:
         import generation_throughput

@@ -166,3 +166,22 @@ data:
     min_query_chars: 1
     answer_max_new_tokens: 8
 """
+
+
+def run_script(path: str | Path, source: str, *, timeout: float = 300):
+    """Write ``source`` (dedented) to ``path`` and run it in a fresh Python process from its directory,
+    with this checkout importable and one thread per process; the run must succeed. Multi-process tests
+    (DDP, FSDP) need their own process: Lightning launches the other ranks from the script."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = Path(path)
+    path.write_text(textwrap.dedent(source))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, str(path)], cwd=path.parent, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc

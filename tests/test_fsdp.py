@@ -9,11 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from prism_lightning.testing import run_script
 
 # One run per strategy: rank r trains on its own batches (so the gradient reduction matters), then
 # validates, exports through PrismExport, saves a .ckpt at step 2 and resumes from it for a third step.
@@ -84,19 +85,10 @@ with open({root!r} + f"/result{{rank}}.json", "w") as fh:
 
 def run_two_processes(kind: str, model_dir: Path, root: Path) -> dict:
     root.mkdir()
-    script = root / "run.py"
-    script.write_text(
-        textwrap.dedent(
-            SCRIPT.format(
-                tests=str(Path(__file__).parent), model_dir=str(model_dir), root=str(root), kind=kind
-            )
-        )
+    source = SCRIPT.format(
+        tests=str(Path(__file__).parent), model_dir=str(model_dir), root=str(root), kind=kind
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_script(root / "run.py", source, timeout=400)
     return {rank: json.loads((root / f"result{rank}.json").read_text()) for rank in (0, 1)}
 
 

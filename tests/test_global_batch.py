@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +12,7 @@ import yaml
 
 from prism_lightning.data.datamodule import PrismDataModule, accumulation_for
 from prism_lightning.errors import ConfigError
+from prism_lightning.testing import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -121,25 +118,16 @@ if trainer.global_rank == 0:
 
 @pytest.mark.slow
 def test_two_process_fit_takes_ceil_rows_over_global_optimiser_steps_per_epoch(tiny_model_dir, tmp_path):
-    script = tmp_path / "fit.py"
-    script.write_text(
-        textwrap.dedent(
-            SCRIPT.format(
-                tests=str(Path(__file__).parent),
-                model_dir=str(tiny_model_dir),
-                root=str(tmp_path),
-                rows=ROWS,
-                batch=BATCH,
-                global_batch=GLOBAL,
-                epochs=EPOCHS,
-            )
-        )
+    source = SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        model_dir=str(tiny_model_dir),
+        root=str(tmp_path),
+        rows=ROWS,
+        batch=BATCH,
+        global_batch=GLOBAL,
+        epochs=EPOCHS,
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_script(tmp_path / "fit.py", source)
     result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     steps = math.ceil(ROWS / GLOBAL) * EPOCHS
     assert result["global_step"] == steps == 6

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +12,7 @@ from prism_lightning.backbone import BackboneConfig
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.model.export import CheckpointMismatchError, export_checkpoint, load_checkpoint
 from prism_lightning.model.module import PrismModule
+from prism_lightning.testing import run_script
 
 DISTILL_QUERIES = [
     "What is twelve times seven?",
@@ -355,19 +352,10 @@ if trainer.global_rank == 0:
 
 @pytest.mark.slow
 def test_fit_ddp_two_cpu_processes(tiny_model_dir, tmp_path):
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(
-        textwrap.dedent(
-            DDP_SCRIPT.format(
-                tests=str(Path(__file__).parent), model_dir=str(tiny_model_dir), root=str(tmp_path)
-            )
-        )
+    source = DDP_SCRIPT.format(
+        tests=str(Path(__file__).parent), model_dir=str(tiny_model_dir), root=str(tmp_path)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_script(tmp_path / "ddp_fit.py", source, timeout=180)
     assert "DDP-OK 2 2" in proc.stdout
 
 
