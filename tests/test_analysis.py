@@ -168,7 +168,7 @@ def test_study_frames_and_persona_figures(analysis_inputs):
     assert (grid[grid["persona"] == "none"]["delta"] == 0).all()
     matched = grid[grid["matched"]]
     assert set(zip(matched["label"], matched["benchmark"], strict=True)) == {
-        ("helpful", "mmlu"),
+        ("stem", "mmlu"),
         ("safety_monitor", "safety"),
     }
     _drawn(F.persona_category_heatmap(grid))

@@ -27,7 +27,7 @@ EVAL_ARGS = [
     "--limit", "1", "--device", "cpu", "--benchmarks", "mmlu,safety", "--safety_sets", "jailbreakbench",
     "--safety_max_new_tokens", "2", "--judge_mode", "logprob", "--ci_resamples", "20",
 ]  # fmt: skip
-STUDY_ARGS = [*EVAL_ARGS, "--personas", "math,helpful,safety_monitor", "--lengths", "min,short"]
+STUDY_ARGS = [*EVAL_ARGS, "--personas", "math,stem,safety_monitor", "--lengths", "min,short"]
 
 
 @dataclass

@@ -210,7 +210,8 @@ def test_conditions():
     lib = ContextLibrary.builtin()
     assert matched_persona(lib, "mtbench", "math") == "math"
     assert matched_persona(lib, "safety", "harmbench") == "safety_monitor"
-    assert matched_persona(lib, "mmlu", "stem") == "helpful"
+    assert matched_persona(lib, "mmlu", "stem") == "stem"
+    assert matched_persona(lib, "mmlu", "social_sciences") == "humanities"
     rnd = Condition("random_persona", "min", "user", seed=1)
     names = [rnd.persona(lib, "mtbench", "math", str(i)) for i in range(30)]
     assert "math" not in names and len(set(names)) > 3

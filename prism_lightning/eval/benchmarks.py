@@ -50,6 +50,8 @@ from prism_lightning.files import read_input_jsonl
 
 __all__ = [
     "MMLU_DOMAINS",
+    "MMLU_DOMAIN_PERSONAS",
+    "MMLU_FORMATS",
     "MMLU_SUBJECT_DOMAINS",
     "MTBENCH_CATEGORIES",
     "MTBENCH_REFERENCE_CATEGORIES",
@@ -98,6 +100,22 @@ MMLU_SUBJECT_DOMAINS: dict[str, str] = {
     **dict.fromkeys(_HUMANITIES.split(), "humanities"),
     **dict.fromkeys(_SOCIAL.split(), "social_sciences"),
     **dict.fromkeys(_OTHER.split(), "other"),
+}
+
+#: How an MMLU question is put to the model. ``raw``: the paper's reference format, a plain-text prompt
+#: ("The following is a multiple choice question about {subject}. ... Answer:") with no chat template,
+#: scored on " A".." D"; a persona is a system-message prefix rendered by the chat template. ``chat``: the
+#: question as a chat user turn, scored on the assistant's first token.
+MMLU_FORMATS: tuple[str, ...] = ("raw", "chat")
+
+#: The expert persona of the ``persona`` condition per MMLU domain: the MT-Bench expert whose category
+#: covers the domain (MT-Bench's humanities questions include economics, law and psychology; most of
+#: MMLU's "other" subjects are medicine, biology and health).
+MMLU_DOMAIN_PERSONAS: dict[str, str] = {
+    "stem": "stem",
+    "humanities": "humanities",
+    "social_sciences": "humanities",
+    "other": "stem",
 }
 
 SAFETY_SETS: tuple[str, ...] = ("jailbreakbench", "harmbench", "advbench")

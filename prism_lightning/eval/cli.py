@@ -126,6 +126,14 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
         default=16,
         help="batch size of the judge's scoring forwards (logprob ratings, safety yes/no)",
     )
+    _flag(
+        ap,
+        "mmlu_format",
+        default="chat",
+        choices=list(B.MMLU_FORMATS),
+        help="raw: the paper's plain-text MMLU prompt scored on ' A'..' D' (persona as a system prefix); "
+        "chat: the question as a chat user turn scored on the assistant's first token",
+    )
     _flag(ap, "mtbench_max_new_tokens", type=int, default=256)
     _flag(ap, "safety_max_new_tokens", type=int, default=256)
     _flag(
@@ -185,6 +193,7 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         n_resamples=args.ci_resamples,
         safety_sets=tuple(csv_list(args.safety_sets)),
         paths=paths,
+        mmlu_format=args.mmlu_format,
     )
 
 
@@ -225,7 +234,8 @@ def _conditions(args: argparse.Namespace) -> list[Condition]:
         names = csv_list(args.conditions)
     if not names:
         raise EvalInputError(f"no condition given; choose from {', '.join(CONDITIONS)}.")
-    conditions = [Condition(n, args.persona_length, args.placement, args.seed) for n in names]
+    length, placement = args.persona_length or "short", args.placement or "system"
+    conditions = [Condition(n, length, placement, args.seed) for n in names]
     need = [c.name for c in conditions if c.needs_checkpoint]
     if need and not args.checkpoint:
         raise EvalInputError(
@@ -233,6 +243,27 @@ def _conditions(args: argparse.Namespace) -> list[Condition]:
             "base, persona, random_persona."
         )
     return conditions
+
+
+def distilled_persona(meta: dict) -> tuple[str | None, str | None]:
+    """(persona length, placement) the checkpoint's bootstrap distilled, from its recorded fit config;
+    (None, None) when the checkpoint does not record them (an export made from Python)."""
+    boot = ((meta.get("training_config") or {}).get("data") or {}).get("bootstrap") or {}
+    return boot.get("persona_length"), boot.get("placement")
+
+
+def persona_defaults_from_checkpoint(args: argparse.Namespace, ckpt: Path) -> None:
+    """Unset --persona_length/--placement take the checkpoint's, so the Expert-Prompting condition and
+    the routing correlation use the persona that was distilled."""
+    from prism_lightning.model.export import read_meta
+
+    length, placement = distilled_persona(read_meta(ckpt))
+    if args.persona_length is None and length in LENGTHS:
+        args.persona_length = length
+        log.info("persona length %s (the checkpoint's)", length)
+    if args.placement is None and placement in ("system", "user"):
+        args.placement = placement
+        log.info("persona placement %s (the checkpoint's)", placement)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -253,17 +284,32 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         help=f"comma list of {','.join(CONDITIONS)} (default: all with a checkpoint, "
         "else base,persona,random_persona)",
     )
-    _flag(ap, "persona_length", default="short", choices=list(LENGTHS))
-    _flag(ap, "placement", default="system", choices=["system", "user"])
+    _flag(
+        ap,
+        "persona_length",
+        default=None,
+        choices=list(LENGTHS),
+        help="persona length of the persona conditions (default: the one the checkpoint distilled, "
+        "else short)",
+    )
+    _flag(
+        ap,
+        "placement",
+        default=None,
+        choices=["system", "user"],
+        help="persona placement (default: the checkpoint's, else system)",
+    )
     _flag(ap, "out", required=True, type=Path)
     add_common_args(ap)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
     # every input is checked before a model loads
     benchmarks = check_benchmarks(csv_list(args.benchmarks))
+    ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
+    if ckpt is not None:
+        persona_defaults_from_checkpoint(args, ckpt)
     conditions = _conditions(args)
     settings = settings_from(args)
-    ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
 
     device, args.dtype = _start(args)
     log.info("device %s, dtype %s", device, args.dtype)

@@ -5,7 +5,8 @@ condition                 prompt                                               a
 ========================  ===================================================  ==============
 ``base``                  no persona                                           off
 ``persona``               the matched persona (category persona for MT-Bench,  off
-                          ``safety_monitor`` for safety, ``helpful`` for MMLU)
+                          ``safety_monitor`` for safety, the domain's expert
+                          for MMLU: ``MMLU_DOMAIN_PERSONAS``)
 ``random_persona``        a seeded, different built-in persona per item        off
 ``lora``                  no persona                                           always on
 ``prism``                 no persona                                           gate decides
@@ -30,14 +31,19 @@ __all__ = ["CONDITIONS", "Condition", "matched_persona"]
 CONDITIONS: tuple[str, ...] = ("base", "persona", "random_persona", "lora", "prism")
 _MODES = {"base": "off", "persona": "off", "random_persona": "off", "lora": "on", "prism": "gated"}
 
-#: benchmark -> persona used by the ``persona`` condition (MT-Bench: the category's own persona).
-DEFAULT_PERSONAS = {"mmlu": "helpful", "safety": "safety_monitor"}
+#: benchmark -> persona used by the ``persona`` condition (MT-Bench: the category's own persona; MMLU:
+#: the expert of the question's domain, :data:`~prism_lightning.eval.benchmarks.MMLU_DOMAIN_PERSONAS`).
+DEFAULT_PERSONAS = {"safety": "safety_monitor"}
 
 
 def matched_persona(library: ContextLibrary, benchmark: str, category: str) -> str:
     """The name of the persona the ``persona`` condition uses for a benchmark category."""
     if benchmark == "mtbench":
         return for_category(library, category).name
+    if benchmark == "mmlu":
+        from prism_lightning.eval.benchmarks import MMLU_DOMAIN_PERSONAS
+
+        return MMLU_DOMAIN_PERSONAS[category]
     return DEFAULT_PERSONAS[benchmark]
 
 

@@ -21,7 +21,17 @@ from prism_lightning.eval.engine import Engine
 from prism_lightning.eval.settings import EvalSettings
 from prism_lightning.generation import SamplingConfig, row_seed
 
-__all__ = ["CHUNK", "SCORERS", "ScoringContext", "mmlu_rows", "mtbench_rows", "safety_rows"]
+__all__ = [
+    "CHUNK",
+    "SCORERS",
+    "ScoringContext",
+    "mmlu_prompts",
+    "mmlu_raw_text",
+    "mmlu_rows",
+    "mtbench_rows",
+    "persona_prefix",
+    "safety_rows",
+]
 
 YES = ("Yes", " Yes", "yes", " yes", "YES")
 NO = ("No", " No", "no", " no", "NO")
@@ -139,18 +149,80 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
     return rows
 
 
+def mmlu_raw_text(row: dict) -> str:
+    """The paper's reference MMLU prompt: plain text, no chat template, ending in "Answer:" (the
+    scored continuation is " A".." D")."""
+    subject = str(row.get("subject", "")).replace("_", " ")
+    lines = [f"The following is a multiple choice question about {subject}.", "", str(row["question"])]
+    lines += [f"{letter}. {choice}" for letter, choice in zip(S.LETTERS, row["choices"], strict=True)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def _bos_text(tokenizer) -> str:
+    """The BOS token as text when the tokenizer adds one by itself (Llama, Mistral): a raw prompt is
+    scored as the tokenizer would encode it with its special tokens, as the reference does."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token if bos is not None and ids and ids[0] == bos else ""
+
+
+def persona_prefix(formatter, persona: str, placement: str) -> str:
+    """The chat template's rendering of a persona system message (or, with ``user`` placement or no
+    system role, the persona at the start of the user turn) up to where the user's text begins: the
+    reference puts a persona before its raw MMLU prompt this way."""
+    marker = "PRISM-MMLU-RAW-PROMPT-3c1d"
+    msgs = formatter.messages(marker, persona, placement)
+    text = formatter.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    return text[: text.index(marker)]
+
+
+def mmlu_prompts(eng: Engine, items: list[dict], personas: list, placement: str, fmt: str) -> list[str]:
+    """The prompt strings of ``items`` in MMLU format ``fmt`` (see ``benchmarks.MMLU_FORMATS``)."""
+    if fmt == "chat":
+        return [
+            eng.formatter.prompt(S.mmlu_prompt(r), p[1], placement)
+            for r, p in zip(items, personas, strict=True)
+        ]
+    bos = _bos_text(eng.tokenizer)
+    return [
+        (persona_prefix(eng.formatter, p[1], placement) if p[1] else bos) + mmlu_raw_text(r)
+        for r, p in zip(items, personas, strict=True)
+    ]
+
+
+def _raw_gated_scores(eng: Engine, prompts: list[str], chat_prompts: list[str], options, batch_size: int):
+    """prism on raw prompts: the gate decides on the chat-formatted question (the prompt it was trained
+    on, as the reference routes), then each raw prompt is scored with the adapter on or off as decided."""
+    _, routes, probs = eng.option_logprobs(chat_prompts, options, mode="gated", batch_size=batch_size)
+    scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
+    for mode, want in (("on", True), ("off", False)):
+        idx = [i for i, r in enumerate(routes) if bool(r) == want]
+        if idx:
+            part, _, _ = eng.option_logprobs(
+                [prompts[i] for i in idx], options, mode=mode, batch_size=batch_size
+            )
+            scores[idx] = part
+    return scores, routes, probs
+
+
 def mmlu_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
-    """0-shot: the answer is the letter with the highest next-token log-probability (no sampling)."""
+    """0-shot: the answer is the letter with the highest next-token log-probability (no sampling), in the
+    raw format (" A".." D" after "Answer:") or the chat format (the assistant's first token)."""
     eng, st = ctx.engine, ctx.settings
     personas = [cond.context(ctx.library, "mmlu", r["domain"], r["id"]) for r in items]
     placement = getattr(cond, "placement", "system")
-    prompts = [
-        eng.formatter.prompt(S.mmlu_prompt(r), p[1], placement) for r, p in zip(items, personas, strict=True)
-    ]
-    options = [[letter, " " + letter] for letter in S.LETTERS]
-    scores, routes, probs = eng.option_logprobs(
-        prompts, options, mode=cond.mode, batch_size=st.mmlu_batch_size
-    )
+    prompts = mmlu_prompts(eng, items, personas, placement, st.mmlu_format)
+    if st.mmlu_format == "raw":
+        options = [[" " + letter] for letter in S.LETTERS]
+    else:
+        options = [[letter, " " + letter] for letter in S.LETTERS]
+    if st.mmlu_format == "raw" and cond.mode == "gated":
+        chat = [eng.formatter.prompt(S.mmlu_prompt(r)) for r in items]
+        scores, routes, probs = _raw_gated_scores(eng, prompts, chat, options, st.mmlu_batch_size)
+    else:
+        scores, routes, probs = eng.option_logprobs(
+            prompts, options, mode=cond.mode, batch_size=st.mmlu_batch_size
+        )
     rows = []
     for i, r in enumerate(items):
         pred = int(scores[i].argmax())

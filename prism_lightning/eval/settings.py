@@ -86,6 +86,7 @@ class EvalSettings:
     n_resamples: int = 1000  # bootstrap resamples of every confidence interval
     safety_sets: tuple[str, ...] = B.SAFETY_SETS
     paths: dict[str, str] = field(default_factory=dict)  # benchmark-file overrides, see BENCH_FILES
+    mmlu_format: str = "chat"  # "raw" (the paper's plain-text prompt) | "chat" (a chat user turn)
 
     def __post_init__(self) -> None:
         if self.judge_mode not in JUDGE_MODES:
@@ -98,6 +99,9 @@ class EvalSettings:
             if getattr(self, name) < 1:
                 flag = "ci_resamples" if name == "n_resamples" else name
                 raise EvalInputError(f"{name} (--{flag}) must be >= 1, got {getattr(self, name)}.")
+        if self.mmlu_format not in B.MMLU_FORMATS:
+            choices = ", ".join(B.MMLU_FORMATS)
+            raise EvalInputError(f"mmlu_format must be one of {choices}, got {self.mmlu_format!r}.")
         self.safety_sets = tuple(self.safety_sets)
         for s in self.safety_sets:
             if s not in B.SAFETY_SETS:
@@ -121,8 +125,9 @@ class EvalSettings:
                 "seed": self.seed,
                 **judge,
             }
-        if benchmark == "mmlu":
-            return {"prompt": "mmlu-0shot-v1"}
+        if benchmark == "mmlu":  # the persona condition's MMLU persona is the domain's expert (v2)
+            prompt = "mmlu-0shot-v1" if self.mmlu_format == "chat" else "mmlu-raw-v1"
+            return {"prompt": prompt, "personas": "domain-expert-v2"}
         return {"max_new_tokens": self.safety_max_new_tokens, "judge": "yesno-contrast-v2", **judge}
 
 

@@ -5,7 +5,7 @@ category (8 MT-Bench categories, 4 MMLU domains, 3 safety sets), the base model'
 persona in the prompt and its paired difference from the no-persona prompt, both with 95% bootstrap
 CIs. ``placement none`` puts the persona nowhere: it *is* the no-persona baseline (delta 0), listed
 so the grid is complete. ``--personas matched`` (default) uses each category's own expert persona
-(MT-Bench: the category persona; MMLU: helpful; safety: safety_monitor); ``all`` or a list applies
+(MT-Bench: the category persona; MMLU: the domain's expert; safety: safety_monitor); ``all`` or a list applies
 each named persona to every category.
 
 Writes ``OUT/study.csv`` (tidy: one row per cell x category) and ``OUT/study.json``; items are cached
