@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
@@ -71,10 +71,17 @@ class _Session:
                 backbone_override=override,
                 merge_weights=args.merge_weights,
             )
+            if args.threshold is not None:
+                self.routed.threshold = args.threshold
+            from prism_lightning.serve.routed_batch import RoutedBatchRunner
+
+            # Single-adapter checkpoints stream through the serving engine's routed batches.
+            self.runner = RoutedBatchRunner(self.routed) if RoutedBatchRunner.supports(self.routed) else None
             self.backbone = None
             self.context = None
         else:
             self.routed = None
+            self.runner = None
             self.context = None
             if args.persona:  # resolved before the model loads, so a typo fails at once
                 library = ContextLibrary.from_config(args.context_file)
@@ -83,11 +90,23 @@ class _Session:
                 model=args.model or DEFAULT_MODEL, dtype=args.dtype, trust_remote_code=args.trust_remote_code
             ).load(args.device)
 
-    def ask(self, message: str) -> str:
+    def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
+        """Answer ``message`` (with the conversation so far); ``write`` gets the answer token by token
+        through the serving engine's streaming path (the deltas add up to the returned reply)."""
         from prism_lightning.generation import generate_batch
+        from prism_lightning.serve.text_stream import TextStream
 
         self.turns.append(message)
-        if self.routed is not None:
+        tokenizer = self.routed.tokenizer if self.routed is not None else self.backbone.tokenizer
+        stream = TextStream(tokenizer)
+
+        def on_step(new_tokens: dict[int, int], finished: dict[int, str]) -> None:
+            for token in new_tokens.values():
+                delta = stream.add(token)
+                if delta and write is not None:
+                    write(delta)
+
+        if self.routed is not None and self.runner is None:  # K-way: answered whole, not streamed
             out = self.routed.chat(
                 self.turns,
                 self.replies,
@@ -97,18 +116,52 @@ class _Session:
                 route=self.route,
             )
             self.route = out.route
-            reply = out.text
             print(
                 f"[route: {'adapter' if out.route else 'base'}  gate p={out.gate_prob:.3f}]", file=sys.stderr
             )
+            for token in out.token_ids:
+                on_step({0: token}, {})
+        elif self.routed is not None:
+            self._ask_routed(on_step)
         else:
             prompt = self.backbone.formatter.prompt(
                 self.turns, self.context, self.args.placement, self.replies
             )
-            gen = generate_batch(self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling)[0]
-            reply = gen.text
+            generate_batch(
+                self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling, on_step=on_step
+            )
+        tail = stream.finish()
+        if tail and write is not None:
+            write(tail)
+        reply = stream.text
         self.replies.append(reply)
         return reply
+
+    def _ask_routed(self, on_step) -> None:
+        """The routed answer: the route is the first user turn's (the paper's rule), kept for the
+        whole conversation, unless --route forces it."""
+        from prism_lightning.serve.routed_batch import RowRoute, RowSpec
+
+        routed = self.routed
+        forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.args.route)
+
+        def encode(prompt: str) -> list[int]:
+            return list(routed.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+        first = encode(routed.formatter.prompt(self.turns[0])) if len(self.turns) > 1 else None
+        row = RowSpec(
+            encode(routed.formatter.prompt(self.turns, replies=self.replies)),
+            self.sampling,
+            route=forced,
+            first_turn_ids=first,
+        )
+
+        def on_route(routes: list[RowRoute]) -> None:
+            self.route = routes[0].route
+            label = "adapter" if routes[0].route else "base"
+            print(f"[route: {label}  gate p={routes[0].gate_prob:.3f}]", file=sys.stderr, flush=True)
+
+        self.runner.run([row], on_route=on_route, on_step=on_step)
 
     def reset(self) -> None:
         self.turns, self.replies, self.route = [], [], None
@@ -137,7 +190,8 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     session = _Session(args)
     if args.message is not None:
-        print(session.ask(args.message))
+        session.ask(args.message, write=_write)
+        print(flush=True)
         return 0
     print("Interactive chat. /reset clears the conversation, /quit leaves.", file=sys.stderr)
     while True:
@@ -153,4 +207,11 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
         if line == "/reset":
             session.reset()
             continue
-        print(f"model> {session.ask(line)}")
+        _write("model> ")
+        session.ask(line, write=_write)
+        print(flush=True)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -13,13 +13,15 @@ We run our own decode loop instead of ``model.generate`` for three reasons:
 * **Hooks can follow the rows.** The prefill is one ``model(...)`` call over the whole batch (a
   forward hook can, e.g., compute a routing decision there), and ``on_rows_kept`` tells the caller
   which rows survive each compaction so per-row state kept outside the model stays aligned.
+* **Rows can stream.** ``on_step`` sees each step's new tokens as they are picked (a server streams
+  them, ``chat`` prints them) and may end rows early (a stop string matched, a client went away).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,6 +31,12 @@ import torch
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
 
 Prompt = str | Sequence[int]
+
+# on_step(new_tokens, finished) after every decode step: ``new_tokens`` maps a row (its index in the
+# batch as given) to the token it just got (stop tokens are not part of the answer and never appear),
+# ``finished`` maps each row that ended at this step to its finish reason. It may return rows to end
+# now; they leave the batch with finish reason "cancelled".
+StepCallback = Callable[[dict[int, int], dict[int, str]], Iterable[int] | None]
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,8 @@ Sampling = SamplingConfig | Sequence[SamplingConfig]
 @dataclass
 class Generation:
     """One row's result. ``token_ids`` excludes the stop token; ``text`` is decoded without special
-    tokens and stripped. ``finish_reason`` is "stop" (a stop token was sampled) or "length"."""
+    tokens and stripped. ``finish_reason`` is "stop" (a stop token was sampled), "length", or
+    "cancelled" (ended by ``on_step``)."""
 
     text: str
     token_ids: list[int]
@@ -115,6 +124,7 @@ def generate_batch(
     on_rows_kept: Callable[[torch.Tensor], None] | None = None,
     stop_ids: Sequence[int] | None = None,
     keep_first_log_probs: bool = False,
+    on_step: StepCallback | None = None,
 ) -> list[Generation]:
     """Generate for one batch of already chat-formatted prompts (strings, tokenized without adding
     special tokens, or lists of token ids taken as they are).
@@ -124,7 +134,8 @@ def generate_batch(
     ``on_rows_kept(kept)`` is called with the indices (into the batch as it was just before that
     compaction, on the model's device) of the rows that continue. It is not called when no row
     continues. ``stop_ids`` defaults to :func:`stop_token_ids`. ``keep_first_log_probs`` fills
-    ``Generation.first_log_probs`` from the prefill.
+    ``Generation.first_log_probs`` from the prefill. ``on_step`` streams the tokens (see
+    :data:`StepCallback`); rows with ``max_new_tokens == 0`` never appear in it.
     """
     if len(prompts) == 0:
         return []
@@ -132,7 +143,9 @@ def generate_batch(
     rows = _per_row(sampling, len(ids))
     seeds = _resolve_seeds(seeds, rows)
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
-    return _generate_ids(model, tokenizer, ids, rows, seeds, stops, on_rows_kept, keep_first_log_probs)
+    return _generate_ids(
+        model, tokenizer, ids, rows, seeds, stops, on_rows_kept, keep_first_log_probs, on_step
+    )
 
 
 def generate(
@@ -372,6 +385,35 @@ def _race(probs: torch.Tensor, token_ids: torch.Tensor | None, gens: list[torch.
     return choice if token_ids is None else token_ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
+def _stream_step(
+    on_step: StepCallback,
+    step_tokens: list[int],
+    alive: list[int],
+    kept: list[int],
+    budget: list[int],
+    finish: list[str],
+) -> list[int]:
+    """Report one decode step to ``on_step`` and drop the rows it ends; returns the rows that go on."""
+    going_on = set(kept)
+    new_tokens: dict[int, int] = {}
+    finished: dict[int, str] = {}
+    for j, tok in enumerate(step_tokens):
+        row = alive[j]
+        if budget[row] == 0:
+            continue
+        if finish[row] != "stop":
+            new_tokens[row] = tok
+        if j not in going_on:
+            finished[row] = finish[row]
+    ended = set(on_step(new_tokens, finished) or ())
+    if not ended:
+        return kept
+    for j in kept:
+        if alive[j] in ended:
+            finish[alive[j]] = "cancelled"
+    return [j for j in kept if alive[j] not in ended]
+
+
 @torch.no_grad()
 def _generate_ids(
     model,
@@ -382,6 +424,7 @@ def _generate_ids(
     stop_ids: list[int],
     on_rows_kept: Callable[[torch.Tensor], None] | None,
     keep_first_log_probs: bool = False,
+    on_step: StepCallback | None = None,
 ) -> list[Generation]:
     n = len(ids)
     lengths = [len(row) for row in ids]
@@ -436,7 +479,8 @@ def _generate_ids(
     for _ in range(max(budget)):
         next_tok = _pick_rows(logits, run_sampling, gens)
         kept: list[int] = []
-        for j, tok in enumerate(next_tok.tolist()):  # the one host sync per step
+        step_tokens = next_tok.tolist()  # the one host sync per step
+        for j, tok in enumerate(step_tokens):
             row = alive[j]
             if budget[row] == 0:  # a row with no budget only took part in the prefill
                 continue
@@ -446,6 +490,8 @@ def _generate_ids(
                 out_tokens[row].append(tok)
                 if len(out_tokens[row]) < budget[row]:
                     kept.append(j)
+        if on_step is not None:
+            kept = _stream_step(on_step, step_tokens, alive, kept, budget, finish)
         if not kept:
             break
         if len(kept) < len(alive):

@@ -1,0 +1,222 @@
+"""The `hf` engine: the project's own routed generation behind a dynamic batcher.
+
+Requests wait in a queue; a worker thread takes the first, collects whatever else arrives within a
+short window (up to ``max_batch_size`` rows) and runs them as one routed batch (one prefill settles every
+row's route). Finished rows leave the batch at once (``generate_batch`` drops them from the KV cache),
+each new token is decoded and pushed to its request's asyncio queue, so answers stream token by token.
+A request whose client went away is ended at the next step instead of decoding to its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from prism_lightning.generation import SamplingConfig
+from prism_lightning.serve.metrics import ServeMetrics
+from prism_lightning.serve.protocol import APIError, ChatRequest
+from prism_lightning.serve.routed_batch import RoutedBatchRunner, RowRoute, RowSpec
+from prism_lightning.serve.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine: "route", then "delta"s, then "done" (or "error")."""
+
+    kind: str
+    text: str = ""
+    route: RowRoute | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    row: RowSpec
+    stop: list[str]
+    mode: str
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set by the request's side when its client is gone
+    done: bool = False
+    first_token_at: float | None = None
+
+    def emit(self, event: Event) -> None:
+        if event.kind in ("done", "error"):
+            self.done = True
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class HFEngine:
+    """Dynamic batching over a ``RoutedModel`` on one worker thread."""
+
+    def __init__(
+        self,
+        routed,
+        *,
+        max_batch_size: int = 32,
+        batch_window_s: float = 0.02,
+        max_model_len: int | None = None,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        self.routed = routed
+        self.tokenizer = routed.tokenizer
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        native = int(getattr(routed.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.context_len = min(native, max_model_len) if max_model_len else native
+        self.metrics = metrics or ServeMetrics()
+        self._runner = RoutedBatchRunner(routed)
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="prism-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the running batch finish, then end the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests -------------------------------------------------------------------------------------
+    def prepare(self, request: ChatRequest, default_max_tokens: int) -> RowSpec:
+        """The request as an engine row: its prompt rendered and measured against the context."""
+        formatter = self.routed.formatter
+        prompt = formatter.prompt(request.user_turns, request.system, "system", request.replies)
+        ids = self._encode(prompt)
+        room = self.context_len - len(ids)
+        if room < 1:
+            raise APIError(
+                f"The prompt is {len(ids)} tokens; this model's context is {self.context_len} tokens "
+                "and the answer needs at least one more.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise APIError(
+                f"This model's context is {self.context_len} tokens, but you asked for "
+                f"{len(ids) + request.max_tokens} ({len(ids)} in the messages, {request.max_tokens} in the "
+                "completion). Lower max_tokens or shorten the messages.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(default_max_tokens, room)
+        sampling = SamplingConfig(max_tokens, temperature=request.temperature, top_p=request.top_p)
+        seed = request.seed if request.seed is not None else (0 if sampling.greedy else secrets.randbits(62))
+        single_turn = request.system is None and len(request.user_turns) == 1
+        first = None if single_turn else self._encode(formatter.prompt(request.user_turns[0]))
+        return RowSpec(ids, sampling, seed=seed, route=request.route, first_turn_ids=first)
+
+    def submit(self, row: RowSpec, stop: Sequence[str], mode: str) -> Job:
+        """Queue a row (from the event loop); its events arrive on ``job.events``."""
+        if not self.alive:
+            raise APIError("The server is shutting down.", status=503, type="server_error")
+        job = Job(row, list(stop), mode, asyncio.get_running_loop())
+        self._queue.put(job)
+        self.metrics.waiting.set(self._queue.qsize())
+        return job
+
+    def _encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    # -- worker ---------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs = [first]
+            deadline = time.perf_counter() + self.batch_window_s
+            while len(jobs) < self.max_batch_size:
+                try:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+            self.metrics.waiting.set(self._queue.qsize())
+            for job in jobs:
+                if job.cancelled:
+                    self.metrics.cancelled.inc()
+                    job.emit(Event("done", finish_reason="cancelled"))
+            jobs = [job for job in jobs if not job.cancelled]
+            if jobs:
+                self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        m = self.metrics
+        m.batch_size.observe(len(jobs))
+        m.running.set(len(jobs))
+        for job in jobs:
+            m.queue_wait.observe(started - job.arrived)
+        streams = [TextStream(self.tokenizer, job.stop) for job in jobs]
+
+        def on_route(routes: list[RowRoute]) -> None:
+            for job, route in zip(jobs, routes, strict=True):
+                job.emit(Event("route", route=route))
+
+        def on_step(new_tokens: dict[int, int], finished: dict[int, str]) -> list[int]:
+            now = time.perf_counter()
+            ended = []
+            for i, token in new_tokens.items():
+                job, stream = jobs[i], streams[i]
+                if job.first_token_at is None:
+                    job.first_token_at = now
+                    m.ttft.observe(now - job.arrived)
+                delta = stream.add(token)
+                if delta:
+                    job.emit(Event("delta", text=delta))
+                if stream.stopped and i not in finished:
+                    ended.append(i)
+                    self._finish(job, stream, "stop")
+                elif job.cancelled and i not in finished:
+                    ended.append(i)
+                    m.cancelled.inc()
+                    job.emit(Event("done", finish_reason="cancelled"))
+            for i, reason in finished.items():
+                self._finish(jobs[i], streams[i], "stop" if streams[i].stopped else reason)
+            return ended
+
+        try:
+            outs, _ = self._runner.run([job.row for job in jobs], on_route=on_route, on_step=on_step)
+            for job, stream, out in zip(jobs, streams, outs, strict=True):
+                if not job.done:  # e.g. a row that ended on a stop token before any step reported it
+                    self._finish(job, stream, out.finish_reason)
+        except Exception as err:  # one failed batch must not take the server down
+            log.exception("Batch of %d requests failed", len(jobs))
+            for job in jobs:
+                if not job.done:
+                    job.emit(Event("error", text=f"generation failed: {type(err).__name__}: {err}"))
+        finally:
+            m.running.set(0)
+
+    def _finish(self, job: Job, stream: TextStream, reason: str) -> None:
+        if job.done:
+            return
+        tail = stream.finish()
+        if tail:
+            job.emit(Event("delta", text=tail))
+        tokens = len(stream.token_ids)
+        self.metrics.completion_tokens.inc(tokens)
+        job.emit(Event("done", finish_reason=reason, completion_tokens=tokens))

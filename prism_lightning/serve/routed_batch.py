@@ -1,0 +1,149 @@
+"""One batch of chat rows through a routed model, with every row's route settled in the batch's single
+prefill, and tokens streamed as they come.
+
+Routing rule (the paper's): a conversation is routed on its first user turn. A one-turn prompt IS the
+first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
+conversation's first turn is a different prompt: its gate probability comes from a layers-<=k pass
+over that first turn alone, before the prefill. Rows may also force their route (``:on`` / ``:off``).
+A hook placed after the controller's own gate hook overrides the prefill's decision for the rows
+whose route is already known, so one prefill serves gated, forced and multi-turn rows together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
+from prism_lightning.model.routing import decoder_layers
+
+
+@dataclass
+class RowSpec:
+    """One conversation to answer. ``first_turn_ids`` is the first user turn's own prompt when the
+    prompt holds more than that turn (None: the prompt is the first-turn prompt)."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    seed: int = 0
+    route: bool | None = None
+    first_turn_ids: list[int] | None = None
+
+
+@dataclass
+class RowRoute:
+    route: bool
+    gate_prob: float
+
+
+RouteCallback = Callable[[list[RowRoute]], None]
+
+
+class RoutedBatchRunner:
+    """Runs batches of :class:`RowSpec` on a ``RoutedModel`` (one caller at a time: the model and its
+    routing controller hold per-batch state)."""
+
+    def __init__(self, routed) -> None:
+        self.routed = routed
+        self.controller = routed.controller
+        self._known: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows with a known route, route)
+        self._on_route: RouteCallback | None = None
+        self._routes: list[RowRoute] = []
+        self._pending = False  # the next pass through the gate layer is this batch's prefill
+        self._first_probs: list[float | None] = []
+        gate_layer = decoder_layers(routed.model)[routed.gate_layer]
+        # Registered after the controller's hook, so it runs after the gate has decided.
+        self._handle = gate_layer.register_forward_hook(self._after_gate)
+
+    @staticmethod
+    def supports(routed) -> bool:
+        """One adapter switched on or off per row; K-way checkpoints (several adapters) are not served."""
+        return not (routed.meta or {}).get("adapters")
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    @torch.no_grad()
+    def run(
+        self,
+        rows: Sequence[RowSpec],
+        *,
+        on_route: RouteCallback | None = None,
+        on_step: StepCallback | None = None,
+    ) -> tuple[list[Generation], list[RowRoute]]:
+        """Answer ``rows`` as one batch. ``on_route`` gets every row's route as soon as the prefill has
+        decided it (before the first token); ``on_step`` streams tokens (see ``generate_batch``)."""
+        if not rows:
+            return [], []
+        routed, ctl = self.routed, self.controller
+        first_probs = self._first_turn_probs(rows)
+        known, values = [], []
+        for row, prob in zip(rows, first_probs, strict=True):
+            decided = prob is not None and prob >= routed.threshold
+            known.append(row.route is not None or prob is not None)
+            values.append(row.route if row.route is not None else decided)
+        device = routed.device
+        self._known = None
+        if any(known):
+            self._known = (
+                torch.tensor(known, dtype=torch.bool, device=device),
+                torch.tensor(values, dtype=torch.bool, device=device),
+            )
+        self._first_probs = first_probs
+        self._on_route = on_route
+        self._routes = []
+        old_mode, old_threshold = ctl.mode, ctl.threshold
+        ctl.mode, ctl.threshold = "gated", routed.threshold
+        ctl.arm(decide=True)
+        self._pending = True
+        try:
+            outs = generate_batch(
+                routed.model,
+                routed.tokenizer,
+                [row.prompt_ids for row in rows],
+                [row.sampling for row in rows],
+                seeds=[row.seed for row in rows],
+                on_rows_kept=ctl.select,
+                on_step=on_step,
+            )
+        finally:
+            ctl.disarm()
+            ctl.reset()
+            ctl.mode, ctl.threshold = old_mode, old_threshold
+            self._known, self._on_route, self._pending = None, None, False
+        return outs, self._routes
+
+    def _first_turn_probs(self, rows: Sequence[RowSpec]) -> list[float | None]:
+        """Gate probabilities of the first user turn for the rows whose prompt holds more than it."""
+        todo = [i for i, row in enumerate(rows) if row.first_turn_ids is not None]
+        probs: list[float | None] = [None] * len(rows)
+        if not todo:
+            return probs
+        tok = self.routed.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids, mask = left_pad([rows[i].first_turn_ids for i in todo], pad_id, self.routed.device)
+        for i, p in zip(todo, self.controller.gate_probs(ids, mask).tolist(), strict=True):
+            probs[i] = float(p)
+        return probs
+
+    def _after_gate(self, module, args, output) -> None:
+        """After the gate layer in this batch's prefill (and only there): settle the known routes."""
+        if not self._pending:
+            return
+        self._pending = False
+        ctl = self.controller
+        decision = ctl.decision
+        if self._known is not None:
+            known, values = self._known
+            decision = torch.where(known, values, decision)
+            ctl.decision = decision
+            ctl.set_mask(decision)
+        probs = ctl.probs.tolist() if ctl.probs is not None else [float("nan")] * decision.shape[0]
+        self._routes = [
+            RowRoute(bool(r), first if first is not None else float(p))
+            for r, p, first in zip(decision.tolist(), probs, self._first_probs, strict=True)
+        ]
+        if self._on_route is not None:
+            self._on_route(self._routes)
