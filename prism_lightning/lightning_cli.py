@@ -112,6 +112,8 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         # Everything that can be checked without the weights, before the bootstrap's long work.
         check_against_model(dict(self.model.hparams), self.model.backbone_config)
+        if self.model.adapter_groups is not None:  # K-way: every bootstrap persona in one adapter
+            self.model.set_persona_names(dm.persona_names)
         dm.apply_global_batch(self.trainer)  # a global batch the processes cannot split fails here
         self.exporter = PrismExport(
             export_dir=str(self.export_dir()),
@@ -187,7 +189,7 @@ class PrismCLI(LightningCLI):
         outs = routed.generate(list(SANITY_QUERIES), sampling=SamplingConfig(max_new_tokens=32))
         print("\nrouted sanity check (gate decides inside the prefill):")
         for q, o in zip(SANITY_QUERIES, outs, strict=True):
-            where = "adapter" if o.route else "base"
+            where = o.adapter or ("adapter" if o.route else "base")  # K-way: the adapter's name
             print(f"  [{where:<7} p={o.gate_prob:.2f}] {q}\n      -> {o.text[:120]!r}")
 
     def before_predict(self) -> None:

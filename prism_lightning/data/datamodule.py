@@ -14,6 +14,8 @@ Batch schema (:func:`collate_examples`)::
     prompt_lengths   LongTensor (B,)       prompt tokens; the gate reads the hidden state at prompt_lengths-1
     response_lengths LongTensor (B,)
     gate_target      FloatTensor (B,)      1.0 distill / 0.0 retain
+    persona_index    LongTensor (B,)       the row's persona in ``PrismDataModule.persona_names`` (-1:
+                                           unknown); K-way routing maps it to the adapter holding it
     teacher_values   FloatTensor (B, R, K) teacher top-k logits (float32); zeros where absent
     teacher_indices  LongTensor (B, R, K)
     teacher_mask     BoolTensor (B, R)     True where a teacher target exists (distill rows, real tokens)
@@ -98,6 +100,7 @@ def build_example(
     teacher: Mapping[str, torch.Tensor] | None,
     max_length: int,
     row_id: str = "",
+    persona_index: int = -1,
 ) -> dict[str, Any]:
     if len(prompt_ids) >= max_length:  # keep at least one response token; inference would see more
         log.warning(
@@ -114,6 +117,7 @@ def build_example(
         "prompt_length": len(prompt_ids),
         "response_length": n,
         "gate_target": float(gate_target),
+        "persona_index": int(persona_index),
         "teacher_values": None,
         "teacher_indices": None,
     }
@@ -135,6 +139,7 @@ def collate_examples(batch: Sequence[Mapping[str, Any]], pad_id: int, top_k: int
         "prompt_lengths": torch.tensor([ex["prompt_length"] for ex in batch], dtype=torch.long),
         "response_lengths": torch.tensor([ex["response_length"] for ex in batch], dtype=torch.long),
         "gate_target": torch.tensor([ex["gate_target"] for ex in batch], dtype=torch.float32),
+        "persona_index": torch.tensor([ex.get("persona_index", -1) for ex in batch], dtype=torch.long),
         "teacher_values": torch.zeros((b, r, k), dtype=torch.float32),
         "teacher_indices": torch.zeros((b, r, k), dtype=torch.long),
         "teacher_mask": torch.zeros((b, r), dtype=torch.bool),
@@ -245,6 +250,7 @@ class PrismDataModule(L.LightningDataModule):
         self.train_set: PrismExamples | None = None
         self.val_set: PrismExamples | None = None
         self.split_summary: dict[str, Any] = {}
+        self.distill_per_persona: dict[str, int] = {}  # train split; K-way routing balances its classes
 
     def _stores(self):
         return stage_stores(self.bootstrap, self.backbone, self.run_dir)
@@ -322,6 +328,7 @@ class PrismDataModule(L.LightningDataModule):
         teacher_rows = stores["teacher"].read_rows()
         targets = load_teacher_targets(stores["teacher"].path, teacher_rows)
         eot = end_of_turn_id(self.tokenizer)
+        persona_index = {name: i for i, name in enumerate(self.persona_names)}
         examples = []
         for row in verdicts:
             prompt_ids = list(
@@ -341,7 +348,13 @@ class PrismDataModule(L.LightningDataModule):
                 )
             examples.append(
                 build_example(
-                    prompt_ids, response_ids, row["gate_target"], teacher, self.max_length, row["id"]
+                    prompt_ids,
+                    response_ids,
+                    row["gate_target"],
+                    teacher,
+                    self.max_length,
+                    row["id"],
+                    persona_index=persona_index.get(row["persona"], -1),
                 )
             )
         train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
@@ -357,6 +370,11 @@ class PrismDataModule(L.LightningDataModule):
                 "retain": sum(1 - labels[i] for i in val_idx),
             },
         }
+        self.distill_per_persona = {name: 0 for name in self.persona_names}
+        for i in train_idx:
+            if labels[i]:
+                name = verdicts[i]["persona"]
+                self.distill_per_persona[name] = self.distill_per_persona.get(name, 0) + 1
 
     @property
     def class_counts(self) -> dict[str, int]:

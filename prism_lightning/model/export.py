@@ -2,6 +2,10 @@
 
 The adapter is plain peft (``PeftModel.from_pretrained(base, out / "adapter")`` works without this
 package); the gate is safetensors; PRISM's own settings are JSON. No pickles.
+
+K-way runs (``model.adapters``) write ``adapters/<name>/`` instead of ``adapter/``, one plain peft
+adapter per group (``PeftModel.from_pretrained(base, out / "adapters" / name)`` loads any one alone),
+a (K+1)-way gate, and ``adapters: {name: [persona, ...]}`` in prism.json (format version 2).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from prism_lightning.files import sha256_file
 from prism_lightning.model.fingerprint import check_weight_fingerprint, weight_fingerprint
 from prism_lightning.model.gate import Gate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this version reads; single-adapter exports are still written as 1
+KWAY_FORMAT_VERSION = 2
 PRISM_JSON = "prism.json"
 GATE_FILE = "gate.safetensors"
 ADAPTER_DIR = "adapter"
+ADAPTERS_DIR = "adapters"  # K-way: adapters/<name>/
 
 
 class CheckpointMismatchError(PrismError, ValueError):
@@ -63,6 +69,7 @@ def export_checkpoint(
     from safetensors.torch import save_file
 
     module._require_model()
+    groups = getattr(module, "adapter_groups", None)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -77,18 +84,25 @@ def export_checkpoint(
                     "export_checkpoint of a sharded module needs trainable_state: call "
                     "sharding.trainable_state_dict(module) on every rank and pass rank 0's result."
                 )
-            module.model.save_pretrained(tmp / ADAPTER_DIR)
+            adapter_state = None
             gate_state = module.gate.state_dict()
         else:
             adapter_state = {k[6:]: v for k, v in trainable_state.items() if k.startswith("model.")}
-            module.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter_state)
             gate_state = {k[5:]: v for k, v in trainable_state.items() if k.startswith("gate.")}
-        _record_public_base_name(tmp / ADAPTER_DIR, public_model_name(module.backbone_name))
+        public = public_model_name(module.backbone_name)
+        if groups:
+            for name in groups:  # one plain peft directory per adapter
+                _save_one_adapter(module.model, tmp / ADAPTERS_DIR, name, adapter_state)
+                _record_public_base_name(tmp / ADAPTERS_DIR / name, public)
+        else:
+            extra = {} if adapter_state is None else {"state_dict": adapter_state}
+            module.model.save_pretrained(tmp / ADAPTER_DIR, **extra)
+            _record_public_base_name(tmp / ADAPTER_DIR, public)
         gate_state = {k: v.detach().cpu().contiguous() for k, v in gate_state.items()}
         save_file(gate_state, str(tmp / GATE_FILE))
         hp = module.hparams
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": KWAY_FORMAT_VERSION if groups else 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "base_model": {
                 "name": module.backbone_name,
@@ -105,6 +119,7 @@ def export_checkpoint(
             "threshold": float(hp.threshold),
             "adapter_name": "default",
             "personas": list(personas),
+            **({"adapters": {k: list(v) for k, v in groups.items()}} if groups else {}),
             "training_config": training_config if training_config is not None else module.training_config(),
             "bootstrap_summary": bootstrap_summary,
             "files": _file_hashes(tmp),
@@ -121,6 +136,17 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_one_adapter(model, root: Path, name: str, state: dict[str, torch.Tensor] | None) -> None:
+    """``root/<name>/`` with adapter ``name`` alone: peft writes a non-default adapter to a sub-folder of
+    its name, so the folder is a complete plain peft adapter."""
+    extra = {}
+    if state is not None:  # gathered tensors of every adapter: peft picks this adapter's keys
+        extra["state_dict"] = state
+    model.save_pretrained(root, selected_adapters=[name], **extra)
+    if not (root / name / "adapter_config.json").is_file():
+        raise RuntimeError(f"peft did not write adapter {name!r} to {root / name}.")
 
 
 def _record_public_base_name(adapter_dir: Path, name: str) -> None:
@@ -175,7 +201,11 @@ def verify_checkpoint(path: str | Path) -> dict:
 
     path = Path(path)
     meta = read_meta(path)
-    needed = [GATE_FILE, f"{ADAPTER_DIR}/adapter_config.json"]
+    adapters = meta.get("adapters")
+    if adapters is not None and (not isinstance(adapters, dict) or len(adapters) < 2):
+        raise CheckpointError(f"{path / PRISM_JSON} has a damaged 'adapters' entry; export the run again.")
+    configs = [f"{ADAPTERS_DIR}/{n}/adapter_config.json" for n in adapters] if adapters else None
+    needed = [GATE_FILE, *(configs or [f"{ADAPTER_DIR}/adapter_config.json"])]
     recorded = meta.get("files") or {}
     for name in sorted(set(needed) | set(recorded)):
         if not (path / name).is_file():
@@ -186,7 +216,8 @@ def verify_checkpoint(path: str | Path) -> dict:
                 f"{path / name} differs from the file that was exported (sha256 mismatch): it is damaged; "
                 "export the run again."
             )
-    for file in [path / GATE_FILE, *sorted((path / ADAPTER_DIR).glob("*.safetensors"))]:
+    adapter_files = sorted((path / (ADAPTERS_DIR if adapters else ADAPTER_DIR)).rglob("*.safetensors"))
+    for file in [path / GATE_FILE, *adapter_files]:
         try:
             with safe_open(str(file), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
@@ -219,6 +250,9 @@ def load_checkpoint(
 
     path = Path(path)
     meta = verify_checkpoint(path)
+    groups = meta.get("adapters")
+    if groups and merge_weights:
+        raise CheckpointError("merge_weights serves one adapter; a K-way checkpoint keeps its adapters.")
     cfg = backbone_override or BackboneConfig(**meta["base_model"]["backbone"])
     bb = cfg.load(device=device)
     expected = meta["base_model"]["fingerprint"]
@@ -237,14 +271,23 @@ def load_checkpoint(
         )
     # Keep the adapter in the base model's dtype: peft would otherwise upcast a bf16 model's adapter
     # to fp32 (for training stability), and every LoRA matmul would run in fp32 with casts around it.
-    model = PeftModel.from_pretrained(
-        bb.model,
-        path / ADAPTER_DIR,
-        adapter_name=meta.get("adapter_name", "default"),
-        autocast_adapter_dtype=False,
-    )
+    if groups:
+        names = list(groups)
+        model = PeftModel.from_pretrained(
+            bb.model, path / ADAPTERS_DIR / names[0], adapter_name=names[0], autocast_adapter_dtype=False
+        )
+        for name in names[1:]:
+            model.load_adapter(path / ADAPTERS_DIR / name, adapter_name=name, autocast_adapter_dtype=False)
+    else:
+        model = PeftModel.from_pretrained(
+            bb.model,
+            path / ADAPTER_DIR,
+            adapter_name=meta.get("adapter_name", "default"),
+            autocast_adapter_dtype=False,
+        )
     model.eval()
-    gate = Gate(bb.hidden_size, meta["gate_hidden"], dropout=meta.get("gate_dropout", 0.1))
+    extra = {"n_classes": len(groups) + 1} if groups else {}
+    gate = Gate(bb.hidden_size, meta["gate_hidden"], dropout=meta.get("gate_dropout", 0.1), **extra)
     gate.load_state_dict(load_file(str(path / GATE_FILE)))
     gate.to(next(model.parameters()).device).eval()
     return RoutedModel(
@@ -257,4 +300,5 @@ def load_checkpoint(
         adapter_name=meta.get("adapter_name", "default"),
         meta=meta,
         merge_weights=merge_weights,
+        adapter_names=list(groups) if groups else None,
     )

@@ -15,7 +15,8 @@ STD_ABS_FLOOR = 1e-4
 
 
 class Gate(nn.Module):
-    """standardise -> [Linear -> GELU -> Dropout]* -> 1 logit.
+    """standardise -> [Linear -> GELU -> Dropout]* -> 1 logit (or ``n_classes`` logits: K-way routing,
+    class 0 = no adapter, class j = adapter j).
 
     The input is standardised per dimension with the training set's mean and standard deviation
     (buffers set by :meth:`set_feature_stats` before training, exported with the weights). Why: after
@@ -26,8 +27,17 @@ class Gate(nn.Module):
     The backbone is untouched.
     """
 
-    def __init__(self, hidden_size: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.1):
+    def __init__(
+        self,
+        hidden_size: int,
+        hidden_sizes: Sequence[int] = (128, 64),
+        dropout: float = 0.1,
+        n_classes: int = 1,
+    ):
         super().__init__()
+        if n_classes == 2 or n_classes < 1:
+            raise ValueError(f"n_classes is 1 (on/off) or >= 3 (none + K >= 2 adapters), got {n_classes}.")
+        self.n_classes = int(n_classes)
         self.hidden_size = int(hidden_size)
         self.hidden_sizes = [int(h) for h in hidden_sizes]
         self.register_buffer("feature_mean", torch.zeros(self.hidden_size))
@@ -37,7 +47,7 @@ class Gate(nn.Module):
         for size in self.hidden_sizes:
             layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
             width = size
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, self.n_classes))
         self.net = nn.Sequential(*layers)
 
     @torch.no_grad()
@@ -78,9 +88,16 @@ class Gate(nn.Module):
         self.feature_std.copy_(torch.maximum(std, floor))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, h) features -> (B,) logits, computed in the gate's own dtype (fp32 by default)."""
+        """(B, h) features -> (B,) logits ((B, n_classes) for K-way), in the gate's own dtype (fp32 by
+        default)."""
         x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
-        return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)
+        out = self.net(x.to(self.net[0].weight.dtype))
+        return out.squeeze(-1) if self.n_classes == 1 else out
+
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing probabilities: sigmoid (B,) for one logit, softmax (B, n_classes) for K-way."""
+        logits = self(features).float()
+        return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=-1)
 
 
 def gate_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float | torch.Tensor) -> torch.Tensor:
@@ -97,3 +114,19 @@ def balanced_pos_weight(n_distill: float, n_retain: float) -> float:
     if n_distill <= 0 or n_retain <= 0:
         return 1.0
     return float(n_retain) / float(n_distill)
+
+
+def kway_gate_loss(logits: torch.Tensor, classes: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
+    """Class-balanced cross-entropy over none + K adapters: class c is weighted by n_retain / n_c (a
+    weighted mean), so every class contributes equally whatever its size, as the binary loss does."""
+    weight = class_weight.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits.float(), classes.long(), weight=weight)
+
+
+def balanced_class_weights(counts: Sequence[float]) -> torch.Tensor:
+    """n_none / n_c per class (counts[0] = retain rows); an empty class gets weight 0 (no rows to
+    weight), and an empty retain class leaves every weight at 1."""
+    n_none = float(counts[0])
+    if n_none <= 0:
+        return torch.ones(len(counts))
+    return torch.tensor([n_none / float(c) if c > 0 else 0.0 for c in counts])

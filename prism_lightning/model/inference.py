@@ -2,6 +2,10 @@
 
 Multi-turn rule (paper): the first user turn's decision holds for the whole conversation; pass
 ``route=`` to override it.
+
+K-way checkpoints (:class:`~prism_lightning.model.routing.KWayRoutingController`): ``route`` is
+True/False (True: an adapter, the gate picks which), an adapter name, or its route number (0 = none);
+each result names the adapter it ran with (``adapter``, None for the base model).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch, left_pad
-from prism_lightning.model.routing import RoutingController
+from prism_lightning.model.routing import KWayRoutingController, RoutingController, routes_from_probs
 
 
 @dataclass
@@ -23,6 +27,8 @@ class RoutedGeneration:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     prompt_tokens: int = 0
+    adapter: str | None = None  # K-way: the adapter that ran (None: the base model)
+    gate_probs: list[float] | None = None  # K-way: P(none), P(adapter 1..K)
 
 
 def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -46,7 +52,7 @@ def routed_generate(
     sampling: Sampling = SamplingConfig(),
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
-    route: Sequence[bool] | bool | None = None,
+    route: Sequence[bool | int | str] | bool | str | None = None,
 ) -> list[RoutedGeneration]:
     """Generate for chat-formatted prompts with per-sequence routing decided in each prefill.
 
@@ -59,7 +65,10 @@ def routed_generate(
     n = len(prompts)
     if n == 0:
         return []
-    forced = [bool(route)] * n if isinstance(route, bool) else (list(route) if route is not None else None)
+    kway = isinstance(controller, KWayRoutingController)
+    if isinstance(route, bool | str):
+        route = [route] * n
+    forced = None if route is None else [_forced_route(controller, r) if kway else bool(r) for r in route]
     if forced is not None and len(forced) != n:
         raise ValueError(f"Got {len(forced)} route overrides for {n} prompts.")
     old_mode, old_threshold = controller.mode, controller.threshold
@@ -74,7 +83,8 @@ def routed_generate(
         for chunk in balanced_batches(order, batch_size):
             force = None
             if forced is not None:
-                force = torch.tensor([forced[i] for i in chunk], dtype=torch.bool, device=device)
+                force = torch.tensor([forced[i] for i in chunk], device=device)
+                force = force if kway else force.bool()
             controller.arm(decide=True, force=force)
             outs = generate_batch(
                 model,
@@ -87,6 +97,9 @@ def routed_generate(
             controller.disarm()
             probs = controller.probs
             decision = controller.decision
+            if kway:
+                _kway_results(controller, chunk, outs, results)
+                continue
             for j, (i, out) in enumerate(zip(chunk, outs, strict=True)):
                 results[i] = RoutedGeneration(
                     text=out.text,
@@ -101,6 +114,37 @@ def routed_generate(
         controller.reset()
         controller.mode, controller.threshold = old_mode, old_threshold
     return results  # type: ignore[return-value]
+
+
+def _forced_route(controller: KWayRoutingController, route: bool | int | str) -> int:
+    """A K-way route override as a route number; -1 = an adapter, the gate picks which."""
+    if isinstance(route, str):
+        if route not in controller.adapter_names:
+            names = ", ".join(controller.adapter_names)
+            raise ValueError(f"unknown adapter {route!r}; this model has {names}.")
+        return controller.adapter_names.index(route) + 1
+    if isinstance(route, bool):
+        return -1 if route else 0
+    if not 0 <= int(route) <= len(controller.adapter_names):
+        raise ValueError(f"route {route} is out of range 0..{len(controller.adapter_names)}.")
+    return int(route)
+
+
+def _kway_results(controller: KWayRoutingController, chunk, outs, results) -> None:
+    """Fill ``results`` for one K-way batch (forced -1 = the gate's best adapter was used)."""
+    probs, decision = controller.probs, controller.decision
+    for j, (i, out) in enumerate(zip(chunk, outs, strict=True)):
+        route = int(decision[j]) if decision is not None else 0
+        results[i] = RoutedGeneration(
+            text=out.text,
+            route=route > 0,
+            gate_prob=float(1.0 - probs[j, 0]) if probs is not None else float("nan"),
+            token_ids=out.token_ids,
+            finish_reason=out.finish_reason,
+            prompt_tokens=out.prompt_tokens,
+            adapter=controller.route_name(route),
+            gate_probs=probs[j].tolist() if probs is not None else None,
+        )
 
 
 @torch.no_grad()
@@ -133,6 +177,7 @@ class RoutedModel:
         adapter_name: str = "default",
         meta: dict | None = None,
         merge_weights: bool = False,
+        adapter_names: Sequence[str] | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -141,9 +186,14 @@ class RoutedModel:
         self.gate_layer = gate_layer
         self.threshold = threshold
         self.meta = meta or {}
-        self.controller = RoutingController(
-            model, gate, gate_layer, adapter_name=adapter_name, threshold=threshold
-        )
+        if adapter_names:  # K-way: none or one of several adapters per sequence
+            self.controller = KWayRoutingController(
+                model, gate, gate_layer, list(adapter_names), threshold=threshold
+            )
+        else:
+            self.controller = RoutingController(
+                model, gate, gate_layer, adapter_name=adapter_name, threshold=threshold
+            )
         if merge_weights:  # all-on batches at the base model's cost, for a second copy of the projections
             self.controller.use_merged_weights()
 
@@ -155,10 +205,29 @@ class RoutedModel:
         """The no-persona prompt every stage uses."""
         return [self.formatter.prompt(q) for q in queries]
 
+    @property
+    def adapters(self) -> dict[str, list[str]] | None:
+        """K-way: {adapter name: personas it holds}; None for the single adapter."""
+        return self.meta.get("adapters")
+
     def gate_probs(self, queries: Sequence[str], *, batch_size: int = 32) -> list[float]:
+        """P(adapter on) per query (K-way: P(any adapter) = 1 - P(none))."""
+        probs = self.route_probs(queries, batch_size=batch_size)
+        return (1.0 - probs[:, 0] if probs.dim() == 2 else probs).tolist()
+
+    def route_probs(self, queries: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """The gate's probabilities: (N,) sigmoid, or (N, K+1) softmax (class 0 = none) for K-way."""
         return prompt_gate_probs(
             self.model, self.tokenizer, self.controller, self.prompts(queries), batch_size=batch_size
-        ).tolist()
+        )
+
+    def choose_adapters(self, queries: Sequence[str], *, threshold: float | None = None) -> list[str | None]:
+        """K-way: the adapter each query would run with (None: the base model), from layers <= k."""
+        if not isinstance(self.controller, KWayRoutingController):
+            raise ValueError("choose_adapters needs a K-way checkpoint (fit with model.adapters).")
+        thr = self.threshold if threshold is None else threshold
+        routes = routes_from_probs(self.route_probs(queries), thr)
+        return [self.controller.route_name(int(r)) for r in routes]
 
     def routing_rate(self, queries: Sequence[str], *, threshold: float | None = None) -> float:
         thr = self.threshold if threshold is None else threshold
@@ -174,7 +243,7 @@ class RoutedModel:
         sampling: Sampling = SamplingConfig(),
         batch_size: int = 8,
         seeds: Sequence[int] | None = None,
-        route: Sequence[bool] | bool | None = None,
+        route: Sequence[bool | int | str] | bool | str | None = None,
     ) -> list[RoutedGeneration]:
         return routed_generate(
             self.model,
@@ -194,7 +263,7 @@ class RoutedModel:
         turns: str | Sequence[str],
         replies: Sequence[str] = (),
         *,
-        route: bool | None = None,
+        route: bool | str | None = None,
         mode: str = "gated",
         threshold: float | None = None,
         sampling: Sampling = SamplingConfig(),
@@ -205,7 +274,11 @@ class RoutedModel:
         turns = [turns] if isinstance(turns, str) else list(turns)
         thr = self.threshold if threshold is None else threshold
         first_prob = self.gate_probs([turns[0]])[0]
-        if route is None:
+        kway = isinstance(self.controller, KWayRoutingController)
+        if route is None and kway:  # the first turn's adapter holds for the conversation
+            first = routes_from_probs(self.route_probs([turns[0]]), None if mode == "on" else thr)
+            route = 0 if mode == "off" else int(first[0])
+        elif route is None:
             route = {"on": True, "off": False}.get(mode, first_prob >= thr)
         prompt = self.formatter.prompt(turns, replies=replies)
         out = routed_generate(
@@ -217,7 +290,7 @@ class RoutedModel:
             threshold=thr,
             sampling=sampling,
             seeds=[seed] if seed is not None else None,
-            route=[bool(route)],
+            route=[route if kway else bool(route)],
         )[0]
         out.gate_prob = first_prob
         return out

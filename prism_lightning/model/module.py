@@ -17,15 +17,25 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from prism_lightning.backbone import BackboneConfig, resolve_dtype
+from prism_lightning.errors import require
 from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
-from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
+from prism_lightning.model.gate import (
+    Gate,
+    balanced_class_weights,
+    balanced_pos_weight,
+    gate_loss,
+    kway_gate_loss,
+)
+from prism_lightning.model.kway import check_adapter_groups, persona_routes
 from prism_lightning.model.losses import full_kl, topk_kl
 from prism_lightning.model.routing import (
+    KWayRoutingController,
     RoutingController,
     apply_lora,
     decoder_layers,
     inner_model,
+    routes_from_probs,
 )
 from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
 
@@ -81,6 +91,9 @@ class PrismModule(L.LightningModule):
         predict_top_p: nucleus mass in ``predict``, in (0, 1].
         predict_batch_size: generation batch in ``predict``.
         checkpoint: an exported run to serve in ``predict``/``validate`` instead of a fresh adapter.
+        adapters: K-way routing: {adapter name: [persona, ...]}, one adapter per group of personas (>= 2
+            groups, every bootstrap persona in exactly one) and a (K+1)-way gate (none or adapter j);
+            null: one adapter for all personas and an on/off gate.
     """
 
     def __init__(
@@ -108,9 +121,16 @@ class PrismModule(L.LightningModule):
         predict_top_p: float = 1.0,
         predict_batch_size: int = 8,
         checkpoint: str | None = None,
+        adapters: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         check_module_settings(dict(locals()))
+        self.adapter_groups = check_adapter_groups(adapters)  # None: the single adapter
+        require(
+            adapters is None or retain_weight == 0,
+            "model.retain_weight needs the single adapter: K-way routing (model.adapters) has no adapter "
+            "to turn on for retain rows; set model.retain_weight: 0.",
+        )
         self.save_hyperparameters()
         self.backbone_config = backbone
         self.model = None  # peft model, built in configure_model()
@@ -130,6 +150,14 @@ class PrismModule(L.LightningModule):
         self.train_route_rate = MeanMetric()
         self.val_route_rate = MeanMetric()
         self.test_route_rate = MeanMetric()
+        if self.adapter_groups is not None:  # which of none + K adapters (the binary metrics: any adapter)
+            from torchmetrics.classification import MulticlassAccuracy
+
+            n = len(self.adapter_groups) + 1
+            self.train_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
+            self.val_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
+            self.test_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self._persona_routes: torch.Tensor | None = None  # persona index -> route (K-way)
 
     # -- model ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -188,6 +216,7 @@ class PrismModule(L.LightningModule):
         for p in net.parameters():
             p.requires_grad_(False)
         net.train()  # load_backbone returns eval mode; Lightning sets eval for validate/predict
+        groups = self.adapter_groups
         self.model = apply_lora(
             net,
             gate_layer=hp.gate_layer,
@@ -195,6 +224,7 @@ class PrismModule(L.LightningModule):
             alpha=hp.lora_alpha,
             dropout=hp.lora_dropout,
             target_modules=hp.lora_target_modules,
+            adapter_names=list(groups) if groups else None,
         )
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing does not need inputs that require grad (the reentrant
@@ -202,8 +232,15 @@ class PrismModule(L.LightningModule):
             # them off keeps the frozen embeddings and layers <= k out of the autograd graph.
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             net.config.use_cache = False
-        self.gate = Gate(bb.hidden_size, hp.gate_hidden, dropout=hp.gate_dropout).to(device)
-        self.controller = RoutingController(self.model, self.gate, hp.gate_layer, threshold=hp.threshold)
+        n_classes = len(groups) + 1 if groups else 1
+        self.gate = Gate(bb.hidden_size, hp.gate_hidden, dropout=hp.gate_dropout, n_classes=n_classes)
+        self.gate.to(device)
+        if groups:
+            self.controller = KWayRoutingController(
+                self.model, self.gate, hp.gate_layer, list(groups), threshold=hp.threshold
+            )
+        else:
+            self.controller = RoutingController(self.model, self.gate, hp.gate_layer, threshold=hp.threshold)
         self.tokenizer, self.formatter = bb.tokenizer, bb.formatter
         self.backbone_name, self.backbone_source = bb.name, bb.source
         self.base_weights_fingerprint = weight_fingerprint(net)  # before any sharding; stored at export
@@ -274,7 +311,80 @@ class PrismModule(L.LightningModule):
         n_pos = float(target.sum())
         return balanced_pos_weight(n_pos, float(target.numel()) - n_pos)
 
+    # -- K-way routing -------------------------------------------------------------------------------
+    def set_persona_names(self, names: list[str]) -> None:
+        """K-way: map the data module's persona indices to routes (every persona must be in one group)."""
+        self._persona_routes = persona_routes(self.adapter_groups, names)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.adapter_groups is not None and dm is not None and hasattr(dm, "persona_names"):
+            self.set_persona_names(dm.persona_names)
+
+    def _route_targets(self, batch: dict) -> torch.Tensor:
+        """Per row: 0 for retain, the route of the adapter holding the row's persona for distill."""
+        if self._persona_routes is None:
+            raise RuntimeError("K-way training needs the persona names: call set_persona_names() first.")
+        index = batch["persona_index"]
+        lut = self._persona_routes.to(index.device)
+        distill = batch["gate_target"] > 0
+        if bool((distill & (index < 0)).any()):
+            raise RuntimeError("a distill row has no persona index; K-way routing cannot place it.")
+        return torch.where(distill, lut[index.clamp(min=0)], torch.zeros_like(index))
+
+    def _class_weights(self, routes: torch.Tensor) -> torch.Tensor:
+        """n_retain / n_class per route over the train split (as the binary gate's pos_weight)."""
+        n = len(self.adapter_groups) + 1
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        per_persona = getattr(dm, "distill_per_persona", None)
+        if per_persona:
+            counts = [float(dm.class_counts.get("retain", 0))] + [
+                float(sum(per_persona.get(p, 0) for p in group)) for group in self.adapter_groups.values()
+            ]
+        else:
+            counts = torch.bincount(routes.long().cpu(), minlength=n).float().tolist()
+        return balanced_class_weights(counts)
+
+    def _kway_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """One forward over every row, each routed to its persona's adapter (retain rows: none): each
+        adapter distils only its own personas' rows, and the (K+1)-way gate learns the routes."""
+        hp = self.hparams
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        prompt_len = batch["prompt_lengths"]
+        target = batch["gate_target"].float()
+        t_values, t_indices, t_mask = batch["teacher_values"], batch["teacher_indices"], batch["teacher_mask"]
+        routes = self._route_targets(batch)
+        bsz, width = ids.shape
+        steps = torch.arange(t_values.shape[1], device=ids.device)
+        pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)
+        rows = torch.arange(bsz, device=ids.device)[:, None].expand_as(pos)
+        ctl = self.controller
+        ctl.set_mask(routes)
+        ctl.arm(prompt_len - 1, decide=False)
+        decoder = inner_model(self.model)
+        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        if ctl.features is None:
+            raise RuntimeError("The gate-layer hook did not capture features.")
+        gate_logits = self.gate(ctl.features)
+        g_loss = kway_gate_loss(gate_logits, routes, self._class_weights(routes))
+        sel = t_mask.bool() & (target[:, None] > 0)
+        n_tok = int(sel.sum())
+        if n_tok > 0:
+            logits = self.base_model.get_output_embeddings()(hidden[rows[sel], pos[sel]])
+            kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
+        else:
+            kl = hidden.sum() * 0.0
+        probs = torch.softmax(gate_logits.detach().float(), dim=-1)
+        p_route = 1.0 - probs[:, 0]
+        getattr(self, f"{stage}_metrics").update(p_route, target.long())
+        getattr(self, f"{stage}_route_rate").update((p_route >= hp.threshold).float())
+        getattr(self, f"{stage}_route_acc").update(routes_from_probs(probs, hp.threshold), routes)
+        zero = torch.zeros((), device=ids.device)
+        return {"loss": g_loss + kl, "gate_loss": g_loss, "kl": kl, "retain_kl": zero, "n_tokens": n_tok}
+
     def _common_step(self, batch: dict, batch_idx: int, stage: str) -> dict[str, torch.Tensor]:
+        if self.adapter_groups is not None:
+            return self._kway_step(batch, stage)
         hp = self.hparams
         ids, attn = batch["input_ids"], batch["attention_mask"]
         prompt_len, resp_len = batch["prompt_lengths"], batch["response_lengths"]
@@ -374,6 +484,9 @@ class PrismModule(L.LightningModule):
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=bsz)
         self.log(f"{stage}/routing_rate", rate, on_step=False, on_epoch=True, batch_size=bsz)
+        if self.adapter_groups is not None:
+            acc = getattr(self, f"{stage}_route_acc")
+            self.log(f"{stage}/route_acc", acc, on_step=False, on_epoch=True, batch_size=bsz)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self._common_step(batch, batch_idx, "train")
@@ -462,11 +575,15 @@ class PrismModule(L.LightningModule):
             sampling=self.sampling(),
             batch_size=self.hparams.predict_batch_size,
         )
-        return [
+        out = [
             {"id": row.get("id"), "query": row["query"], "response": o.text, "route": o.route,
              "gate_prob": o.gate_prob}
             for row, o in zip(batch, outs, strict=True)
         ]  # fmt: skip
+        if isinstance(self.controller, KWayRoutingController):  # which adapter (null: the base model)
+            for row, o in zip(out, outs, strict=True):
+                row["adapter"] = o.adapter
+        return out
 
     @torch.no_grad()
     def gate_probs(self, queries: list[str], *, batch_size: int = 32) -> list[float]:
@@ -475,9 +592,10 @@ class PrismModule(L.LightningModule):
 
         self._require_model()
         prompts = [self.formatter.prompt(q) for q in queries]
-        return prompt_gate_probs(
-            self.model, self.tokenizer, self.controller, prompts, batch_size=batch_size
-        ).tolist()
+        probs = prompt_gate_probs(self.model, self.tokenizer, self.controller, prompts, batch_size=batch_size)
+        if probs.dim() == 2:  # K-way: the probability of any adapter, 1 - P(none)
+            probs = 1.0 - probs[:, 0]
+        return probs.tolist()
 
     def routing_rate(self, queries: list[str], *, threshold: float | None = None) -> float:
         thr = self.hparams.threshold if threshold is None else threshold
