@@ -1,0 +1,151 @@
+"""``python -m prism_lightning reproduce --preset NAME [--limit N] [--run_dir D]``: the paper's pipeline
+for one model in one command (bootstrap -> fit -> evaluate -> study -> report, each resumable), then the
+published numbers beside this run's.
+
+Everything lands in one run directory (default ``runs/reproduce-<preset>``)::
+
+    D/run/          fit's data.run_dir: bootstrap stages, Lightning checkpoints, W&B files
+    D/checkpoint/   the exported PRISM checkpoint
+    D/eval/         evaluate: items, summary.json/csv        D/study/  the persona-effect grid
+    D/report/       figures and report.md                    D/comparison.md, comparison.json
+    D/reproduce.json  which steps finished with which arguments (what a rerun skips)
+
+Rerunning the same command resumes: finished steps are skipped, a killed one picks up its partial work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prism_lightning import files
+from prism_lightning.errors import ConfigError
+from prism_lightning.reproduce.compare import compare, format_table, paper_numbers
+from prism_lightning.reproduce.presets import Preset, load_preset, preset_names
+from prism_lightning.reproduce.steps import build_plan, run_steps
+
+__all__ = ["reproduce_main", "validate_preset"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m prism_lightning reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    names = ", ".join(preset_names())
+    ap.add_argument("--preset", default=None, help=f"one of {names}, or a preset YAML file")
+    ap.add_argument(
+        "--limit",
+        default=None,
+        help="items per sub-score group in evaluate and study, and at most this many bootstrap queries per "
+        "persona (default: the full sizes)",
+    )
+    ap.add_argument("--run_dir", default=None, help="the run directory (default: runs/reproduce-<preset>)")
+    ap.add_argument("--list", action="store_true", help="list the presets and exit")
+    return ap
+
+
+def _limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--limit must be a whole number >= 1, got {text!r}.") from None
+    if value < 1:
+        raise ConfigError(f"--limit must be >= 1 (items per sub-score group), got {value}.")
+    return value
+
+
+def _run_dir(text: str | None, preset: Preset) -> Path:
+    root = Path(text).expanduser() if text else Path("runs") / f"reproduce-{preset.name}"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--run_dir {root} is a file; give a directory.")
+    return root
+
+
+def validate_preset(preset: Preset, *, shape_only: bool = False) -> int | None:
+    """Check everything a preset's steps will be given before any long work: the fit configs parse
+    against the real classes (a typo'd key fails here), the model settings pass their range checks and
+    the gate layer and LoRA targets fit the model (on the meta device, no weights: with ``shape_only``
+    the preset's recorded architecture stands in for the model's config.json, for machines without the
+    hub), and the paper numbers it names exist. Returns the configured bootstrap queries per persona."""
+    paper_numbers(preset.paper_model)
+    if not preset.trains:
+        return None
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.lightning_cli import parse_config
+    from prism_lightning.model.checks import check_against_model, check_module_settings
+
+    args = [a for c in preset.fit_configs for a in ("--config", str(c))] + list(preset.fit_args)
+    cfg = parse_config("reproduce", args)
+    settings = cfg.model.as_dict()
+    check_module_settings(settings)
+    if cfg.model.backbone.model != preset.model:
+        raise ConfigError(
+            f"preset {preset.name}: its fit configs train {cfg.model.backbone.model}, not {preset.model}."
+        )
+    if shape_only:
+        _check_shape(preset, settings)
+    else:
+        check_against_model(settings, BackboneConfig(**cfg.data.backbone.as_dict()))
+    return int(cfg.data.bootstrap.queries_per_persona)
+
+
+def _check_shape(preset: Preset, settings: dict) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prism_lightning.model.routing import validate_routing_setup
+
+    if not preset.shape:
+        raise ConfigError(f"preset {preset.name} records no `shape` to validate against.")
+    shape = dict(preset.shape)
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    validate_routing_setup(model, settings["gate_layer"], settings["lora_target_modules"])
+
+
+def reproduce_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for name in preset_names():
+            p = load_preset(name)
+            print(f"{name:<30} {p.model:<42} steps: {' '.join(p.steps)}")
+        return 0
+    if not args.preset:
+        raise ConfigError(f"give --preset NAME (one of {', '.join(preset_names())}) or a preset YAML file.")
+    # every input is checked before a model loads
+    preset = load_preset(args.preset)
+    limit = _limit(args.limit)
+    root = _run_dir(args.run_dir, preset)
+    queries = validate_preset(preset)
+    plan = build_plan(preset, root, limit, queries)
+
+    root.mkdir(parents=True, exist_ok=True)
+    size = f"--limit {limit}" if limit else "full sizes"
+    steps = " -> ".join(preset.steps)
+    print(f"reproduce {preset.name} ({preset.model}, {size}) in {root}: {steps}", flush=True)
+    start = time.perf_counter()
+    timings = run_steps(plan, announce=lambda line: print(line, flush=True))
+    rows = compare(plan.paths, preset.paper_model)
+    title = f"{preset.name}: paper = {preset.paper_label}; this run = {preset.model}, {size}"
+    table = format_table(rows, title=title)
+    print("\n" + table)
+    markdown = format_table(rows, title=title, markdown=True)
+    files.atomic_write_text(root / "comparison.md", markdown + "\n")
+    files.atomic_write_json(
+        root / "comparison.json",
+        {"preset": preset.name, "model": preset.model, "paper_model": preset.paper_model, "limit": limit,
+         "rows": [asdict(r) for r in rows]},
+    )  # fmt: skip
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    total = time.perf_counter() - start
+    print(f"\nwrote {root / 'comparison.md'} and comparison.json; this invocation {total:.0f} s ({took})")
+    return 0
+

@@ -1,0 +1,276 @@
+"""The side-by-side table: every published number of a model (``paper_numbers.yaml``) beside this run's
+value with its 95% bootstrap CI and the difference.
+
+This run's values come from the run directory's outputs: ``eval/summary.json`` and the scored rows in
+``eval/items/`` (persona effects, routing rates), ``study/items/`` (MMLU per persona length), the
+bootstrap summary (the distill share) and the checkpoint's ``prism.json`` (gate accuracy). A number whose
+input is missing shows ``-`` with the step that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from prism_lightning import files
+from prism_lightning.errors import ConfigError
+from prism_lightning.eval import scoring as S
+
+__all__ = ["PAPER_NUMBERS_FILE", "Comparison", "RunPaths", "compare", "format_table", "paper_numbers"]
+
+PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
+CI_RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one reproduction's outputs lie (all under its run directory)."""
+
+    root: Path
+
+    @property
+    def run(self) -> Path:  # fit's data.run_dir: bootstrap stages, Lightning checkpoints, W&B files
+        return self.root / "run"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def study(self) -> Path:
+        return self.root / "study"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+@dataclass
+class Comparison:
+    """One row of the table."""
+
+    label: str
+    metric: str
+    source: str
+    paper: str
+    ours: str
+    difference: str
+    value: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+def paper_numbers(model: str) -> list[dict]:
+    """The published numbers of ``model`` (a key of ``paper_numbers.yaml``)."""
+    models = yaml.safe_load(PAPER_NUMBERS_FILE.read_text(encoding="utf-8"))["models"]
+    if model not in models:
+        raise ConfigError(f"no published numbers for {model!r}; known: {', '.join(models)}.")
+    return list(models[model]["numbers"])
+
+
+# ------------------------------------------------------------------------------------------------
+# this run's values: (mean, lo, hi) or None when the input is missing
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in files.read_written_jsonl(path) if "id" in r} if path.exists() else {}
+
+
+def _ci(values: list, scale: float) -> tuple[float, float | None, float | None] | None:
+    if not values:
+        return None
+    ci = S.bootstrap_ci(values, n_resamples=CI_RESAMPLES, seed=0)
+    if not math.isfinite(ci["mean"]):
+        return None
+    return ci["mean"] * scale, ci["lo"] * scale, ci["hi"] * scale
+
+
+def _from_summary(paths: RunPaths, cond: str, score: str):
+    path = paths.eval / "summary.json"
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())["conditions"].get(cond)
+    if not res:
+        return None
+    ci = res["subscores"].get(score) if score in res["subscores"] else res.get(score)
+    if not ci or ci.get("mean") is None or not math.isfinite(ci["mean"]):
+        return None
+    lo, hi = ci.get("lo"), ci.get("hi")
+    ok = lo is not None and math.isfinite(lo)
+    return ci["mean"], (lo if ok else None), (hi if ok else None)
+
+
+def _in_group(row: dict, group: str) -> bool:
+    return group == "all" or row.get("group") == group or str(row.get("group", "")).startswith(group + "/")
+
+
+def _effect(paths: RunPaths, score: str):
+    bench = score.partition("/")[0]
+    treated = _rows(paths.eval / "items" / f"{bench}__persona.jsonl")
+    control = _rows(paths.eval / "items" / f"{bench}__base.jsonl")
+    t = {i: r["values"] for i, r in treated.items() if _in_group(r, score)}
+    c = {i: r["values"] for i, r in control.items() if _in_group(r, score)}
+    if not t or not c:
+        return None
+    d = S.bootstrap_delta_ci(t, c, n_resamples=CI_RESAMPLES, seed=0)
+    if d.get("mean") is None or not math.isfinite(d["mean"]):
+        return None
+    scale = S.REPORTED_SCALE[bench]
+    return d["mean"] * scale, d["lo"] * scale, d["hi"] * scale
+
+
+def _routing(paths: RunPaths, group: str):
+    rows = []
+    for path in sorted((paths.eval / "items").glob("*__prism.jsonl")):
+        rows += [r for r in _rows(path).values() if _in_group(r, group) and r.get("route") is not None]
+    return _ci([float(r["route"]) for r in rows], 100.0)
+
+
+def _correlation(paths: RunPaths, which: str):
+    path = paths.eval / "summary.json"
+    if not path.exists():
+        return None
+    v = json.loads(path.read_text()).get("correlation", {}).get(which)
+    return None if v is None or not math.isfinite(v) else (v, None, None)
+
+
+def _study_mmlu(paths: RunPaths, length: str):
+    cell = "none" if length == "none" else f"matched__{length}__system"
+    rows = _rows(paths.study / "items" / f"mmlu__{cell}.jsonl")
+    return _ci([r["values"] for r in rows.values()], 100.0)
+
+
+def _distill_share(paths: RunPaths):
+    path = paths.run / "bootstrap" / "summary.json"
+    if not path.exists():
+        return None
+    s = json.loads(path.read_text())
+    total = ((s.get("verdicts") or {}).get("split") or {}).get(s.get("verdict_rule"), {}).get("total", {})
+    d, r = int(total.get("distill", 0)), int(total.get("retain", 0))
+    return _ci([1.0] * d + [0.0] * r, 100.0)
+
+
+def _gate_acc(paths: RunPaths):
+    path = paths.checkpoint / "prism.json"
+    if not path.exists():
+        return None
+    metrics = (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}
+    acc = (metrics.get("after_fit") or {}).get("val/gate_acc")
+    return None if acc is None else (100.0 * float(acc), None, None)
+
+
+_MAKER = {  # which step writes the input of each metric kind
+    "eval": "evaluate", "effect": "evaluate", "routing": "evaluate", "correlation": "evaluate",
+    "study_mmlu": "study", "split": "bootstrap", "gate_acc": "fit",
+}  # fmt: skip
+
+
+def measured(paths: RunPaths, metric: str):
+    """This run's (mean, lo, hi) of one ``metric`` of ``paper_numbers.yaml``, or None if not there."""
+    kind, _, arg = metric.partition(":")
+    if kind == "eval":
+        cond, _, score = arg.partition(":")
+        return _from_summary(paths, cond, score)
+    if kind == "effect":
+        return _effect(paths, arg)
+    if kind == "routing":
+        return _routing(paths, arg)
+    if kind == "correlation":
+        return _correlation(paths, arg)
+    if kind == "study_mmlu":
+        return _study_mmlu(paths, arg)
+    if kind == "split":
+        return _distill_share(paths)
+    if kind == "gate_acc":
+        return _gate_acc(paths)
+    raise ConfigError(f"unknown metric {metric!r} in {PAPER_NUMBERS_FILE.name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+
+
+def _digits(metric: str) -> int:
+    return 2 if ("mtbench" in metric and "routing" not in metric) or metric.startswith("correlation") else 1
+
+
+def _paper_text(n: dict, digits: int) -> str:
+    if "range" in n:
+        lo, hi = n["range"]
+        return f"{lo}-{hi}"
+    if "direction" in n:
+        return "> 0 (helps)" if n["direction"] == "up" else "< 0 (hurts)"
+    return ("~" if n.get("approx") else "") + f"{n['value']:.{digits}f}"
+
+
+def _difference(n: dict, got: tuple, digits: int) -> str:
+    mean, lo, hi = got
+    if "range" in n:
+        a, b = n["range"]
+        if a <= mean <= b:
+            return "inside the range"
+        return f"{mean - b:+.{digits}f} above" if mean > b else f"{mean - a:+.{digits}f} below"
+    if "direction" in n:
+        agrees = (mean > 0) == (n["direction"] == "up")
+        sure = lo is not None and (lo > 0 or hi < 0)
+        sign = "same sign" if agrees else "opposite sign"
+        return sign + (" (CI excludes 0)" if sure else " (CI spans 0)")
+    diff = mean - float(n["value"])
+    covered = lo is not None and lo <= float(n["value"]) <= hi
+    return f"{diff:+.{digits}f}" + (" (paper inside CI)" if covered else "")
+
+
+def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
+    """Every published number of ``paper_model`` beside this run's."""
+    out = []
+    for n in paper_numbers(paper_model):
+        digits = _digits(n["metric"])
+        got = measured(paths, n["metric"])
+        if got is None:
+            step = _MAKER.get(n["metric"].partition(":")[0], "?")
+            ours, diff = "-", f"(no {step} output)"
+        else:
+            mean, lo, hi = got
+            ours = f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
+            diff = _difference(n, got, digits)
+        out.append(
+            Comparison(
+                label=n["label"],
+                metric=n["metric"],
+                source=n["source"],
+                paper=_paper_text(n, digits),
+                ours=ours,
+                difference=diff,
+                value=None if got is None else got[0],
+                lo=None if got is None else got[1],
+                hi=None if got is None else got[2],
+            )
+        )
+    return out
+
+
+def format_table(rows: list[Comparison], *, title: str, markdown: bool = False) -> str:
+    """``paper | this run [95% CI] | difference`` per published number; sources listed below the table."""
+    sources = list(dict.fromkeys(r.source for r in rows))
+    header = ["number", "paper", "this run [95% CI]", "difference", "src"]
+    body = [[r.label, r.paper, r.ours, r.difference, str(sources.index(r.source) + 1)] for r in rows]
+    notes = [f"  [{i + 1}] {s}" for i, s in enumerate(sources)]
+    if markdown:
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join([*lines, "", "Sources:", *notes])
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = [title, " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    if not rows:
+        lines.append("(the collected notes hold no number of this model)")
+    return "\n".join([*lines, "sources:", *notes])

@@ -1,0 +1,205 @@
+"""The steps of a reproduction, each through the existing commands' Python entry points, and the run
+state that makes them resumable.
+
+``<run_dir>/reproduce.json`` records, per step, the arguments it ran with (a fingerprint) and whether it
+finished. A finished step whose fingerprint matches and whose outputs are there is skipped; any other
+step runs, and the command it calls picks up its own partial work: bootstrap stages resume from their
+shards, ``fit`` resumes from Lightning's ``last.ckpt`` of the same settings, ``evaluate`` and ``study``
+reuse every scored row of their item files.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prism_lightning import files
+from prism_lightning.reproduce.compare import RunPaths
+from prism_lightning.reproduce.presets import Preset
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Plan", "RunState", "StepSpec", "build_plan", "run_steps"]
+
+STATE_FILE = "reproduce.json"
+
+
+@dataclass
+class StepSpec:
+    """One step: the arguments it runs with, the file that says it finished, how to run it."""
+
+    name: str
+    args: list[str]
+    done_file: Path
+    run: Callable[[list[str]], None]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.name, self.args]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunState:
+    """``reproduce.json``: the preset, the limit and each step's status (rewritten atomically)."""
+
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: Path) -> RunState:
+        path = root / STATE_FILE
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            log.warning("%s is unreadable; every step's outputs are checked again", path)
+            data = {}
+        return cls(path, data if isinstance(data, dict) else {})
+
+    def step(self, name: str) -> dict:
+        return self.data.setdefault("steps", {}).setdefault(name, {})
+
+    def save(self) -> None:
+        files.atomic_write_json(self.path, self.data)
+
+
+@dataclass
+class Plan:
+    preset: Preset
+    paths: RunPaths
+    limit: int | None
+    steps: list[StepSpec]
+
+
+# ------------------------------------------------------------------------------------------------
+# the step runners: the commands' own Python entry points, in this process
+
+
+def _free_memory() -> None:
+    """A step's models go out of scope when it returns; release their memory before the next loads."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _run_bootstrap(args: list[str]) -> None:
+    from prism_lightning.bootstrap.cli import bootstrap_main
+
+    bootstrap_main(args)
+
+
+def _fit_runner(paths: RunPaths) -> Callable[[list[str]], None]:
+    def run(args: list[str]) -> None:
+        from prism_lightning.lightning_cli import run_lightning_cli
+
+        last = paths.run / "lightning" / "last.ckpt"
+        extra = ["--ckpt_path", str(last)] if last.exists() else []
+        if extra:
+            print(f"  fit resumes from {last}", flush=True)
+        run_lightning_cli("fit", [*args, *extra])
+
+    return run
+
+
+def _run_evaluate(args: list[str]) -> None:
+    from prism_lightning.eval.cli import evaluate_main
+
+    evaluate_main(args)
+
+
+def _run_study(args: list[str]) -> None:
+    from prism_lightning.eval.cli import study_main
+
+    study_main(args)
+
+
+def _report_runner(paths: RunPaths) -> Callable[[list[str]], None]:
+    def run(args: list[str]) -> None:
+        import matplotlib.pyplot as plt
+
+        from prism_lightning.analysis.report import write_report
+
+        plt.switch_backend("Agg")
+        result = write_report(
+            paths.run if paths.run.exists() else paths.root,
+            paths.report,
+            eval_dir=paths.eval if (paths.eval / "summary.json").exists() else None,
+            study_dir=paths.study if (paths.study / "study.csv").exists() else None,
+            checkpoint=paths.checkpoint if (paths.checkpoint / "prism.json").exists() else None,
+        )
+        print(f"  {len(result['written'])} figures written, {len(result['skipped'])} skipped")
+
+    return run
+
+
+def build_plan(preset: Preset, root: Path, limit: int | None, queries_per_persona: int | None) -> Plan:
+    """Every step's arguments. ``limit`` caps evaluate/study items per sub-score group and the bootstrap's
+    queries per persona (``queries_per_persona`` is the preset's own value)."""
+    paths = RunPaths(root)
+    fit_args = [a for c in preset.fit_configs for a in ("--config", str(c))]
+    fit_args += [*preset.fit_args, f"--data.run_dir={paths.run}"]
+    if limit is not None and queries_per_persona is not None and limit < queries_per_persona:
+        fit_args.append(f"--data.bootstrap.queries_per_persona={limit}")
+    lim = [f"--limit={limit}"] if limit is not None else []
+    specs = {
+        "bootstrap": StepSpec(
+            "bootstrap", fit_args, paths.run / "bootstrap" / "summary.json", _run_bootstrap
+        ),
+        "fit": StepSpec(
+            "fit", [*fit_args, f"--export_dir={paths.checkpoint}"], paths.checkpoint / "prism.json",
+            _fit_runner(paths),
+        ),
+        "evaluate": StepSpec(
+            "evaluate", [f"--checkpoint={paths.checkpoint}", f"--out={paths.eval}", *preset.evaluate, *lim],
+            paths.eval / "summary.json", _run_evaluate,
+        ),
+        "study": StepSpec(
+            "study", [f"--model={preset.model}", f"--out={paths.study}", *preset.study, *lim],
+            paths.study / "study.json", _run_study,
+        ),
+        "report": StepSpec("report", [], paths.report / "report.md", _report_runner(paths)),
+    }  # fmt: skip
+    if "fit" not in preset.steps:  # no checkpoint: evaluate runs the base-model conditions only
+        specs["evaluate"].args[0] = f"--model={preset.model}"
+    return Plan(preset, paths, limit, [specs[s] for s in preset.steps])
+
+
+def run_steps(plan: Plan, *, announce: Callable[[str], None] = print) -> dict[str, float]:
+    """Run (or skip) every step in order; returns the seconds each step took in this invocation."""
+    state = RunState.load(plan.paths.root)
+    state.data.update(preset=plan.preset.name, limit=plan.limit)
+    upstream_ran = False
+    timings: dict[str, float] = {}
+    n = len(plan.steps)
+    for k, spec in enumerate(plan.steps, 1):
+        entry = state.step(spec.name)
+        finished = entry.get("status") == "done" and entry.get("fingerprint") == spec.fingerprint
+        if finished and spec.done_file.exists() and not upstream_ran:
+            announce(f"[{k}/{n}] {spec.name}: done earlier ({entry.get('seconds', 0):.0f} s), skipped")
+            timings[spec.name] = 0.0
+            continue
+        resumed = entry.get("fingerprint") == spec.fingerprint and entry.get("status") == "running"
+        announce(f"[{k}/{n}] {spec.name}: {'resuming' if resumed else 'running'}")
+        entry.update(status="running", fingerprint=spec.fingerprint, args=spec.args)
+        entry.pop("seconds", None)
+        state.save()
+        start = time.perf_counter()
+        spec.run(list(spec.args))
+        _free_memory()
+        seconds = time.perf_counter() - start
+        entry.update(status="done", seconds=round(seconds, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        state.save()
+        timings[spec.name] = seconds
+        upstream_ran = upstream_ran or spec.name in ("bootstrap", "fit")
+        announce(f"[{k}/{n}] {spec.name}: done in {seconds:.0f} s")
+    return timings
