@@ -32,6 +32,10 @@ PRISM_COMMANDS: dict[str, tuple[str, str]] = {
         "prism_lightning.analysis.report:report_main",
         "figures (PNG) and a Markdown summary of a run, its evaluation and study",
     ),
+    "reproduce": (
+        "prism_lightning.reproduce.cli:reproduce_main",
+        "the paper's pipeline for one model (--preset) and its numbers beside the paper's",
+    ),
     "serve": (
         "prism_lightning.serve.cli:serve_main",
         "serve a checkpoint behind an OpenAI-compatible API (routed per request)",
