@@ -5,6 +5,7 @@ the requests in flight first."""
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -120,5 +121,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug")
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again for the handler that
+    # was there before it: a no-op here, so a clean shutdown exits 0 instead of dying of the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+    print("server stopped: every request in flight was answered", file=sys.stderr)
     return 0
