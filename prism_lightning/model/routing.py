@@ -315,7 +315,10 @@ class RoutingController:
         if not self._armed:
             return None
         self._armed = False
-        hidden = output[0] if isinstance(output, tuple) else output
+        # Detached before indexing: under gradient checkpointing the hook runs again during the backward
+        # recomputation (disarmed then), and an indexing op recorded only the first time would make the
+        # two passes save different tensors.
+        hidden = (output[0] if isinstance(output, tuple) else output).detach()
         if self._positions is None:
             feats = hidden[:, -1]
         else:
