@@ -113,11 +113,15 @@ class VLLMEngine:
         stop_ids: Sequence[int] | None = None,
         stop_strings: Sequence[str] | None = None,
         lora: Sequence[Any] | None = None,
+        score_ids: Sequence[int] | None = None,
     ) -> list[Generation]:
         """Generate like :func:`prism_lightning.generation.generate_batch`: ``Generation`` rows whose
         ``token_ids`` exclude the token that stopped the row and whose text is decoded without special
         tokens and stripped. Each sampled row uses its own seed (``SamplingParams.seed``), so a row does
-        not depend on which rows share the engine's batch. ``lora``: one LoRARequest or None per row."""
+        not depend on which rows share the engine's batch. ``lora``: one LoRARequest or None per row.
+        ``score_ids``: also fill each row's ``first_log_probs`` with the log-probabilities of these tokens
+        at the first generated position (a (len(score_ids),) tensor; a judge's verdict options), from the
+        same request."""
         from vllm import SamplingParams
 
         ids = self.token_ids(prompts)
@@ -142,6 +146,7 @@ class VLLMEngine:
                     stop_token_ids=stops,
                     stop=list(stop_strings) if stop_strings else None,
                     skip_special_tokens=True,
+                    logprob_token_ids=[int(t) for t in dict.fromkeys(score_ids)] if score_ids else None,
                 )
             )
         outs = self._run([ids[i] for i in todo], params, [lora[i] for i in todo] if lora else None)
@@ -157,7 +162,11 @@ class VLLMEngine:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if isinstance(comp.stop_reason, str):  # a stop string: the text ends before it
                 text = text.split(comp.stop_reason, 1)[0]
-            results[i] = Generation(text.strip(), tokens, finish, len(ids[i]))
+            first = None
+            if score_ids:
+                lps = comp.logprobs[0]
+                first = torch.tensor([float(lps[int(t)].logprob) for t in score_ids], dtype=torch.float32)
+            results[i] = Generation(text.strip(), tokens, finish, len(ids[i]), first)
         return results
 
     def next_token_logprobs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.backends import GenerationConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS
 from prism_lightning.errors import ConfigError
@@ -38,6 +39,8 @@ class BootstrapConfig:
         max_response_tokens: the teacher/student response is cut to this many tokens.
         batch_size: rows per generation batch (each row may expand to two prompts).
         seed: base of the per-row seeds (rows do not depend on batching or the number of processes).
+        generation: which engine generates (backend: hf | vllm) and the vLLM engine's settings, see
+            :class:`~prism_lightning.backends.GenerationConfig`.
     """
 
     personas: list[str] | str = "all"
@@ -58,8 +61,10 @@ class BootstrapConfig:
     max_response_tokens: int = 512
     batch_size: int = 16
     seed: int = 0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self) -> None:
+        self.generation = GenerationConfig.from_value(self.generation)
         if self.verdict_rule not in VERDICT_RULES:
             raise ConfigError(
                 f"Unknown verdict_rule {self.verdict_rule!r}; choose one of {', '.join(VERDICT_RULES)}."

@@ -118,7 +118,7 @@ def stage_settings(
     model = asdict(backbone)
     judge = asdict(config.judge) if config.judge is not None else model
     texts = {c.name: c.text(config.persona_length) for c in personas}
-    return {
+    settings = {
         "queries": {
             "model": model,
             "personas": [[c.name, c.description, c.expertise] for c in personas],
@@ -154,6 +154,11 @@ def stage_settings(
             "max_response_tokens": config.max_response_tokens,
         },
     }
+    backend = config.generation.identity()  # None for hf: its hashes stay as they were
+    if backend is not None:
+        for stage in settings.values():
+            stage["generation"] = backend
+    return settings
 
 
 def stage_stores(
@@ -211,16 +216,66 @@ def _rank0_check(store: StageStore) -> StageCheck:
     return check
 
 
+class _HFStageTasks:
+    """The runner's task factory for the hf backend: this package's decode loop on the loaded models."""
+
+    def __init__(self, config: BootstrapConfig, models: _Models) -> None:
+        self.config, self.models = config, models
+        self.batch_size = config.batch_size
+        self.loaded = models.loaded
+
+    def trainer_kwargs(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+        return trainer_kwargs
+
+    def formatter(self):
+        return self.models.base().formatter
+
+    def judge_formatter(self):
+        return self.models.judge().formatter
+
+    def queries(self):
+        c = self.config
+        return queries_mod.QueryTask(
+            self.models.base(),
+            SamplingConfig(max_new_tokens=c.query_max_new_tokens, temperature=c.query_temperature),
+            c.seed,
+            stop_at_newline=c.query_stop_at_newline,
+        )
+
+    def answers(self):
+        c = self.config
+        return answers_mod.AnswerTask(
+            self.models.base(),
+            SamplingConfig(max_new_tokens=c.answer_max_new_tokens, temperature=c.answer_temperature),
+            c.seed,
+        )
+
+    def verdicts(self):
+        c = self.config
+        return verdicts_mod.VerdictTask(self.models.judge(), c.judge_max_new_tokens, c.verdict_rule)
+
+    def teacher(self):
+        c = self.config
+        return teacher_mod.TeacherTask(self.models.base(), c.teacher_top_k, c.max_response_tokens)
+
+    def close(self) -> None:
+        self.models.close()
+
+
 def run_bootstrap(
     config: BootstrapConfig,
     backbone_config: BackboneConfig,
     run_dir: str | Path,
     trainer_kwargs: dict[str, Any] | None = None,
+    *,
+    keep_engines: bool = False,
 ) -> BootstrapResult:
     """Bring every bootstrap stage under ``run_dir`` to done and return where they are + the summary.
 
     A second call with the same settings loads no model and creates no Trainer. ``trainer_kwargs``
     go to the predict Trainers (``devices``, ``accelerator``, ``strategy``, ``callbacks`` ...).
+    ``config.generation.backend`` picks the engine (hf: this package's decode loop under those
+    Trainers; vllm: one vLLM engine, stopped at the end unless ``keep_engines``).
     """
     start_all = time.perf_counter()
     trainer_kwargs = dict(trainer_kwargs or {})
@@ -228,7 +283,13 @@ def run_bootstrap(
     personas = resolve_personas(config)
     by_name = {c.name: c for c in personas}
     stores = stage_stores(config, backbone_config, run_dir, personas)
-    models = _Models(backbone_config, config.judge, _load_device(trainer_kwargs))
+    if config.generation.backend == "vllm":
+        from prism_lightning.backends.vllm_bootstrap import VLLMStageTasks
+
+        tasks = VLLMStageTasks(config, backbone_config, keep_engines=keep_engines)
+    else:
+        tasks = _HFStageTasks(config, _Models(backbone_config, config.judge, _load_device(trainer_kwargs)))
+    trainer_kwargs = tasks.trainer_kwargs(trainer_kwargs)
     timings: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
 
@@ -292,38 +353,25 @@ def run_bootstrap(
         # 1. queries
         run(
             "queries",
-            lambda: queries_mod.query_jobs(models.base().formatter, personas, config.queries_per_persona),
-            lambda: queries_mod.QueryTask(
-                models.base(),
-                SamplingConfig(
-                    max_new_tokens=config.query_max_new_tokens, temperature=config.query_temperature
-                ),
-                config.seed,
-                stop_at_newline=config.query_stop_at_newline,
-            ),
+            lambda: queries_mod.query_jobs(tasks.formatter(), personas, config.queries_per_persona),
+            tasks.queries,
             lambda rows: queries_mod.finalize_queries(rows, config.min_query_chars, list(by_name)),
-            config.batch_size,
+            tasks.batch_size,
             ("tokens",),
         )
         # 2. answers
         run(
             "answers",
             lambda: answers_mod.answer_jobs(
-                models.base().formatter,
+                tasks.formatter(),
                 stores["queries"].read_rows(),
                 by_name,
                 config.persona_length,
                 config.placement,
             ),
-            lambda: answers_mod.AnswerTask(
-                models.base(),
-                SamplingConfig(
-                    max_new_tokens=config.answer_max_new_tokens, temperature=config.answer_temperature
-                ),
-                config.seed,
-            ),
+            tasks.answers,
             answers_mod.finalize_answers,
-            config.batch_size,
+            tasks.batch_size,
             ("base_tokens", "persona_tokens"),
         )
         # 3. verdicts (judgments are reused across rules)
@@ -366,12 +414,10 @@ def run_bootstrap(
         else:
             compute(
                 "verdicts",
-                lambda: verdicts_mod.verdict_jobs(models.judge().formatter, stores["answers"].read_rows()),
-                lambda: verdicts_mod.VerdictTask(
-                    models.judge(), config.judge_max_new_tokens, config.verdict_rule
-                ),
+                lambda: verdicts_mod.verdict_jobs(tasks.judge_formatter(), stores["answers"].read_rows()),
+                tasks.verdicts,
                 finalize_verdicts,
-                config.batch_size,
+                tasks.batch_size,
                 ("judge_tokens",),
                 t0,
             )
@@ -382,19 +428,19 @@ def run_bootstrap(
             answers = {r["id"]: r for r in stores["answers"].read_rows()}
             distill = [r for r in verdicts if r["gate_target"] == 1]
             return teacher_mod.teacher_jobs(
-                models.base().formatter, distill, answers, by_name, config.persona_length, config.placement
+                tasks.formatter(), distill, answers, by_name, config.persona_length, config.placement
             )
 
         run(
             "teacher",
             teacher_jobs,
-            lambda: teacher_mod.TeacherTask(models.base(), config.teacher_top_k, config.max_response_tokens),
+            tasks.teacher,
             teacher_mod.finalize_teacher,
-            config.batch_size,
+            tasks.batch_size,
         )
     finally:
-        loaded = list(models.loaded)
-        models.close()
+        loaded = list(tasks.loaded)
+        tasks.close()
 
     for name, problem in problems.items():
         timings[name]["recomputed_because"] = problem

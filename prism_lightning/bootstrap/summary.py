@@ -52,6 +52,7 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
         "format_version": FORMAT_VERSION,
         "run_dir": str(run_dir),
         "verdict_rule": rule,
+        "backend": config.generation.backend,
         "models_loaded": loaded,
         "total_seconds": round(total_seconds, 3),
         "stages": stages,

@@ -1,0 +1,164 @@
+"""The vLLM backend on the real vLLM engine (CPU build) and the embedded SmolLM2-135M: every bootstrap
+stage gives rows of the hf backend's schema, greedy answers and teacher targets agree with the hf
+backend, and ``evaluate --backend vllm`` runs all five conditions with prism's routes equal to hf's.
+
+Engines are slow to start (~20-35 s each on 2 cores): one engine without LoRA (bootstrap, teacher,
+judge) and one with LoRA (evaluate on a checkpoint) are shared by every test here (session scope).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GEN = {"backend": "vllm", "max_model_len": 1024, "max_num_seqs": 16, "cpu_kv_cache_gib": 0.25}
+QUERIES = [
+    "What is the capital of France?",
+    "Give me one tip for learning Python.",
+    "Write a haiku about rain.",
+    "How do I boil an egg?",
+    "Explain what a prime number is.",
+    "Name three primary colors.",
+]
+
+
+@pytest.fixture(scope="session")
+def hf_backbone():
+    from prism_lightning.backbone import BackboneConfig
+
+    return BackboneConfig().load("cpu")
+
+
+@pytest.fixture(scope="session")
+def base_engine():
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.backends import GenerationConfig
+    from prism_lightning.backends.vllm_engine import get_engine, shutdown_engines
+
+    engine = get_engine(GenerationConfig(**GEN), BackboneConfig())
+    yield engine
+    shutdown_engines()
+
+
+def test_greedy_answers_match_the_hf_backend(base_engine, hf_backbone):
+    from prism_lightning.generation import SamplingConfig, generate_batch
+
+    prompts = [hf_backbone.formatter.prompt(q) for q in QUERIES]
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    ours = base_engine.generate(prompts, sampling)
+    theirs = generate_batch(hf_backbone.model, hf_backbone.tokenizer, prompts, sampling)
+    same = [a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True)]
+    print(f"greedy token-for-token match vLLM vs hf: {sum(same)}/{len(same)}")
+    assert sum(same) >= len(same) - 1  # fp32 on both sides: all rows measured equal here
+    assert [a.finish_reason for a in ours] == [b.finish_reason for b in theirs]
+    # per-row seeds: a sampled row does not depend on its batch, and repeats exactly
+    hot = SamplingConfig(max_new_tokens=12, temperature=0.9)
+    alone = base_engine.generate(prompts[:1], hot, seeds=[7])
+    batched = base_engine.generate(prompts, hot, seeds=[7, 1, 2, 3, 4, 5])
+    assert alone[0].token_ids == batched[0].token_ids
+
+
+def test_teacher_topk_and_option_scores_agree_with_hf(base_engine, hf_backbone):
+    from prism_lightning.bootstrap.teacher import response_token_ids, topk_over_response
+
+    tok = hf_backbone.tokenizer
+    prompt = hf_backbone.formatter.prompt(QUERIES[4], "You are a patient math teacher.")
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    response = response_token_ids(tok, "A prime number has exactly two divisors: one and itself.", 64)
+    k = 16
+    [(values, indices)] = base_engine.prompt_topk([(prompt_ids, response)], k)
+    hf_values, hf_indices = topk_over_response(hf_backbone.model, prompt_ids, response, k)
+    assert values.shape == hf_values.shape == (len(response), k)
+    assert values.dtype == hf_values.dtype and indices.dtype == hf_indices.dtype
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(indices, hf_indices, strict=True))
+    overlap /= len(response) * k
+    with torch.no_grad():  # hf logits -> log-probabilities (vLLM's values), same positions
+        ids = torch.tensor([prompt_ids + response])
+        logits = hf_backbone.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    hf_logprobs = torch.log_softmax(logits, -1).gather(-1, indices.long())
+    diff = (hf_logprobs - values.float()).abs().max().item()
+    print(f"teacher top-{k} overlap vLLM vs hf: {overlap:.3f}; max |log-prob diff|: {diff:.4f}")
+    assert overlap >= 0.95
+    assert diff < 0.05  # fp16 storage of values around -1..-20 rounds by up to ~0.008
+    # next-token log-probabilities of given tokens (verdict options, MMLU letters)
+    letters = [tok(t, add_special_tokens=False)["input_ids"][0] for t in ("A", " B")]
+    scores = base_engine.next_token_logprobs([prompt], letters)
+    with torch.no_grad():
+        last = hf_backbone.model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
+    assert torch.allclose(scores[0], torch.log_softmax(last, -1)[letters], atol=1e-3)
+
+
+def _key_shape(row):
+    return {k: sorted(v) if isinstance(v, dict) else type(v).__name__ for k, v in row.items()}
+
+
+def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.bootstrap import answers, queries, teacher, verdicts
+    from prism_lightning.bootstrap.runner import run_bootstrap, stage_stores
+    from prism_lightning.generation import SamplingConfig
+    from prism_lightning.testing import tiny_bootstrap_config
+
+    config = tiny_bootstrap_config(
+        queries_per_persona=2,
+        query_max_new_tokens=24,
+        answer_max_new_tokens=12,
+        judge_max_new_tokens=4,
+        min_query_chars=8,
+        generation=GEN,
+    )
+    result = run_bootstrap(config, BackboneConfig(), tmp_path / "run", keep_engines=True)
+    assert result.summary["backend"] == "vllm"
+    rows = {name: result.rows(name) for name in ("queries", "answers", "verdicts", "teacher")}
+    assert rows["queries"] and rows["answers"]
+    assert all("\n" not in r["query"] for r in rows["queries"])  # the line-break rule
+    assert len(rows["verdicts"]) == len(rows["answers"])
+    # the same stages on hf (one job each) give rows of the same schema
+    bb = hf_backbone
+    q_job = queries.query_jobs(bb.formatter, result.personas[:1], 1)
+    hf_q = queries.QueryTask(bb, SamplingConfig(max_new_tokens=4, temperature=0.9), 0).process(q_job)
+    vq = result.stages["queries"].read_shards()
+    assert _key_shape(hf_q[0]) == _key_shape(next(iter(vq.values())))
+    by_name = {c.name: c for c in result.personas}
+    a_job = answers.answer_jobs(bb.formatter, rows["queries"][:1], by_name, "short", "system")
+    hf_a = answers.AnswerTask(bb, SamplingConfig(max_new_tokens=4, temperature=0.7), 0).process(a_job)
+    assert _key_shape(hf_a[0]) == _key_shape(rows["answers"][0])
+    v_job = verdicts.verdict_jobs(bb.formatter, rows["answers"][:1])
+    hf_v = verdicts.VerdictTask(bb, 4, "logprob").process(v_job)
+    assert _key_shape(hf_v[0]) == _key_shape(rows["verdicts"][0])
+    for order in verdicts.ORDERS:
+        assert sorted(hf_v[0][order]["logprobs"]) == sorted(rows["verdicts"][0][order]["logprobs"])
+    # the judged pair scored on both backends: same option log-probabilities (greedy, same prompt)
+    ours = [r for r in rows["verdicts"] if r["id"] == hf_v[0]["id"]][0]
+    for order in verdicts.ORDERS:
+        for opt, value in hf_v[0][order]["logprobs"].items():
+            assert ours[order]["logprobs"][opt] == pytest.approx(value, abs=1e-2)
+    # teacher rows: hf's fields, tensors that load through the training loader
+    distill = [r for r in rows["verdicts"] if r["gate_target"] == 1]
+    assert len(rows["teacher"]) == len(distill)
+    if rows["teacher"]:
+        t_job = teacher.teacher_jobs(bb.formatter, distill[:1], {r["id"]: r for r in rows["answers"]},
+                                     by_name, "short", "system")  # fmt: skip
+        hf_t = teacher.TeacherTask(bb, config.teacher_top_k, config.max_response_tokens).process(t_job)
+        hf_t[0].pop("_tensors")
+        ours_t = rows["teacher"][0]
+        assert set(ours_t) - {"tensor_file"} == set(hf_t[0])
+        assert ours_t["n_tokens"] == hf_t[0]["n_tokens"] and ours_t["top_k"] == hf_t[0]["top_k"]
+        loaded = teacher.load_teacher_targets(result.stage_dirs["teacher"], rows["teacher"])
+        assert loaded[ours_t["id"]]["values"].dtype == torch.float16
+    # the backend is part of every stage hash: hf rows and vLLM rows never share a directory
+    hf_stores = stage_stores(tiny_bootstrap_config(**{**config.__dict__, "generation": None}),
+                             BackboneConfig(), tmp_path / "run")  # fmt: skip
+    for name, store in result.stages.items():
+        assert store.path != hf_stores[name].path
+    summary = json.loads(result.summary_path.read_text())
+    assert any("vLLM" in m for m in summary["models_loaded"])
+    # a second run finds every stage cached
+    again = run_bootstrap(config, BackboneConfig(), tmp_path / "run", keep_engines=True)
+    assert all(stage["cached"] for stage in again.summary["stages"].values())
