@@ -25,8 +25,37 @@ QUERY_ANGLES: tuple[str, ...] = (
 )
 
 
+#: The angles for a reference context (a fact sheet, a tool registry, a style guide): questions that
+#: its users would ask and that need its content.
+REFERENCE_ANGLES: tuple[str, ...] = (
+    "a question about one specific detail it gives",
+    "a question about a number, a limit or a name it states",
+    "a practical request that it helps with",
+    "a question that compares two things it describes",
+    "a question a first-time user would ask",
+    "a yes-or-no question whose answer it settles",
+    "a request to explain one part of it",
+    "a realistic task for an assistant that must follow or use it",
+)
+
+
+def reference_query_prompt_text(context: Context, index: int) -> str:
+    """The query-writing message for a reference context: the writer sees the whole text, so the query
+    is one that a user of it would ask (a persona's description alone says nothing about a fact sheet)."""
+    angle = REFERENCE_ANGLES[index % len(REFERENCE_ANGLES)]
+    return (
+        f"Here is {context.description}:\n\n{context.text('long')}\n\n"
+        "Write one realistic question or request that a user might send to an assistant that has this "
+        f"text at hand, one that needs the text to be answered well. Make it {angle}. This is question "
+        f"number {index + 1} of a varied set.\n"
+        "Reply with the question only, on a single line, with no numbering, quotes or explanation."
+    )
+
+
 def query_prompt_text(context: Context, index: int) -> str:
     """The user message asking the base model for ONE query that ``context`` would excel at."""
+    if context.kind == "reference":
+        return reference_query_prompt_text(context, index)
     angle = QUERY_ANGLES[index % len(QUERY_ANGLES)]
     return (
         f"Write one realistic question or request that a user might send to {context.description}, "

@@ -121,7 +121,12 @@ def stage_settings(
     settings = {
         "queries": {
             "model": model,
-            "personas": [[c.name, c.description, c.expertise] for c in personas],
+            # a reference context's query prompt shows its text (personas keep their old hash)
+            "personas": [
+                [c.name, c.description, c.expertise]
+                + ([] if c.kind == "persona" else [c.kind, c.text("long")])
+                for c in personas
+            ],
             "queries_per_persona": config.queries_per_persona,
             "query_temperature": config.query_temperature,
             "query_max_new_tokens": config.query_max_new_tokens,

@@ -8,6 +8,11 @@ The twelve built-in personas live in ``personas.yaml`` next to this file (one pe
 plus four behavioural ones), each in three lengths because persona length changes its effect.
 Users add or override contexts with their own files (config ``contexts.files``) or inline entries
 (config ``contexts.inline``); see :meth:`ContextLibrary.from_config`.
+
+A context's ``kind`` says how the bootstrap writes queries for it: a ``persona`` is described by its
+``description``/``expertise``, while a ``reference`` (a fact sheet, a tool registry, a style guide) is
+shown to the query writer in full, so the queries ask about what it contains. Example reference
+contexts ship in ``examples/`` (see :func:`example_path`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from prism_lightning.errors import PrismError
 
 __all__ = [
     "BEHAVIOURAL_PERSONAS",
+    "EXAMPLES",
+    "KINDS",
     "LENGTHS",
     "MTBENCH_CATEGORIES",
     "WORD_BOUNDS",
@@ -34,6 +41,7 @@ __all__ = [
     "ContextFileError",
     "ContextLibrary",
     "UnknownContextError",
+    "example_path",
     "for_category",
     "load_context_file",
 ]
@@ -53,13 +61,17 @@ MTBENCH_CATEGORIES: tuple[str, ...] = (
 )
 #: Built-in personas that describe a behaviour rather than a domain (no MT-Bench category).
 BEHAVIOURAL_PERSONAS: tuple[str, ...] = ("safety_monitor", "critic", "helpful", "compliant")
+#: Context kinds: a persona (who answers) or a reference text (what the answer must draw on).
+KINDS: tuple[str, ...] = ("persona", "reference")
+#: The example reference contexts shipped in ``examples/`` (file stem = context name).
+EXAMPLES: tuple[str, ...] = ("fact_sheet", "tool_registry", "style_guide")
 #: Word-count bounds (``str.split``) per length; enforced by tests for the built-ins only, so user
 #: contexts (e.g. a long retrieval block) are free to be any length.
 WORD_BOUNDS: dict[str, tuple[int, int]] = {"min": (3, 10), "short": (35, 70), "long": (120, 190)}
 
 _BUILTIN_RESOURCE = "personas.yaml"
 _YAML_SUFFIXES = (".yaml", ".yml")
-_ENTRY_KEYS = frozenset({"description", "expertise", "category", "text", *LENGTHS})
+_ENTRY_KEYS = frozenset({"description", "expertise", "category", "kind", "text", *LENGTHS})
 # "all" is reserved because ContextLibrary.select("all") means every context.
 _RESERVED_NAMES = frozenset({"all"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -110,7 +122,7 @@ class Context:
     ``description`` is a noun phrase ("a professional mathematician") and ``expertise`` a short
     phrase of what it is good at; both feed the query-generation prompts. ``category`` links a
     persona to an MT-Bench category for evaluation. ``source`` records where it was defined, so
-    an override is traceable.
+    an override is traceable. ``kind`` is one of :data:`KINDS` (see the module docstring).
     """
 
     name: str
@@ -119,8 +131,11 @@ class Context:
     expertise: str
     category: str | None = None
     source: str = "builtin"
+    kind: str = "persona"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"context {self.name!r} has unknown kind {self.kind!r}; expected one of {KINDS}")
         missing = [length for length in LENGTHS if not str(self.texts.get(length, "")).strip()]
         if missing:
             raise ValueError(f"context {self.name!r} has no text for length(s): {', '.join(missing)}")
@@ -189,7 +204,11 @@ def _parse_entry(name: Any, entry: Any, where: str, source: str) -> Context:
             f"entry {name!r} is missing length(s) {', '.join(missing)}; "
             f"give all of {', '.join(LENGTHS)} or a single `text:` used for every length",
         )
-    description = _optional_str(entry, "description", name, where) or f"an expert in {name}"
+    kind = _optional_str(entry, "kind", name, where) or "persona"
+    if kind not in KINDS:
+        raise ContextFileError(where, f"entry {name!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    default_description = f"an expert in {name}" if kind == "persona" else f"the reference text {name!r}"
+    description = _optional_str(entry, "description", name, where) or default_description
     expertise = _optional_str(entry, "expertise", name, where) or description
     category = _optional_str(entry, "category", name, where)
     return Context(
@@ -199,6 +218,7 @@ def _parse_entry(name: Any, entry: Any, where: str, source: str) -> Context:
         expertise=expertise,
         category=category,
         source=source,
+        kind=kind,
     )
 
 
@@ -227,10 +247,16 @@ def load_context_file(path: str | Path) -> dict[str, Context]:
 
     ``.yaml``/``.yml``: a mapping ``name -> entry`` with the schema of ``personas.yaml``; an entry
     may give one ``text:`` for all lengths. Any other extension (``.txt``, ``.md``, ...): one
-    context named after the file stem (lowercased, spaces/dashes -> ``_``) whose whole stripped
-    content is used at every length. Raises :class:`ContextFileError` on any problem.
+    ``reference`` context named after the file stem (lowercased, spaces/dashes -> ``_``) whose whole
+    stripped content is used at every length (a persona in a plain file is better written as YAML, with
+    its description). A relative path that does not exist from the working directory is looked up in
+    this package's contexts folder, so ``examples/fact_sheet.yaml`` names a shipped example from
+    anywhere. Raises :class:`ContextFileError` on any problem.
     """
     path = Path(path).expanduser()
+    if not path.exists() and not path.is_absolute():
+        shipped = Path(str(resources.files(__name__))) / path
+        path = shipped if shipped.is_file() else path
     if not path.exists():
         raise ContextFileError(path, "file not found")
     if not path.is_file():
@@ -248,11 +274,22 @@ def load_context_file(path: str | Path) -> dict[str, Context]:
     context = Context(
         name=name,
         texts=dict.fromkeys(LENGTHS, text),
-        description=f"an expert in {name}",
-        expertise=f"an expert in {name}",
+        description=f"the reference text {name!r}",
+        expertise=f"the reference text {name!r}",
         source=str(path),
+        kind="reference",
     )
     return {name: context}
+
+
+def example_path(name: str) -> Path:
+    """The shipped example file ``examples/<name>.yaml`` (one of :data:`EXAMPLES`, or a companion file
+    such as ``fact_sheet_questions``) as an absolute path; ``bootstrap.context_files`` may also name it
+    as ``examples/<name>.yaml``."""
+    path = Path(str(resources.files(__name__).joinpath("examples", f"{name}.yaml")))
+    if not path.is_file():
+        raise UnknownContextError(name, list(EXAMPLES), what="example context")
+    return path
 
 
 @functools.lru_cache(maxsize=1)
