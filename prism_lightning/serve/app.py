@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from prism_lightning.serve.engine import Event, HFEngine, Job
+from prism_lightning.serve.engine import Event, Job, ServeEngine
 from prism_lightning.serve.protocol import (
     APIError,
     ChatRequest,
@@ -32,7 +32,7 @@ ROUTE_HEADER = "X-PRISM-Route"
 GATE_HEADER = "X-PRISM-Gate-Probability"
 
 
-def create_app(engine: HFEngine, served_name: str, *, default_max_tokens: int = 256) -> FastAPI:
+def create_app(engine: ServeEngine, served_name: str, *, default_max_tokens: int = 256) -> FastAPI:
     """An app serving ``engine`` as ``served_name`` (plus ``:on`` / ``:off``); the engine's worker runs
     for the app's lifetime and stops after the last in-flight request (uvicorn's graceful shutdown)."""
     metrics = engine.metrics

@@ -51,7 +51,11 @@ def check_args(args: argparse.Namespace) -> socket.socket:
     """Everything that can be wrong before the model loads; returns the bound listening socket."""
     from prism_lightning.model.export import verify_checkpoint
 
-    require(args.engine == "hf", "--engine vllm is not available yet in this build; use --engine hf.")
+    if args.engine == "vllm":
+        from prism_lightning.backends.vllm_engine import require_vllm
+
+        require_vllm()
+        require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}.")
     require(args.max_batch_size >= 1, f"--max_batch_size must be >= 1, got {args.max_batch_size}.")
     require(args.batch_window_ms >= 0, f"--batch_window_ms must be >= 0, got {args.batch_window_ms}.")
@@ -103,16 +107,26 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from prism_lightning.serve.app import create_app
     from prism_lightning.serve.engine import HFEngine
 
-    routed = load_checkpoint(args.checkpoint, device=args.device, merge_weights=args.merge_weights)
-    if args.threshold is not None:
-        routed.threshold = args.threshold
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    engine = HFEngine(
-        routed,
-        max_batch_size=args.max_batch_size,
-        batch_window_s=args.batch_window_ms / 1000,
-        max_model_len=args.max_model_len,
-    )
+    if args.engine == "vllm":
+        from prism_lightning.serve.vllm_engine import VLLMServeEngine
+
+        engine = VLLMServeEngine(
+            args.checkpoint,
+            threshold=args.threshold,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_batch_size,
+        )
+    else:
+        routed = load_checkpoint(args.checkpoint, device=args.device, merge_weights=args.merge_weights)
+        if args.threshold is not None:
+            routed.threshold = args.threshold
+        engine = HFEngine(
+            routed,
+            max_batch_size=args.max_batch_size,
+            batch_window_s=args.batch_window_ms / 1000,
+            max_model_len=args.max_model_len,
+        )
     app = create_app(engine, name, default_max_tokens=args.default_max_tokens)
     host, port = sock.getsockname()[:2]
     print(

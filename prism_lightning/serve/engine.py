@@ -1,4 +1,5 @@
-"""The `hf` engine: the project's own routed generation behind a dynamic batcher.
+"""The engines behind the server. ``ServeEngine`` renders and checks prompts and queues requests for one
+worker thread; ``HFEngine`` is the project's own routed generation behind a dynamic batcher.
 
 Requests wait in a queue; a worker thread takes the first, collects whatever else arrives within a
 short window (up to ``max_batch_size`` rows) and runs them as one routed batch (one prefill settles every
@@ -56,40 +57,37 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-class HFEngine:
-    """Dynamic batching over a ``RoutedModel`` on one worker thread."""
+class ServeEngine:
+    """What the app needs of an engine: prompt rendering and limits, a request queue drained by one
+    worker thread, and the engine's metrics. Subclasses implement ``_work``."""
+
+    name = "engine"
 
     def __init__(
-        self,
-        routed,
-        *,
-        max_batch_size: int = 32,
-        batch_window_s: float = 0.02,
-        max_model_len: int | None = None,
-        metrics: ServeMetrics | None = None,
+        self, tokenizer, formatter, *, context_len: int, metrics: ServeMetrics | None = None
     ) -> None:
-        self.routed = routed
-        self.tokenizer = routed.tokenizer
-        self.max_batch_size = max_batch_size
-        self.batch_window_s = batch_window_s
-        native = int(getattr(routed.model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.context_len = min(native, max_model_len) if max_model_len else native
+        self.tokenizer = tokenizer
+        self.formatter = formatter
+        self.context_len = context_len
         self.metrics = metrics or ServeMetrics()
-        self._runner = RoutedBatchRunner(routed)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="prism-engine", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=f"prism-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Let the running batch finish, then end the worker."""
+        """Let the running requests finish, then end the worker."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Release what the engine holds beyond the worker (nothing for hf)."""
 
     @property
     def alive(self) -> bool:
@@ -98,7 +96,7 @@ class HFEngine:
     # -- requests -------------------------------------------------------------------------------------
     def prepare(self, request: ChatRequest, default_max_tokens: int) -> RowSpec:
         """The request as an engine row: its prompt rendered and measured against the context."""
-        formatter = self.routed.formatter
+        formatter = self.formatter
         prompt = formatter.prompt(request.user_turns, request.system, "system", request.replies)
         ids = self._encode(prompt)
         room = self.context_len - len(ids)
@@ -135,6 +133,42 @@ class HFEngine:
 
     def _encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self, job: Job, stream: TextStream, reason: str) -> None:
+        if job.done:
+            return
+        tail = stream.finish()
+        if tail:
+            job.emit(Event("delta", text=tail))
+        tokens = len(stream.token_ids)
+        self.metrics.completion_tokens.inc(tokens)
+        job.emit(Event("done", finish_reason=reason, completion_tokens=tokens))
+
+
+class HFEngine(ServeEngine):
+    """Dynamic batching over a ``RoutedModel`` on one worker thread."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        routed,
+        *,
+        max_batch_size: int = 32,
+        batch_window_s: float = 0.02,
+        max_model_len: int | None = None,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        native = int(getattr(routed.model.config, "max_position_embeddings", 0) or 1 << 30)
+        context = min(native, max_model_len) if max_model_len else native
+        super().__init__(routed.tokenizer, routed.formatter, context_len=context, metrics=metrics)
+        self.routed = routed
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self._runner = RoutedBatchRunner(routed)
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -210,13 +244,3 @@ class HFEngine:
                     job.emit(Event("error", text=f"generation failed: {type(err).__name__}: {err}"))
         finally:
             m.running.set(0)
-
-    def _finish(self, job: Job, stream: TextStream, reason: str) -> None:
-        if job.done:
-            return
-        tail = stream.finish()
-        if tail:
-            job.emit(Event("delta", text=tail))
-        tokens = len(stream.token_ids)
-        self.metrics.completion_tokens.inc(tokens)
-        job.emit(Event("done", finish_reason=reason, completion_tokens=tokens))
