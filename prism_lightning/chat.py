@@ -60,7 +60,7 @@ class _Session:
         )
         self.turns: list[str] = []
         self.replies: list[str] = []
-        self.route: bool | None = None
+        self.route: bool | str | None = None  # K-way: the adapter name
         if args.checkpoint:
             from prism_lightning.model.export import load_checkpoint
 
@@ -115,10 +115,9 @@ class _Session:
                 sampling=self.sampling,
                 route=self.route,
             )
-            self.route = out.route
-            print(
-                f"[route: {'adapter' if out.route else 'base'}  gate p={out.gate_prob:.3f}]", file=sys.stderr
-            )
+            self.route = out.adapter or out.route  # K-way: the first turn's adapter holds, by name
+            where = out.adapter or ("adapter" if out.route else "base")
+            print(f"[route: {where}  gate p={out.gate_prob:.3f}]", file=sys.stderr)
             for token in out.token_ids:
                 on_step({0: token}, {})
         elif self.routed is not None:

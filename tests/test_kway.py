@@ -207,6 +207,19 @@ def test_one_loop_trains_each_adapter_on_its_own_rows_and_the_gate_on_all(traine
     assert "train/route_acc" in trainer.callback_metrics and "train/gate_auroc" in trainer.callback_metrics
 
 
+def test_retain_rows_stop_after_the_gate_layer_without_changing_the_losses(trained):
+    module, batches, *_ = trained
+    with torch.no_grad():
+        split = module._common_step(batches[0], 0, "val")
+        module._sharded = True  # forces the one-forward path (every row through every layer)
+        try:
+            whole = module._common_step(batches[0], 0, "val")
+        finally:
+            module._sharded = False
+    for key in ("kl", "gate_loss"):
+        assert torch.allclose(split[key], whole[key], rtol=1e-4, atol=1e-6), key
+
+
 def test_export_writes_one_plain_peft_adapter_per_group_and_loads_back(trained, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -251,6 +264,16 @@ def test_export_writes_one_plain_peft_adapter_per_group_and_loads_back(trained, 
     gated = routed.generate(queries[:4], sampling=sampling, batch_size=4)
     assert [o.token_ids for o in gated] == [alone[o.adapter][i] for i, o in enumerate(gated)]
     assert [o.adapter for o in gated] == routed.choose_adapters(queries[:4])
+    # evaluate's prism_k condition runs the same routes through the eval engine
+    from prism_lightning.eval.conditions import Condition
+    from prism_lightning.eval.engine import Engine
+
+    engine, mode = Engine.from_routed(routed), Condition("prism_k").mode
+    assert [o.adapter for o in engine.generate(prompts, sampling, mode=mode, batch_size=4)] == [
+        o.adapter for o in gated
+    ]
+    _, routes, _ = engine.option_logprobs(prompts, [["A"], ["B"]], mode=mode)
+    assert routes == [o.route for o in gated]
     chat = routed.chat(["What is twelve times seven?", "And eight?"], replies=["Eighty four."])
     assert chat.adapter == routed.choose_adapters(["What is twelve times seven?"])[0]
     rows = module.predict_step([{"id": "q1", "query": queries[0]}])
@@ -268,6 +291,7 @@ model:
 """
 
 
+@pytest.mark.slow
 def test_fit_cli_trains_and_exports_a_kway_run(tiny_model_dir, tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
     (tmp_path / "kway.yaml").write_text(KWAY_TINY)

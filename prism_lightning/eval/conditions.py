@@ -10,6 +10,9 @@ condition                 prompt                                               a
 ``random_persona``        a seeded, different built-in persona per item        off
 ``lora``                  no persona                                           always on
 ``prism``                 no persona                                           gate decides
+``prism_k``               no persona                                           the (K+1)-way gate picks none
+                                                                               or one of K adapters (a K-way
+                                                                               checkpoint, ``model.adapters``)
 ========================  ===================================================  ==============
 
 "off" with a checkpoint loaded means the untouched base model (adapter layers skipped), so
@@ -30,6 +33,9 @@ __all__ = ["CONDITIONS", "Condition", "matched_persona"]
 
 CONDITIONS: tuple[str, ...] = ("base", "persona", "random_persona", "lora", "prism")
 _MODES = {"base": "off", "persona": "off", "random_persona": "off", "lora": "on", "prism": "gated"}
+#: conditions that need a K-way checkpoint; not in the default set (a single-adapter run has no K-way gate)
+KWAY_CONDITIONS: tuple[str, ...] = ("prism_k",)
+_MODES["prism_k"] = "gated_k"
 
 #: benchmark -> persona used by the ``persona`` condition (MT-Bench: the category's own persona; MMLU:
 #: the expert of the question's domain, :data:`~prism_lightning.eval.benchmarks.MMLU_DOMAIN_PERSONAS`).
@@ -55,8 +61,9 @@ class Condition:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.name not in CONDITIONS:
-            raise EvalInputError(f"unknown condition {self.name!r}; choose from {', '.join(CONDITIONS)}.")
+        if self.name not in CONDITIONS + KWAY_CONDITIONS:
+            choices = ", ".join(CONDITIONS + KWAY_CONDITIONS)
+            raise EvalInputError(f"unknown condition {self.name!r}; choose from {choices}.")
         if self.persona_length not in LENGTHS:
             choices = ", ".join(LENGTHS)
             raise EvalInputError(f"unknown persona length {self.persona_length!r}; choose from {choices}.")

@@ -1,5 +1,6 @@
 """The model side of evaluation: generation and next-token option scoring, with the adapter off
-(base), always on (lora) or decided per row by the gate inside the same forward (prism).
+(base), always on (lora) or decided per row by the gate inside the same forward (prism; prism_k: mode
+``"gated_k"``, a K-way checkpoint's gate picks none or one of its adapters per row).
 
 An :class:`Engine` wraps either a plain backbone (no adapter) or a loaded PRISM checkpoint
 (:class:`~prism_lightning.model.inference.RoutedModel`). ``mode`` is ``"off"`` (the untouched base
@@ -25,6 +26,7 @@ class EngineOutput:
     route: bool | None = None
     gate_prob: float | None = None
     finish_reason: str = "length"
+    adapter: str | None = None  # K-way: the adapter the row ran with (None: the base model)
 
 
 def _device(model) -> torch.device:
@@ -52,11 +54,28 @@ class Engine:
     def has_adapter(self) -> bool:
         return self.controller is not None
 
-    def _check_mode(self, mode: str) -> None:
-        if mode not in ("off", "on", "gated"):
+    @property
+    def is_kway(self) -> bool:
+        from prism_lightning.model.routing import KWayRoutingController
+
+        return isinstance(self.controller, KWayRoutingController)
+
+    def _check_mode(self, mode: str) -> str:
+        """The mode to run (``gated_k`` runs as ``gated`` on a K-way checkpoint)."""
+        if mode not in ("off", "on", "gated", "gated_k"):
             raise ValueError(f"unknown mode {mode!r}")
         if mode != "off" and self.controller is None:
             raise ValueError(f"mode {mode!r} needs a PRISM checkpoint (--checkpoint)")
+        if mode == "gated_k":
+            if not self.is_kway:
+                from prism_lightning.eval.settings import EvalInputError
+
+                raise EvalInputError(
+                    "condition prism_k needs a K-way checkpoint (fit with model.adapters); this one has one "
+                    "adapter: use prism."
+                )
+            return "gated"
+        return mode
 
     # -- generation ------------------------------------------------------------------------------
     def generate(
@@ -71,7 +90,7 @@ class Engine:
     ) -> list[EngineOutput]:
         """Generate for chat-formatted prompts. ``route`` forces per-row routing (multi-turn: the
         first turn's decision holds) while the gate's probability is still recorded."""
-        self._check_mode(mode)
+        mode = self._check_mode(mode)
         if not prompts:
             return []
         if self.controller is None:
@@ -96,6 +115,7 @@ class Engine:
                 o.route if mode != "off" or route is not None else False,
                 o.gate_prob if o.gate_prob == o.gate_prob else None,
                 o.finish_reason,
+                o.adapter,
             )
             for o in outs
         ]
@@ -138,7 +158,7 @@ class Engine:
         batch (length-sorted, left-padded, only the last position's logits). An option is a list of
         spellings; its score is the logsumexp over those that are one token. Returns
         ([n, n_options] log-probs, per-row route, per-row gate probability)."""
-        self._check_mode(mode)
+        mode = self._check_mode(mode)
         n = len(prompts)
         option_ids = [self.option_ids(o) for o in options]
         rows = [list(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -158,8 +178,11 @@ class Engine:
                 if ctl is not None:
                     if mode == "off":
                         ctl.set_mask(0.0)
-                    elif mode == "on":
+                    elif mode == "on" and not self.is_kway:
                         ctl.reset()
+                    elif mode == "on":  # K-way: always an adapter, the gate picks which
+                        ctl.mode = "on"
+                        ctl.arm(decide=True)
                     else:
                         ctl.mode = "gated"
                         ctl.arm(decide=True)
@@ -170,7 +193,7 @@ class Engine:
                         dec, pr = ctl.decision, ctl.probs
                         for j, i in enumerate(chunk):
                             routes[i] = bool(dec[j])
-                            probs[i] = float(pr[j])
+                            probs[i] = float(1.0 - pr[j, 0]) if pr.dim() == 2 else float(pr[j])
                     else:
                         for i in chunk:
                             routes[i] = mode == "on"

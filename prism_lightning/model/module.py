@@ -346,8 +346,9 @@ class PrismModule(L.LightningModule):
         return balanced_class_weights(counts)
 
     def _kway_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
-        """One forward over every row, each routed to its persona's adapter (retain rows: none): each
-        adapter distils only its own personas' rows, and the (K+1)-way gate learns the routes."""
+        """Each distill row runs with its persona's adapter (one forward, mixed routes), so each adapter
+        distils only its own personas' rows; retain rows stop after the gate layer (as in the
+        single-adapter step). The (K+1)-way gate learns the routes from every row's features."""
         hp = self.hparams
         ids, attn = batch["input_ids"], batch["attention_mask"]
         prompt_len = batch["prompt_lengths"]
@@ -358,21 +359,43 @@ class PrismModule(L.LightningModule):
         steps = torch.arange(t_values.shape[1], device=ids.device)
         pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)
         rows = torch.arange(bsz, device=ids.device)[:, None].expand_as(pos)
-        ctl = self.controller
-        ctl.set_mask(routes)
-        ctl.arm(prompt_len - 1, decide=False)
         decoder = inner_model(self.model)
-        hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        if ctl.features is None:
+        ctl = self.controller
+        distill = target > 0
+        if self._sharded or not bool(distill.any()) or bool(distill.all()):
+            ctl.set_mask(routes)  # every rank runs the same layers when sharded
+            ctl.arm(prompt_len - 1, decide=False)
+            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            feats = ctl.features
+            hidden_rows = torch.arange(bsz, device=ids.device)
+        else:
+            retain = ~distill
+            with torch.no_grad():
+                width_r = int(attn[retain].sum(-1).max())
+                feats_r = self._features_until_gate(
+                    ids[retain, :width_r], attn[retain, :width_r], prompt_len[retain] - 1
+                )
+            width_d = int(attn[distill].sum(-1).max())
+            ctl.set_mask(routes[distill])
+            ctl.arm(prompt_len[distill] - 1, decide=False)
+            hidden = decoder(
+                input_ids=ids[distill, :width_d], attention_mask=attn[distill, :width_d], use_cache=False
+            ).last_hidden_state
+            feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
+            feats[retain], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
+            hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
+            hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
+            pos = pos.clamp(max=width_d - 1)
+        if feats is None:
             raise RuntimeError("The gate-layer hook did not capture features.")
-        gate_logits = self.gate(ctl.features)
+        gate_logits = self.gate(feats)
         g_loss = kway_gate_loss(gate_logits, routes, self._class_weights(routes))
         sel = t_mask.bool() & (target[:, None] > 0)
         n_tok = int(sel.sum())
         if n_tok > 0:
-            logits = self.base_model.get_output_embeddings()(hidden[rows[sel], pos[sel]])
+            logits = self.base_model.get_output_embeddings()(hidden[hidden_rows[rows[sel]], pos[sel]])
             kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
-        else:
+        else:  # keep every adapter parameter in the graph (DDP) with a zero loss
             kl = hidden.sum() * 0.0
         probs = torch.softmax(gate_logits.detach().float(), dim=-1)
         p_route = 1.0 - probs[:, 0]
