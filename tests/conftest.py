@@ -23,6 +23,30 @@ def tiny_backbone(tiny_model_dir):
     return load_backbone(str(tiny_model_dir), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def embedded_checkpoint(tmp_path_factory) -> Path:
+    """An exported PRISM checkpoint on the embedded SmolLM2: a visible (random, nonzero) adapter and a
+    neutral gate, for the serving tests (a real training run costs minutes; serving and routing do not
+    depend on what the adapter learned)."""
+    import torch
+
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.model.export import export_checkpoint
+    from prism_lightning.model.module import PrismModule
+
+    torch.manual_seed(0)
+    module = PrismModule(
+        backbone=BackboneConfig(model="smollm2-135m-instruct"), lora_rank=4, lora_alpha=8, gate_hidden=[16]
+    )
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+        module.gate.net[-1].bias.fill_(0.0)
+    return export_checkpoint(module.eval(), tmp_path_factory.mktemp("serve") / "smol", personas=["math"])
+
+
 def _benchmark_assets() -> list[str]:
     """Every pinned asset that is not an embedded model's weights."""
     from prism_lightning.assets import ASSETS

@@ -12,10 +12,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from prism_lightning.cli import main
 
@@ -33,24 +33,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An exported checkpoint on the embedded model: a visible adapter and a neutral gate (a real
-    training run costs minutes; routing and serving do not depend on what the adapter learned)."""
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
-
-    torch.manual_seed(0)
-    module = PrismModule(
-        backbone=BackboneConfig(model="smollm2-135m-instruct"), lora_rank=4, lora_alpha=8, gate_hidden=[16]
-    )
-    module.configure_model()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-        module.gate.net[-1].bias.fill_(0.0)
-    return export_checkpoint(module.eval(), tmp_path_factory.mktemp("serve") / NAME, personas=["math"])
+def checkpoint(embedded_checkpoint) -> Path:
+    return embedded_checkpoint
 
 
 class Server:
@@ -63,17 +47,17 @@ class Server:
         return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+@contextmanager
+def running_server(checkpoint: Path, log: Path, *extra: str, timeout: float = 120):
+    """`python -m prism_lightning serve` on a free port (--port 0), ready (health 200), killed after."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-           "--device", "cpu", "--default_max_tokens", "8", "--max_model_len", "2048"]  # fmt: skip
+           "--device", "cpu", "--default_max_tokens", "8", *extra]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         url = None
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None:
             found = re.search(r"on (http://\S+)/v1", log.read_text())
             if found:
@@ -84,12 +68,19 @@ def server(checkpoint, tmp_path_factory):
                 except httpx.HTTPError:
                     pass
             time.sleep(0.2)
-        assert url and proc.poll() is None, log.read_text()
+        assert url and proc.poll() is None, log.read_text()[-5000:]
         yield Server(proc, log, url)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with running_server(checkpoint, log, "--max_model_len", "2048") as running:
+        yield running
 
 
 def ask(server: Server, question: str, model: str = NAME, **kw):
