@@ -278,6 +278,14 @@ def test_export_writes_one_plain_peft_adapter_per_group_and_loads_back(trained, 
     assert chat.adapter == routed.choose_adapters(["What is twelve times seven?"])[0]
     rows = module.predict_step([{"id": "q1", "query": queries[0]}])
     assert rows[0]["adapter"] in [None, *GROUPS]
+    # a module serving the export (predict/validate --model.checkpoint) scores the K-way way
+    served = PrismModule(checkpoint=str(out))
+    served._require_model()
+    assert served.adapter_groups == GROUPS
+    served.set_persona_names(PERSONAS)
+    with torch.no_grad():
+        want = module._common_step(batches[0], 0, "val")["kl"]
+        assert torch.allclose(served._common_step(batches[0], 0, "val")["kl"], want)
 
 
 # -- fit CLI end to end --------------------------------------------------------------------------------

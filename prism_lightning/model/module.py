@@ -150,13 +150,8 @@ class PrismModule(L.LightningModule):
         self.train_route_rate = MeanMetric()
         self.val_route_rate = MeanMetric()
         self.test_route_rate = MeanMetric()
-        if self.adapter_groups is not None:  # which of none + K adapters (the binary metrics: any adapter)
-            from torchmetrics.classification import MulticlassAccuracy
-
-            n = len(self.adapter_groups) + 1
-            self.train_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
-            self.val_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
-            self.test_route_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        if self.adapter_groups is not None:
+            self._add_route_metrics(len(self.adapter_groups) + 1)
         self._persona_routes: torch.Tensor | None = None  # persona index -> route (K-way)
 
     # -- model ------------------------------------------------------------------------------------
@@ -204,6 +199,10 @@ class PrismModule(L.LightningModule):
             override = _dtype_for(BackboneConfig(**read_meta(path)["base_model"]["backbone"]), dtype_for)
         routed = load_checkpoint(path, device=device, backbone_override=override)
         self.model, self.gate, self.controller = routed.model, routed.gate, routed.controller
+        if routed.adapters and self.adapter_groups != routed.adapters:  # a K-way export: its groups rule
+            self.adapter_groups = dict(routed.adapters)
+            self._persona_routes = None
+            self._add_route_metrics(len(routed.adapters) + 1, device)
         self.tokenizer, self.formatter = routed.tokenizer, routed.formatter
         base = routed.meta["base_model"]
         self.backbone_name, self.backbone_source = base["name"], base["source"]
@@ -312,6 +311,14 @@ class PrismModule(L.LightningModule):
         return balanced_pos_weight(n_pos, float(target.numel()) - n_pos)
 
     # -- K-way routing -------------------------------------------------------------------------------
+    def _add_route_metrics(self, n_routes: int, device: torch.device | str | None = None) -> None:
+        """K-way: accuracy over none + K adapters (the binary metrics score P(any adapter))."""
+        from torchmetrics.classification import MulticlassAccuracy
+
+        for stage in ("train", "val", "test"):
+            metric = MulticlassAccuracy(num_classes=n_routes, average="micro")
+            setattr(self, f"{stage}_route_acc", metric.to(device) if device is not None else metric)
+
     def set_persona_names(self, names: list[str]) -> None:
         """K-way: map the data module's persona indices to routes (every persona must be in one group)."""
         self._persona_routes = persona_routes(self.adapter_groups, names)
@@ -324,7 +331,10 @@ class PrismModule(L.LightningModule):
     def _route_targets(self, batch: dict) -> torch.Tensor:
         """Per row: 0 for retain, the route of the adapter holding the row's persona for distill."""
         if self._persona_routes is None:
-            raise RuntimeError("K-way training needs the persona names: call set_persona_names() first.")
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "persona_names"):
+                raise RuntimeError("K-way training needs the persona names: call set_persona_names() first.")
+            self.set_persona_names(dm.persona_names)
         index = batch["persona_index"]
         lut = self._persona_routes.to(index.device)
         distill = batch["gate_target"] > 0
