@@ -162,3 +162,116 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
     # a second run finds every stage cached
     again = run_bootstrap(config, BackboneConfig(), tmp_path / "run", keep_engines=True)
     assert all(stage["cached"] for stage in again.summary["stages"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate --backend vllm on an exported checkpoint of the embedded model
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint(tmp_path_factory):
+    """The embedded model with a visible random adapter (LoRA on layers 1-29) and a gate whose
+    threshold splits the test prompts, exported as `fit` exports it."""
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.model.export import export_checkpoint
+    from prism_lightning.model.module import PrismModule
+
+    torch.manual_seed(0)
+    module = PrismModule(backbone=BackboneConfig(), lora_rank=8, lora_alpha=16, gate_hidden=[16])
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+        # standardise the gate's input over varied prompts, so its probability spreads around 0.5
+        from prism_lightning.generation import left_pad
+
+        tok = module.tokenizer
+        rows = [tok(module.formatter.prompt(q), add_special_tokens=False)["input_ids"] for q in QUERIES]
+        ids, mask = left_pad(rows, tok.pad_token_id)
+        feats = module.controller.gate_features(ids, mask).float()
+        module.gate.set_feature_stats(feats.mean(0), feats.std(0))
+        module.gate.net[-1].weight.normal_(0.0, 3.0)
+        module.gate.net[-1].bias.fill_(0.0)
+    return export_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "embedded", personas=["math"])
+
+
+def _small_mtbench(d):
+    """MT-Bench-format files with short questions and judge prompts (the real judge prompts are long)."""
+    from prism_lightning.eval import benchmarks as B
+
+    q, r, j = d / "question.jsonl", d / "reference.jsonl", d / "judge_prompts.jsonl"
+    with open(q, "w") as fq, open(r, "w") as fr:
+        for k, cat in enumerate(B.MTBENCH_CATEGORIES):
+            qid = 100 + k
+            turns = [f"Tell me about {cat}.", "Why?"]
+            fq.write(json.dumps({"question_id": qid, "category": cat, "turns": turns}))
+            fr.write(json.dumps({"question_id": qid, "choices": [{"index": 0, "turns": ["R1", "R2"]}]}))
+            fq.write("\n")
+            fr.write("\n")
+    rate = ' Rate 1-10 as "[[rating]]".'
+    templates = {
+        "single-v1": "Q: {question}\nA: {answer}" + rate,
+        "single-math-v1": "Q: {question}\nRef: {ref_answer_1}\nA: {answer}" + rate,
+        "single-v1-multi-turn": "Q: {question_1}\nA: {answer_1}\nQ: {question_2}\nA: {answer_2}",
+        "single-math-v1-multi-turn": "Q: {question_1} {ref_answer_1}\nA: {answer_1}\nQ: {question_2}"
+        " {ref_answer_2}\nA: {answer_2}",
+    }
+    with open(j, "w") as f:
+        for name, t in templates.items():
+            f.write(json.dumps({"name": name, "type": "single", "system_prompt": "Judge." + rate,
+                                "prompt_template": t, "output_format": "[[rating]]"}) + "\n")  # fmt: skip
+    return ["--mtbench_file", str(q), "--mtbench_references_file", str(r), "--judge_prompts_file", str(j)]
+
+
+def _eval_args(ckpt, out, mt, *extra):
+    return [
+        "--checkpoint", str(ckpt), "--out", str(out), "--limit", "2", "--device", "cpu", "--dtype", "float32",
+        *mt, "--mtbench_max_new_tokens", "4", "--safety_max_new_tokens", "4", "--judge_mode", "logprob",
+        "--ci_resamples", "50", *extra,
+    ]  # fmt: skip
+
+
+def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
+    from conftest import benchmark_assets_missing
+
+    from prism_lightning.eval.cli import evaluate_main
+    from prism_lightning.eval.conditions import CONDITIONS
+
+    missing = benchmark_assets_missing()
+    if missing:
+        pytest.skip(missing)
+    mt = _small_mtbench(tmp_path)
+    vllm_args = ["--backend", "vllm", "--vllm", "max_model_len=1024", "--vllm", "max_num_seqs=16",
+                 "--vllm", "cpu_kv_cache_gib=0.25", "--vllm", "max_lora_rank=8"]  # fmt: skip
+    out_v, out_h = tmp_path / "vllm", tmp_path / "hf"
+    assert evaluate_main(_eval_args(embedded_checkpoint, out_v, mt, *vllm_args)) == 0
+    hf_args = ["--conditions", "prism", "--benchmarks", "mmlu"]  # hf's routes on the MMLU prompts
+    assert evaluate_main(_eval_args(embedded_checkpoint, out_h, mt, *hf_args)) == 0
+    v = json.loads((out_v / "summary.json").read_text())
+    h = json.loads((out_h / "summary.json").read_text())
+    assert v["backend"] == "vllm" and h["backend"] == "hf"
+    assert set(v) == set(h)  # the same summary schema
+    assert list(v["conditions_config"]) == list(CONDITIONS)
+    assert set(v["runs"]) == {f"{b}/{c}" for b in ("mtbench", "mmlu", "safety") for c in CONDITIONS}
+    for bench in ("mmlu",):
+        rows_v = {r["id"]: r for r in map(json.loads, (out_v / "items" / f"{bench}__prism.jsonl").open())}
+        rows_h = {r["id"]: r for r in map(json.loads, (out_h / "items" / f"{bench}__prism.jsonl").open())}
+        assert set(rows_v) == set(rows_h)
+        assert all(r["backend"] == "vllm" for r in rows_v.values())
+        # prism's routes: the prefix gate outside vLLM decides as the hf routed model does
+        assert {i: r["route"] for i, r in rows_v.items()} == {i: r["route"] for i, r in rows_h.items()}
+        for i, r in rows_v.items():
+            assert r["gate_prob"] == pytest.approx(rows_h[i]["gate_prob"], abs=1e-4)
+        assert set(next(iter(rows_v.values()))) == set(next(iter(rows_h.values())))
+    routes = [json.loads(line)["route"] for line in (out_v / "items" / "mmlu__prism.jsonl").open()]
+    print(f"prism routes on vLLM (mmlu): {sum(routes)}/{len(routes)} on, equal to hf")
+    assert 0 < sum(routes) < len(routes)  # both kinds of request were sent
+    for bench in ("mtbench", "safety"):  # gated rows carry the prefix gate's decision
+        rows = [json.loads(line) for line in (out_v / "items" / f"{bench}__prism.jsonl").open()]
+        assert all(isinstance(r["route"], bool) and 0.0 <= r["gate_prob"] <= 1.0 for r in rows)
+    # the lora condition really runs the adapter: its MMLU scores differ from base's
+    base = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__base.jsonl").open()]
+    lora = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__lora.jsonl").open()]
+    assert base != lora

@@ -109,6 +109,22 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
         help="auto (bfloat16 on GPU and on CPUs with AMX / AVX512-BF16, else float32), bfloat16, float32",
     )
     _flag(ap, "threads", type=int, default=None, help="torch CPU threads (1 helps on a busy machine)")
+    _flag(
+        ap,
+        "backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="generation engine: hf (this package's decode loop) or vllm (needs the vllm extra)",
+    )
+    _flag(
+        ap,
+        "vllm",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a vLLM engine setting (repeatable): tensor_parallel_size, data_parallel_size, "
+        "gpu_memory_utilization, cpu_kv_cache_gib, max_model_len, max_num_seqs, enforce_eager, dtype",
+    )
     _flag(ap, "limit", type=int, default=None, help="items per sub-score group (default: all)")
     _flag(ap, "seed", type=int, default=0)
     _flag(
@@ -210,12 +226,29 @@ def _start(args: argparse.Namespace) -> tuple[str, str]:
     return device, inference_dtype(args.dtype, device)
 
 
+def generation_from(args: argparse.Namespace):
+    """The generation backend and vLLM settings of ``--backend``/``--vllm`` (checked before any load)."""
+    from prism_lightning.backends import parse_overrides
+
+    generation = parse_overrides(args.vllm, args.backend)
+    if generation.backend == "vllm":
+        from prism_lightning.backends.vllm_engine import require_vllm
+
+        require_vllm()
+    return generation
+
+
 def _load_judge(args: argparse.Namespace, device: str):
     if not args.judge_model:
         return None
     from prism_lightning.backbone import BackboneConfig
     from prism_lightning.eval.engine import Engine
 
+    if args.generation.backend == "vllm":
+        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+
+        judge = BackboneConfig(model=args.judge_model, dtype=args.dtype)
+        return VLLMEvalEngine.from_backbone_config(judge, args.generation)
     return Engine.from_backbone(BackboneConfig(model=args.judge_model, dtype=args.dtype).load(device))
 
 
@@ -310,6 +343,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         persona_defaults_from_checkpoint(args, ckpt)
     conditions = _conditions(args)
     settings = settings_from(args)
+    args.generation = generation_from(args)
 
     device, args.dtype = _start(args)
     log.info("device %s, dtype %s", device, args.dtype)
@@ -330,13 +364,28 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         saved = {k: v for k, v in saved.items() if k in fields}
         saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
         override = BackboneConfig(**saved)
-        routed = load_checkpoint(
+        if args.generation.backend == "vllm":
+            from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+
+            engine = VLLMEvalEngine.from_checkpoint(
+                ckpt, args.generation, backbone_override=override, gate_device=device
+            )
+            created = read_meta(ckpt).get("created")
+            model_id = f"{ckpt.resolve()}@{created}:{override.model}:{args.dtype}:vllm"
+        routed = None if args.generation.backend == "vllm" else load_checkpoint(
             ckpt, device=device, backbone_override=override, merge_weights=args.merge_weights
         )
-        engine = Engine.from_routed(routed, name=str(ckpt))
-        base_name = routed.meta["base_model"]["name"]
-        merged = ":merged" if args.merge_weights else ""  # rows of the two paths are kept apart
-        model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}{merged}"
+        if routed is not None:
+            engine = Engine.from_routed(routed, name=str(ckpt))
+            base_name = routed.meta["base_model"]["name"]
+            merged = ":merged" if args.merge_weights else ""  # rows of the two paths are kept apart
+            model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}{merged}"
+    elif args.generation.backend == "vllm":
+        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+
+        backbone = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype)
+        engine = VLLMEvalEngine.from_backbone_config(backbone, args.generation)
+        model_id = f"{backbone.model}:{args.dtype}:vllm"
     else:
         bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
         engine = Engine.from_backbone(bb)
@@ -400,6 +449,7 @@ def study_main(argv: list[str] | None = None) -> int:
         library, csv_list(args.personas), csv_list(args.lengths), csv_list(args.placements)
     )
     settings = settings_from(args)
+    args.generation = generation_from(args)
 
     device, args.dtype = _start(args)
     from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
@@ -407,16 +457,23 @@ def study_main(argv: list[str] | None = None) -> int:
     from prism_lightning.eval.summary import wandb_log
 
     t0 = time.perf_counter()
-    bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
+    backbone = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype)
+    if args.generation.backend == "vllm":
+        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+
+        engine, model_id = VLLMEvalEngine.from_backbone_config(backbone, args.generation), None
+    else:
+        bb = backbone.load(device)
+        engine, model_id = Engine.from_backbone(bb), f"{bb.name}:{args.dtype}"
     records = study_module.run_study(
-        Engine.from_backbone(bb),
+        engine,
         benchmarks=benchmarks,
         personas=personas,
         lengths=lengths,
         placements=placements,
         settings=settings,
         out=args.out,
-        model_id=f"{bb.name}:{args.dtype}",
+        model_id=model_id or f"{backbone.model}:{args.dtype}:vllm",
         judge=_load_judge(args, device),
         library=library,
     )

@@ -44,6 +44,10 @@ def run_benchmark(
 ) -> dict[str, float]:
     """Score ``items`` under ``cond`` into ``store``, skipping rows already there; returns counts."""
     base_key = {"bench": ctx.settings.bench_config(benchmark), "cond": cond.config(), "model": ctx.model_id}
+    generation = getattr(ctx.engine, "generation_identity", None)  # None on hf: its keys stay as they were
+    if generation is not None:
+        base_key["generation"] = generation
+    backend = getattr(ctx.engine, "backend", "hf")
     keys = {r["id"]: item_key(r, base_key) for r in items}
     reused = store.reuse(keys)
     todo = [r for r in items if r["id"] not in store.rows]
@@ -53,6 +57,7 @@ def run_benchmark(
         rows = SCORERS[benchmark](ctx, cond, todo[s : s + chunk])
         for row in rows:
             row["key"] = keys[row["id"]]
+            row["backend"] = backend
         store.append(rows)
         log.info("%s/%s: %d/%d new items scored", benchmark, cond.name, min(s + chunk, len(todo)), len(todo))
     return {"reused": reused, "new": len(todo), "seconds": round(time.perf_counter() - start, 2)}
@@ -95,5 +100,6 @@ def evaluate(
     summary["settings"] = asdict(settings)
     summary["conditions_config"] = {c.name: c.config() for c in conditions}
     summary["model"] = model_id
+    summary["backend"] = getattr(engine, "backend", "hf")
     write_summary(summary, out)
     return summary
