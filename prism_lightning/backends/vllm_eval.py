@@ -79,11 +79,20 @@ class VLLMEvalEngine(Engine):
     def has_adapter(self) -> bool:
         return self.lora is not None
 
-    def _check_mode(self, mode: str) -> None:
+    @property
+    def is_kway(self) -> bool:
+        return False
+
+    def _check_mode(self, mode: str) -> str:
+        if mode == "gated_k":
+            from prism_lightning.eval.settings import EvalInputError
+
+            raise EvalInputError("condition prism_k (K-way routing) runs on the hf backend only.")
         if mode not in ("off", "on", "gated"):
             raise ValueError(f"unknown mode {mode!r}")
         if mode != "off" and self.lora is None:
             raise ValueError(f"mode {mode!r} needs a PRISM checkpoint (--checkpoint)")
+        return mode
 
     def _routing(
         self, prompts: Sequence[str], mode: str, route: Sequence[bool] | None

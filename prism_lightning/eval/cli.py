@@ -344,6 +344,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     conditions = _conditions(args)
     settings = settings_from(args)
     args.generation = generation_from(args)
+    if args.generation.backend == "vllm" and any(c.mode == "gated_k" for c in conditions):
+        raise EvalInputError("condition prism_k (K-way routing) runs on the hf backend only (--backend hf).")
 
     device, args.dtype = _start(args)
     log.info("device %s, dtype %s", device, args.dtype)
