@@ -27,6 +27,9 @@ class GenerationConfig:
         backend: hf (default; exact per-row seeds, single-pass routing, any device) or vllm.
         tensor_parallel_size: GPUs one vLLM engine shards the model over (models that do not fit one GPU).
         data_parallel_size: vLLM engine replicas (throughput); each has tensor_parallel_size GPUs.
+        pipeline_parallel_size: pipeline stages (e.g. one per node when a model spans several nodes).
+        distributed_executor_backend: null (vLLM picks: processes on one node), ray (several nodes;
+            start the Ray cluster first) or mp.
         gpu_memory_utilization: fraction of GPU memory vLLM may take; null: 0.9 on GPU. On CPU vLLM
             reads it as a fraction of the machine's RAM; null there reserves cpu_kv_cache_gib instead.
         cpu_kv_cache_gib: KV-cache size of a CPU engine when gpu_memory_utilization is null.
@@ -40,6 +43,8 @@ class GenerationConfig:
     backend: str = "hf"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     gpu_memory_utilization: float | None = None
     cpu_kv_cache_gib: float = 1.0
     max_model_len: int | None = 4096
@@ -55,7 +60,13 @@ class GenerationConfig:
         if self.dtype not in VLLM_DTYPES:
             choices = ", ".join(VLLM_DTYPES)
             raise ConfigError(f"generation.dtype must be one of {choices}, got {self.dtype!r}.")
-        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "max_lora_rank"):
+        if self.distributed_executor_backend not in (None, "ray", "mp"):
+            raise ConfigError(
+                "generation.distributed_executor_backend must be null, ray or mp, got "
+                f"{self.distributed_executor_backend!r}."
+            )
+        sizes = ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size")
+        for name in (*sizes, "max_num_seqs", "max_lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"generation.{name} must be >= 1, got {getattr(self, name)}.")
         if self.max_model_len is not None and int(self.max_model_len) < 16:

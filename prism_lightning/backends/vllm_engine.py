@@ -242,11 +242,14 @@ def _engine_kwargs(config: GenerationConfig, device: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "tensor_parallel_size": config.tensor_parallel_size,
         "data_parallel_size": config.data_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
         "max_num_seqs": config.max_num_seqs,
         "enforce_eager": config.enforce_eager if config.enforce_eager is not None else device == "cpu",
         "max_logprobs": -1,  # teacher top-k and scored tokens are bounded by the callers
         "seed": 0,
     }
+    if config.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = config.distributed_executor_backend
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
     if config.gpu_memory_utilization is not None:
