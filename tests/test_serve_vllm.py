@@ -1,6 +1,7 @@
 """`serve --engine vllm` on the real vLLM engine (CPU build): one server process, the embedded SmolLM2
 checkpoint, the official `openai` client. Routes come from the prefix gate before admission and must
-equal the hf engine's; greedy answers on both routes must equal the hf routed model's."""
+equal the hf engine's; greedy answers on both routes must equal the hf routed model's; bad requests,
+a client leaving mid-stream and SIGTERM are checked as for the hf engine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
-from test_serve import NAME, QUESTIONS, ask, running_server  # noqa: E402  (one way to start a server)
+import test_serve  # noqa: E402  (one way to start a server, the same checks)
+from test_serve import NAME, QUESTIONS, ask, running_server  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,6 +59,16 @@ def test_streaming_and_concurrent_requests(server):
 
     with ThreadPoolExecutor(6) as pool:  # vLLM batches them (continuous batching)
         assert list(pool.map(run, questions * 3)) == single * 3
-    bad = server.client.with_options(max_retries=0).chat.completions
-    with pytest.raises(Exception, match="max_tokens"):
-        bad.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=0)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
+    test_serve.test_bad_requests_get_openai_errors_and_the_server_goes_on(server)
+
+
+def test_a_client_leaving_mid_stream_stalls_no_one(server):
+    test_serve.test_a_client_leaving_mid_stream_stalls_no_one(server)
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(server):
+    """Last in this module: it stops the server."""
+    test_serve.test_sigterm_finishes_the_request_in_flight_then_exits(server)
