@@ -123,7 +123,11 @@ def tiny_preset(tiny_model_dir, tmp_path_factory) -> Path:
     """A preset file of the built-in schema for a tiny random model: every step, small sizes."""
     d = tmp_path_factory.mktemp("preset")
     fit = d / "tiny-fit.yaml"
-    fit.write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
+    gate_schedule = (
+        "callbacks: [{class_path: prism_lightning.model.schedule.GateEarlyStopping,"
+        " init_args: {patience: 1}}]"
+    )
+    fit.write_text(TINY_FIT_YAML.format(model=tiny_model_dir).replace("callbacks: []", gate_schedule))
     preset = {
         "model": str(tiny_model_dir),
         "paper_model": "qwen2.5-7b",
@@ -155,6 +159,7 @@ def test_reproduce_end_to_end_killed_after_fit_and_resumed(tiny_preset, tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"not killed after fit:\n{out[-2000:]}\n{err[-3000:]}"
     assert "[1/5] bootstrap: running" in out and "[2/5] fit: done" in out
+    assert "gate schedule: best val/gate_auroc" in out  # the gate's own early stopping ran in the joint loop
     ckpt = run_dir / "checkpoint" / "prism.json"
     stamp = ckpt.stat().st_mtime_ns
 
