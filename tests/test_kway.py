@@ -313,3 +313,37 @@ def test_fit_cli_trains_and_exports_a_kway_run(tiny_model_dir, tmp_path):
     assert meta["adapters"] == {"numbers": ["math"], "code": ["coding"], "prose": ["writing"]}
     assert all((export / "adapters" / n / "adapter_config.json").is_file() for n in meta["adapters"])
     assert "routed sanity check" in result.stdout
+
+
+@pytest.mark.integration
+def test_mixed_batch_routing_is_exact_on_the_embedded_model_in_bf16():
+    """The real model and dtype that evaluate and chat use: rows routed to none or to any of three
+    adapters in one left-padded batch equal each adapter alone and the base, bit for bit."""
+    from prism_lightning.backbone import load_backbone
+    from prism_lightning.generation import left_pad
+
+    bb = load_backbone("smollm2-135m-instruct", device="cpu", dtype="bfloat16")
+    model = apply_lora(bb.model, gate_layer=2, rank=4, alpha=8, dropout=0.0, adapter_names=NAMES).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    queries = ("Hi there.", "What is 2 + 2?", "Write a haiku.", "Name a colour.")
+    prompts = [bb.formatter.prompt(q) for q in queries]
+    rows = [list(r) for r in bb.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    ids, mask = left_pad(rows, bb.tokenizer.pad_token_id, torch.device("cpu"))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ctl = KWayRoutingController(model, None, 2, NAMES)
+
+    def logits(route):
+        ctl.set_mask(route)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    alone = [logits(r) for r in range(4)]
+    assert all(not torch.equal(alone[0], a) for a in alone[1:])
+    routes = torch.tensor([3, 0, 1, 2])
+    mixed = logits(routes)
+    for row, route in enumerate(routes.tolist()):
+        assert torch.equal(mixed[row], alone[route][row]), (row, route)
