@@ -164,7 +164,9 @@ class PrismCLI(LightningCLI):
 
     def _resolved_config(self) -> dict:
         """The resolved config as plain JSON types, stored in prism.json for reproducibility."""
-        return json.loads(json.dumps(_to_plain(self._section())))
+        # as_dict: a jsonargparse Namespace's items() are flattened ("data.bootstrap.x"), which the key
+        # filter of _training_config would drop; nested dicts keep model/data/trainer
+        return json.loads(json.dumps(_to_plain(self._section().as_dict())))
 
     def _print_metrics(self, start: dict[str, float], final: dict[str, float]) -> None:
         print("\nvalidation split        before fit   after fit")

@@ -133,7 +133,8 @@ def tiny_preset(tiny_model_dir, tmp_path_factory) -> Path:
         "paper_model": "qwen2.5-7b",
         "paper_label": "the paper's Qwen2.5-7B numbers (a tiny test model)",
         "fit_configs": [str(package_configs_dir() / "default.yaml"), str(fit)],
-        "fit_args": ["--data.bootstrap.personas=[math, writing]", "--trainer.max_epochs=1"],
+        "fit_args": ["--data.bootstrap.personas=[math, writing]", "--trainer.max_epochs=1",
+                     "--data.bootstrap.persona_length=long"],
         "evaluate": ["--device=cpu", "--benchmarks=mmlu,safety", "--safety_sets=jailbreakbench",
                      "--safety_max_new_tokens=3", "--ci_resamples=50", "--mmlu_format=raw"],
         "study": ["--device=cpu", "--personas=matched", "--lengths=min", "--placements=system",
@@ -178,6 +179,10 @@ def test_reproduce_end_to_end_killed_after_fit_and_resumed(tiny_preset, tmp_path
     assert by_metric["gate_acc"]["value"] is not None  # from the checkpoint
     assert by_metric["eval:base:mtbench"]["ours"] == "-"  # not evaluated here: said, not invented
     assert (run_dir / "report" / "report.md").exists()
+    # evaluate's Expert-Prompting condition uses the persona length the checkpoint distilled
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["conditions_config"]["persona"]["persona_length"] == "long"
+    assert summary["settings"]["mmlu_format"] == "raw"
 
     # a third run with everything finished redoes nothing
     assert reproduce_main(["--preset", str(tiny_preset), "--limit", "2", "--run_dir", str(run_dir)]) == 0
