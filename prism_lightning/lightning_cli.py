@@ -177,6 +177,7 @@ class PrismCLI(LightningCLI):
             "val/gate_auroc",
             "val/gate_f1",
             "val/routing_rate",
+            "val/route_acc",  # K-way: none + K routes
         )
         for key in keys:
             if key in final:
