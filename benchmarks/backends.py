@@ -155,15 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=1, help="evaluation items per sub-score group")
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
     parser.add_argument("--vllm", action="append", default=None, metavar="KEY=VALUE", help="vLLM setting")
+    parser.add_argument("--order", default="hf,vllm", help="which backend runs first")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.personas = "all" if args.personas == "all" else args.personas.split(",")
+    if sorted(args.order.split(",")) != sorted(BACKENDS):
+        parser.error(f"--order lists each of {', '.join(BACKENDS)} once")
     generation = parse_overrides(args.vllm, "vllm")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_description(device)
     results = {}
     with tempfile.TemporaryDirectory(prefix="prism-backends-") as tmp:
-        for backend in BACKENDS:
+        for backend in args.order.split(","):
             print(f"--- {backend} ---", flush=True)
             results[backend] = run_backend(backend, args, generation, Path(tmp))
     print(table(results))
