@@ -1,6 +1,7 @@
 """The vLLM backend on the real vLLM engine (CPU build) and the embedded SmolLM2-135M: every bootstrap
 stage gives rows of the hf backend's schema, greedy answers and teacher targets agree with the hf
-backend, and ``evaluate --backend vllm`` runs all five conditions with prism's routes equal to hf's.
+backend, and ``evaluate --backend vllm`` runs all five conditions (MMLU, safety; MT-Bench on prism)
+with prism's routes equal to hf's.
 
 Engines are slow to start (~20-35 s each on 2 cores): one engine without LoRA (bootstrap, teacher,
 judge) and one with LoRA (evaluate on a checkpoint) are shared by every test here (session scope).
@@ -245,8 +246,12 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     mt = _small_mtbench(tmp_path)
     vllm_args = ["--backend", "vllm", "--vllm", "max_model_len=1024", "--vllm", "max_num_seqs=16",
                  "--vllm", "cpu_kv_cache_gib=0.25", "--vllm", "max_lora_rank=8"]  # fmt: skip
-    out_v, out_h = tmp_path / "vllm", tmp_path / "hf"
-    assert evaluate_main(_eval_args(embedded_checkpoint, out_v, mt, *vllm_args)) == 0
+    out_v, out_h, out_mt = tmp_path / "vllm", tmp_path / "hf", tmp_path / "vllm-mtbench"
+    # all five conditions on MMLU and safety; MT-Bench's two turns (the first turn's route holds) on prism
+    both = ["--benchmarks", "mmlu,safety"]
+    assert evaluate_main(_eval_args(embedded_checkpoint, out_v, mt, *vllm_args, *both)) == 0
+    mt_args = ["--benchmarks", "mtbench", "--conditions", "prism"]
+    assert evaluate_main(_eval_args(embedded_checkpoint, out_mt, mt, *vllm_args, *mt_args)) == 0
     hf_args = ["--conditions", "prism", "--benchmarks", "mmlu"]  # hf's routes on the MMLU prompts
     assert evaluate_main(_eval_args(embedded_checkpoint, out_h, mt, *hf_args)) == 0
     v = json.loads((out_v / "summary.json").read_text())
@@ -254,7 +259,7 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     assert v["backend"] == "vllm" and h["backend"] == "hf"
     assert set(v) == set(h)  # the same summary schema
     assert list(v["conditions_config"]) == list(CONDITIONS)
-    assert set(v["runs"]) == {f"{b}/{c}" for b in ("mtbench", "mmlu", "safety") for c in CONDITIONS}
+    assert set(v["runs"]) == {f"{b}/{c}" for b in ("mmlu", "safety") for c in CONDITIONS}
     for bench in ("mmlu",):
         rows_v = {r["id"]: r for r in map(json.loads, (out_v / "items" / f"{bench}__prism.jsonl").open())}
         rows_h = {r["id"]: r for r in map(json.loads, (out_h / "items" / f"{bench}__prism.jsonl").open())}
@@ -268,9 +273,12 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     routes = [json.loads(line)["route"] for line in (out_v / "items" / "mmlu__prism.jsonl").open()]
     print(f"prism routes on vLLM (mmlu): {sum(routes)}/{len(routes)} on, equal to hf")
     assert 0 < sum(routes) < len(routes)  # both kinds of request were sent
-    for bench in ("mtbench", "safety"):  # gated rows carry the prefix gate's decision
-        rows = [json.loads(line) for line in (out_v / "items" / f"{bench}__prism.jsonl").open()]
-        assert all(isinstance(r["route"], bool) and 0.0 <= r["gate_prob"] <= 1.0 for r in rows)
+    for out, bench in ((out_v, "safety"), (out_mt, "mtbench")):  # gated rows carry the gate's decision
+        rows = [json.loads(line) for line in (out / "items" / f"{bench}__prism.jsonl").open()]
+        assert rows and all(isinstance(r["route"], bool) and 0.0 <= r["gate_prob"] <= 1.0 for r in rows)
+        assert all(r["backend"] == "vllm" for r in rows)
+    mt_rows = map(json.loads, (out_mt / "items" / "mtbench__prism.jsonl").open())
+    assert all(len(r["answers"]) == 2 for r in mt_rows)
     # the lora condition really runs the adapter: its MMLU scores differ from base's
     base = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__base.jsonl").open()]
     lora = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__lora.jsonl").open()]
