@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="context sizes in tokens")
     parser.add_argument("--batch", type=int, default=1, help="queries per prefill")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the repeats")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "adapter_on": Variant(adapter_on, setup=controller.reset),
             "base_bare": Variant(lambda: forward(base, bare_ids, bare_mask)),
         }
-        times = interleaved(variants, args.device, args.reps)
+        times = interleaved(variants, args.device, args.reps, warmup=args.warmup)
         med = {name: stats(values) for name, values in times.items()}
         ms = {name: value["median"] * 1e3 for name, value in med.items()}
         tokens_ctx = int(ctx_mask.sum()) / args.batch
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "float32",
         "batch": args.batch,
         "reps": args.reps,
+        "warmup": args.warmup,
         "adapter": "LoRA r16 on the 7 projections of layers 1..L-1, gate after layer 0, random weights",
         "machine": machine(),
         "results": results,
