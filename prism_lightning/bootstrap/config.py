@@ -19,8 +19,9 @@ class BootstrapConfig:
 
     Args:
         personas: names from the persona library (list or comma-separated string), or ``all``.
-        context_files: extra personas/contexts: YAML files with the library's schema, or any .txt/.md
-            file (a retrieval block, a tool registry ...), see ``contexts.load_context_file``.
+        context_files: extra personas/contexts: YAML files with the library's schema (``kind: reference``
+            for a document such as a fact sheet), or any .txt/.md file (a reference context); a shipped
+            example as ``examples/<name>.yaml``. See ``contexts.load_context_file``.
         queries_per_persona: queries each persona writes (the paper uses 50).
         persona_length: min, short or long persona text.
         placement: where the persona goes: system or user (templates without a system role use user).
