@@ -126,6 +126,7 @@ def _body(**overrides):
         (_body(stop=["a", "b", "c", "d", "e"]), "stop"),
         (_body(stop=[""]), "stop"),
         (_body(n=2), "n"),
+        (_body(logprobs=True), "logprobs"),
         (_body(stream="yes"), "stream"),
     ],
 )

@@ -79,6 +79,8 @@ def parse_chat_request(body: Any, served_name: str) -> ChatRequest:
     n = body.get("n", 1)
     if n is not None and (not _is_int(n) or n != 1):
         raise APIError("Only `n` = 1 is supported.", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise APIError("`logprobs` is not supported by this server.", param="logprobs")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise APIError(f"`max_tokens` must be an integer >= 1, got {max_tokens!r}.", param="max_tokens")
