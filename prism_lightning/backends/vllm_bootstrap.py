@@ -24,9 +24,15 @@ from __future__ import annotations
 import torch
 
 from prism_lightning.backends.vllm_engine import VLLMEngine
-from prism_lightning.bootstrap.queries import first_line, line_break_token_ids
-from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
-from prism_lightning.bootstrap.teacher import end_of_turn_id, prompt_token_ids, response_token_ids
+from prism_lightning.bootstrap.answers import answer_rows
+from prism_lightning.bootstrap.queries import line_break_token_ids, query_rows
+from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.bootstrap.teacher import (
+    end_of_turn_id,
+    prompt_token_ids,
+    response_token_ids,
+    teacher_row,
+)
 from prism_lightning.bootstrap.verdicts import ORDERS, label_row, option_token_ids, parse_verdict
 from prism_lightning.generation import SamplingConfig, row_seed
 
@@ -60,17 +66,7 @@ class VLLMQueryTask(_VLLMTask):
             stop_ids=self.stop_ids,
             stop_strings=["\n"] if self.stop_at_newline else None,
         )
-        return [
-            {
-                "id": job["id"],
-                "persona": job["persona"],
-                "index": job["index"],
-                "raw": first_line(self.tokenizer, gen.token_ids) if self.stop_at_newline else gen.text,
-                "finish": gen.finish_reason,
-                "tokens": len(gen.token_ids),
-            }
-            for job, gen in zip(jobs, gens, strict=True)
-        ]
+        return query_rows(jobs, gens, self.tokenizer, self.stop_at_newline)
 
 
 class VLLMAnswerTask(_VLLMTask):
@@ -86,21 +82,7 @@ class VLLMAnswerTask(_VLLMTask):
             row_seed(self.seed, f"answers:{j['id']}:persona") for j in jobs
         ]
         gens = self.engine.generate(prompts, self.sampling, seeds=seeds)
-        base, persona = gens[: len(jobs)], gens[len(jobs) :]
-        return [
-            {
-                "id": job["id"],
-                "persona": job["persona"],
-                "query": job["query"],
-                "base_answer": b.text,
-                "persona_answer": p.text,
-                "base_finish": b.finish_reason,
-                "persona_finish": p.finish_reason,
-                "base_tokens": len(b.token_ids),
-                "persona_tokens": len(p.token_ids),
-            }
-            for job, b, p in zip(jobs, base, persona, strict=True)
-        ]
+        return answer_rows(jobs, gens[: len(jobs)], gens[len(jobs) :])
 
 
 class VLLMVerdictTask(_VLLMTask):
@@ -157,20 +139,7 @@ class VLLMTeacherTask(_VLLMTask):
         tops = self.engine.prompt_topk(pairs, k)
         rows = []
         for job, (prompt_ids, response_ids), (values, indices) in zip(jobs, pairs, tops, strict=True):
-            rows.append(
-                {
-                    "id": job["id"],
-                    "persona": job["persona"],
-                    "n_tokens": len(response_ids),
-                    "prompt_tokens": len(prompt_ids),
-                    "top_k": int(values.shape[-1]),
-                    TENSORS_KEY: {
-                        f"{job['id']}.values": values,
-                        f"{job['id']}.indices": indices,
-                        f"{job['id']}.response_ids": torch.tensor(response_ids, dtype=torch.int32),
-                    },
-                }
-            )
+            rows.append(teacher_row(job, prompt_ids, response_ids, values, indices))
         return rows
 
 

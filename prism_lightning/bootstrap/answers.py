@@ -52,21 +52,7 @@ class AnswerTask(StageTask):
             row_seed(self.seed, f"answers:{j['id']}:persona") for j in jobs
         ]
         gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, seeds=seeds)
-        base, persona = gens[: len(jobs)], gens[len(jobs) :]
-        return [
-            {
-                "id": job["id"],
-                "persona": job["persona"],
-                "query": job["query"],
-                "base_answer": b.text,
-                "persona_answer": p.text,
-                "base_finish": b.finish_reason,
-                "persona_finish": p.finish_reason,
-                "base_tokens": len(b.token_ids),
-                "persona_tokens": len(p.token_ids),
-            }
-            for job, b, p in zip(jobs, base, persona, strict=True)
-        ]
+        return answer_rows(jobs, gens[: len(jobs)], gens[len(jobs) :])
 
 
 def finalize_answers(rows):
@@ -93,3 +79,21 @@ def finalize_answers(rows):
         "warnings": warnings,
     }
     return rows, stats
+
+
+def answer_rows(jobs: Sequence[Mapping[str, Any]], base: Sequence, persona: Sequence) -> list[dict]:
+    """The answers stage's rows from each job's no-persona and persona generations (either backend)."""
+    return [
+        {
+            "id": job["id"],
+            "persona": job["persona"],
+            "query": job["query"],
+            "base_answer": b.text,
+            "persona_answer": p.text,
+            "base_finish": b.finish_reason,
+            "persona_finish": p.finish_reason,
+            "base_tokens": len(b.token_ids),
+            "persona_tokens": len(p.token_ids),
+        }
+        for job, b, p in zip(jobs, base, persona, strict=True)
+    ]

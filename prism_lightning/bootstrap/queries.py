@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -212,17 +212,24 @@ class QueryTask(StageTask):
             gens = generate_batch(
                 self.model, self.tokenizer, prompts, self.sampling, seeds=seeds, stop_ids=self.stop_ids
             )
-        return [
-            {
-                "id": job["id"],
-                "persona": job["persona"],
-                "index": job["index"],
-                "raw": first_line(self.tokenizer, gen.token_ids) if self.stop_at_newline else gen.text,
-                "finish": gen.finish_reason,
-                "tokens": len(gen.token_ids),
-            }
-            for job, gen in zip(jobs, gens, strict=True)
-        ]
+        return query_rows(jobs, gens, self.tokenizer, self.stop_at_newline)
+
+
+def query_rows(
+    jobs: Sequence[Mapping[str, Any]], gens: Sequence, tokenizer, stop_at_newline: bool
+) -> list[dict]:
+    """The queries stage's raw rows, one schema whichever backend generated them."""
+    return [
+        {
+            "id": job["id"],
+            "persona": job["persona"],
+            "index": job["index"],
+            "raw": first_line(tokenizer, gen.token_ids) if stop_at_newline else gen.text,
+            "finish": gen.finish_reason,
+            "tokens": len(gen.token_ids),
+        }
+        for job, gen in zip(jobs, gens, strict=True)
+    ]
 
 
 class NoQueriesError(PrismError, RuntimeError):

@@ -109,21 +109,30 @@ class TeacherTask(StageTask):
                 self.tokenizer, job["response"], self.max_response_tokens, self.eot
             )
             values, indices = topk_over_response(self.model, prompt_ids, response_ids, self.top_k)
-            rows.append(
-                {
-                    "id": job["id"],
-                    "persona": job["persona"],
-                    "n_tokens": len(response_ids),
-                    "prompt_tokens": len(prompt_ids),
-                    "top_k": int(values.shape[-1]),
-                    TENSORS_KEY: {
-                        f"{job['id']}.values": values,
-                        f"{job['id']}.indices": indices,
-                        f"{job['id']}.response_ids": torch.tensor(response_ids, dtype=torch.int32),
-                    },
-                }
-            )
+            rows.append(teacher_row(job, prompt_ids, response_ids, values, indices))
         return rows
+
+
+def teacher_row(
+    job: Mapping[str, Any],
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    values: torch.Tensor,
+    indices: torch.Tensor,
+) -> dict:
+    """One teacher row with its tensors, in the format training reads whichever backend made it."""
+    return {
+        "id": job["id"],
+        "persona": job["persona"],
+        "n_tokens": len(response_ids),
+        "prompt_tokens": len(prompt_ids),
+        "top_k": int(values.shape[-1]),
+        TENSORS_KEY: {
+            f"{job['id']}.values": values,
+            f"{job['id']}.indices": indices,
+            f"{job['id']}.response_ids": torch.tensor(response_ids, dtype=torch.int32),
+        },
+    }
 
 
 def load_teacher_targets(
