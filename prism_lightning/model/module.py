@@ -355,6 +355,50 @@ class PrismModule(L.LightningModule):
             counts = torch.bincount(routes.long().cpu(), minlength=n).float().tolist()
         return balanced_class_weights(counts)
 
+    def _student_forward(
+        self,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        prompt_len: torch.Tensor,
+        distill: torch.Tensor,
+        mask: torch.Tensor | float,
+        split: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The training forward with the adapter ``mask`` set: gate features for every row (read by the
+        layer-k hook at the last prompt token) and the decoder output. With ``split`` only the distill rows
+        run the full stack (``mask`` is theirs) and the others stop after the gate layer. Returns the
+        hidden states, the features, each row's index into the hidden states (-1: none) and their width."""
+        decoder = inner_model(self.model)
+        ctl = self.controller
+        bsz = ids.shape[0]
+        if not split:
+            ctl.set_mask(mask)
+            ctl.arm(prompt_len - 1, decide=False)
+            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            feats = ctl.features
+            if feats is None:
+                raise RuntimeError("The gate-layer hook did not capture features.")
+            return hidden, feats, torch.arange(bsz, device=ids.device), ids.shape[1]
+        retain = ~distill
+        with torch.no_grad():
+            width_r = int(attn[retain].sum(-1).max())
+            feats_r = self._features_until_gate(
+                ids[retain, :width_r], attn[retain, :width_r], prompt_len[retain] - 1
+            )
+        width = int(attn[distill].sum(-1).max())
+        ctl.set_mask(mask)
+        ctl.arm(prompt_len[distill] - 1, decide=False)
+        hidden = decoder(
+            input_ids=ids[distill, :width], attention_mask=attn[distill, :width], use_cache=False
+        ).last_hidden_state
+        if ctl.features is None:
+            raise RuntimeError("The gate-layer hook did not capture features.")
+        feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
+        feats[retain], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
+        hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
+        hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
+        return hidden, feats, hidden_rows, width
+
     def _kway_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         """Each distill row runs with its persona's adapter (one forward, mixed routes), so each adapter
         distils only its own personas' rows; retain rows stop after the gate layer (as in the
@@ -369,35 +413,12 @@ class PrismModule(L.LightningModule):
         steps = torch.arange(t_values.shape[1], device=ids.device)
         pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)
         rows = torch.arange(bsz, device=ids.device)[:, None].expand_as(pos)
-        decoder = inner_model(self.model)
-        ctl = self.controller
         distill = target > 0
-        if self._sharded or not bool(distill.any()) or bool(distill.all()):
-            ctl.set_mask(routes)  # every rank runs the same layers when sharded
-            ctl.arm(prompt_len - 1, decide=False)
-            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-            feats = ctl.features
-            hidden_rows = torch.arange(bsz, device=ids.device)
-        else:
-            retain = ~distill
-            with torch.no_grad():
-                width_r = int(attn[retain].sum(-1).max())
-                feats_r = self._features_until_gate(
-                    ids[retain, :width_r], attn[retain, :width_r], prompt_len[retain] - 1
-                )
-            width_d = int(attn[distill].sum(-1).max())
-            ctl.set_mask(routes[distill])
-            ctl.arm(prompt_len[distill] - 1, decide=False)
-            hidden = decoder(
-                input_ids=ids[distill, :width_d], attention_mask=attn[distill, :width_d], use_cache=False
-            ).last_hidden_state
-            feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
-            feats[retain], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
-            hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
-            hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
-            pos = pos.clamp(max=width_d - 1)
-        if feats is None:
-            raise RuntimeError("The gate-layer hook did not capture features.")
+        split = not (self._sharded or not bool(distill.any()) or bool(distill.all()))  # sharded: same layers
+        hidden, feats, hidden_rows, width = self._student_forward(
+            ids, attn, prompt_len, distill, routes[distill] if split else routes, split
+        )
+        pos = pos.clamp(max=width - 1)
         gate_logits = self.gate(feats)
         g_loss = kway_gate_loss(gate_logits, routes, self._class_weights(routes))
         sel = t_mask.bool() & (target[:, None] > 0)
@@ -452,36 +473,13 @@ class PrismModule(L.LightningModule):
                 ref_logits = lm_head(h_ref)
 
         distill = target > 0
-        if sharded or use_retain or not bool(distill.any()) or bool(distill.all()):
-            # One forward over every row: adapter on for distill rows (all rows with a retain loss),
-            # gate features read at the last prompt token after layer k by the controller's hook.
-            ctl.set_mask(torch.ones_like(target) if use_retain else target)
-            ctl.arm(prompt_len - 1, decide=False)
-            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-            feats = ctl.features
-            hidden_rows = torch.arange(bsz, device=ids.device)
-        else:
-            # Retain rows need nothing above layer k when there is no retain loss: they stop after
-            # the gate layer, and only distill rows (adapter on, padding trimmed) run the full stack.
-            retain_mask = ~distill
-            with torch.no_grad():
-                width_r = int(attn[retain_mask].sum(-1).max())
-                feats_r = self._features_until_gate(
-                    ids[retain_mask, :width_r], attn[retain_mask, :width_r], prompt_len[retain_mask] - 1
-                )
-            width_d = int(attn[distill].sum(-1).max())
-            ctl.set_mask(1.0)
-            ctl.arm(prompt_len[distill] - 1, decide=False)
-            hidden = decoder(
-                input_ids=ids[distill, :width_d], attention_mask=attn[distill, :width_d], use_cache=False
-            ).last_hidden_state
-            feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
-            feats[retain_mask], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
-            hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
-            hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
-            pos = pos.clamp(max=width_d - 1)
-        if feats is None:
-            raise RuntimeError("The gate-layer hook did not capture features.")
+        # Without a retain loss, retain rows need nothing above layer k: they stop after the gate layer and
+        # only distill rows (adapter on, padding trimmed) run the full stack. Otherwise one forward over every
+        # row: adapter on for distill rows (all rows with a retain loss).
+        split = not (sharded or use_retain or not bool(distill.any()) or bool(distill.all()))
+        mask = 1.0 if split else (torch.ones_like(target) if use_retain else target)
+        hidden, feats, hidden_rows, width = self._student_forward(ids, attn, prompt_len, distill, mask, split)
+        pos = pos.clamp(max=width - 1)
         gate_logits = self.gate(feats)
         g_loss = gate_loss(gate_logits, target, self._pos_weight(target))
 
