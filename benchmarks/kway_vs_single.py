@@ -101,7 +101,7 @@ def auroc(scores: list[float], labels: list[int]) -> float:
 
 def gate_eval(module, prompts: list[str], labels: list[int], routes_true: list[int] | None) -> dict:
     from prism_lightning.model.inference import prompt_gate_probs
-    from prism_lightning.model.routing import routes_from_probs
+    from prism_lightning.model.kway_routing import routes_from_probs
 
     probs = prompt_gate_probs(module.model, module.tokenizer, module.controller, prompts)
     thr = module.hparams.threshold

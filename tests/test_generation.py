@@ -346,9 +346,9 @@ def test_first_log_probs_are_the_prefill_next_token_distribution(parts):
 def test_top_p_candidates_sample_exactly_the_nucleus(monkeypatch):
     """Top-p looks at a few candidates first; a row whose nucleus is wider falls back to the full
     vocabulary. Either way every sampled token lies in the nucleus and every nucleus token occurs."""
-    import prism_lightning.generation as G
+    from prism_lightning import token_sampling
 
-    monkeypatch.setattr(G, "TOP_P_CANDIDATES", 4)
+    monkeypatch.setattr(token_sampling, "TOP_P_CANDIDATES", 4)
     peaked = torch.tensor([8.0, 7.5, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # nucleus: 3 tokens
     flat = torch.zeros(10)  # nucleus at 0.85: 9 of 10 tokens, past the 4 candidates
     logits = torch.stack([peaked, flat])
@@ -356,21 +356,22 @@ def test_top_p_candidates_sample_exactly_the_nucleus(monkeypatch):
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     seen: list[set[int]] = [set(), set()]
     for _ in range(400):
-        for row, tok in enumerate(G._pick_tokens(logits, sampling, gens).tolist()):
+        for row, tok in enumerate(token_sampling.pick_tokens(logits, sampling, gens).tolist()):
             seen[row].add(tok)
     assert seen[0] == {0, 1, 2}
     assert len(seen[1]) == 9
 
 
 def test_top_p_rows_stay_independent_of_batch_mates(monkeypatch):
-    import prism_lightning.generation as G
+    from prism_lightning import token_sampling
 
-    monkeypatch.setattr(G, "TOP_P_CANDIDATES", 4)
+    monkeypatch.setattr(token_sampling, "TOP_P_CANDIDATES", 4)
     logits = torch.randn(3, 50) * torch.tensor([[5.0], [0.01], [2.0]])  # row 1 needs the fallback
     sampling = SamplingConfig(temperature=0.7, top_p=0.9)
-    together = G._pick_tokens(logits, sampling, [torch.Generator().manual_seed(s) for s in range(3)])
+    pick = token_sampling.pick_tokens
+    together = pick(logits, sampling, [torch.Generator().manual_seed(s) for s in range(3)])
     for row in range(3):
-        alone = G._pick_tokens(logits[row : row + 1], sampling, [torch.Generator().manual_seed(row)])
+        alone = pick(logits[row : row + 1], sampling, [torch.Generator().manual_seed(row)])
         assert alone.item() == together[row].item()
 
 

@@ -18,8 +18,9 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.model.export import export_checkpoint, load_checkpoint
 from prism_lightning.model.gate import Gate
+from prism_lightning.model.kway_routing import KWayRoutingController
 from prism_lightning.model.module import PrismModule
-from prism_lightning.model.routing import KWayRoutingController, apply_lora, lora_layers
+from prism_lightning.model.routing import apply_lora, lora_layers
 from prism_lightning.testing import TINY_FIT_YAML, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

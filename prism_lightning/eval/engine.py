@@ -56,7 +56,7 @@ class Engine:
 
     @property
     def is_kway(self) -> bool:
-        from prism_lightning.model.routing import KWayRoutingController
+        from prism_lightning.model.kway_routing import KWayRoutingController
 
         return isinstance(self.controller, KWayRoutingController)
 

@@ -3,7 +3,7 @@
 Multi-turn rule (paper): the first user turn's decision holds for the whole conversation; pass
 ``route=`` to override it.
 
-K-way checkpoints (:class:`~prism_lightning.model.routing.KWayRoutingController`): ``route`` is
+K-way checkpoints (:class:`~prism_lightning.model.kway_routing.KWayRoutingController`): ``route`` is
 True/False (True: an adapter, the gate picks which), an adapter name, or its route number (0 = none);
 each result names the adapter it ran with (``adapter``, None for the base model).
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch, left_pad
-from prism_lightning.model.routing import KWayRoutingController, RoutingController, routes_from_probs
+from prism_lightning.model.kway_routing import KWayRoutingController, routes_from_probs
+from prism_lightning.model.routing import RoutingController
 
 
 @dataclass

@@ -1,9 +1,6 @@
-"""PrismModule: joint gate + LoRA self-distillation in one LightningModule.
-
-One forward per batch: the adapter mask is the gate target (adapter on for distill rows, off for
-retain rows) and the layer-k hook captures the gate features at ``prompt_lengths - 1`` in the same
-pass. LM-head logits are computed only at response positions.
-"""
+"""PrismModule: joint gate + LoRA self-distillation in one LightningModule. The passes themselves are in
+``student_forward.py`` (gate features from the layer-k hook, retain rows stopping after layer k) and the
+K-way step in ``kway_training.py``; LM-head logits are computed only at response positions."""
 
 from __future__ import annotations
 
@@ -22,28 +19,28 @@ from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
 from prism_lightning.model.gate import (
     Gate,
-    balanced_class_weights,
     balanced_pos_weight,
     gate_loss,
-    kway_gate_loss,
 )
-from prism_lightning.model.kway import check_adapter_groups, persona_routes
+from prism_lightning.model.kway import check_adapter_groups
+from prism_lightning.model.kway_routing import KWayRoutingController
+from prism_lightning.model.kway_training import KWayTraining
 from prism_lightning.model.losses import full_kl, topk_kl
 from prism_lightning.model.routing import (
-    KWayRoutingController,
+    DEFAULT_TARGET_MODULES,
     RoutingController,
     apply_lora,
     decoder_layers,
     inner_model,
-    routes_from_probs,
 )
 from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
+from prism_lightning.model.student_forward import StudentForward
 
 # .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
 # (Lightning's default when resuming) rebuild that plain dataclass.
 torch.serialization.add_safe_globals([BackboneConfig])
 
-_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_TARGETS = list(DEFAULT_TARGET_MODULES)
 
 
 def _metrics(threshold: float) -> MetricCollection:
@@ -62,7 +59,7 @@ def _dtype_for(backbone: BackboneConfig, device: torch.device) -> BackboneConfig
     return dataclasses.replace(backbone, dtype=dtype)
 
 
-class PrismModule(L.LightningModule):
+class PrismModule(KWayTraining, StudentForward, L.LightningModule):
     """Joint training of the gate (all rows) and the LoRA adapter (KL on distill rows).
 
     Args:
@@ -282,24 +279,6 @@ class PrismModule(L.LightningModule):
         var = (total_sq / count - mean * mean).clamp_min(0.0)
         self.gate.set_feature_stats(mean.float(), var.sqrt().float())
 
-    def _gate_features_batch(
-        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Gate features of a batch on their own (a sharded model registers this as an FSDP forward
-        method, so the embeddings are gathered around it)."""
-        return self._features_until_gate(ids, attn, positions)
-
-    def _features_until_gate(
-        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Embeddings + layers <= k; the controller ends the forward after layer k, before FSDP's
-        post-forward hook of that layer, which is why a sharded layer k is resharded here."""
-        from prism_lightning.model.sharding import reshard
-
-        feats = self.controller.gate_features(ids, attn, positions)
-        reshard(decoder_layers(self.model)[self.controller.gate_layer])
-        return feats
-
     def _pos_weight(self, target: torch.Tensor) -> float:
         counts = None
         if self._trainer is not None:
@@ -310,131 +289,10 @@ class PrismModule(L.LightningModule):
         n_pos = float(target.sum())
         return balanced_pos_weight(n_pos, float(target.numel()) - n_pos)
 
-    # -- K-way routing -------------------------------------------------------------------------------
-    def _add_route_metrics(self, n_routes: int, device: torch.device | str | None = None) -> None:
-        """K-way: accuracy over none + K adapters (the binary metrics score P(any adapter))."""
-        from torchmetrics.classification import MulticlassAccuracy
-
-        for stage in ("train", "val", "test"):
-            metric = MulticlassAccuracy(num_classes=n_routes, average="micro")
-            setattr(self, f"{stage}_route_acc", metric.to(device) if device is not None else metric)
-
-    def set_persona_names(self, names: list[str]) -> None:
-        """K-way: map the data module's persona indices to routes (every persona must be in one group)."""
-        self._persona_routes = persona_routes(self.adapter_groups, names)
-
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.adapter_groups is not None and dm is not None and hasattr(dm, "persona_names"):
             self.set_persona_names(dm.persona_names)
-
-    def _route_targets(self, batch: dict) -> torch.Tensor:
-        """Per row: 0 for retain, the route of the adapter holding the row's persona for distill."""
-        if self._persona_routes is None:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if dm is None or not hasattr(dm, "persona_names"):
-                raise RuntimeError("K-way training needs the persona names: call set_persona_names() first.")
-            self.set_persona_names(dm.persona_names)
-        index = batch["persona_index"]
-        lut = self._persona_routes.to(index.device)
-        distill = batch["gate_target"] > 0
-        if bool((distill & (index < 0)).any()):
-            raise RuntimeError("a distill row has no persona index; K-way routing cannot place it.")
-        return torch.where(distill, lut[index.clamp(min=0)], torch.zeros_like(index))
-
-    def _class_weights(self, routes: torch.Tensor) -> torch.Tensor:
-        """n_retain / n_class per route over the train split (as the binary gate's pos_weight)."""
-        n = len(self.adapter_groups) + 1
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        per_persona = getattr(dm, "distill_per_persona", None)
-        if per_persona:
-            counts = [float(dm.class_counts.get("retain", 0))] + [
-                float(sum(per_persona.get(p, 0) for p in group)) for group in self.adapter_groups.values()
-            ]
-        else:
-            counts = torch.bincount(routes.long().cpu(), minlength=n).float().tolist()
-        return balanced_class_weights(counts)
-
-    def _student_forward(
-        self,
-        ids: torch.Tensor,
-        attn: torch.Tensor,
-        prompt_len: torch.Tensor,
-        distill: torch.Tensor,
-        mask: torch.Tensor | float,
-        split: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The training forward with the adapter ``mask`` set: gate features for every row (read by the
-        layer-k hook at the last prompt token) and the decoder output. With ``split`` only the distill rows
-        run the full stack (``mask`` is theirs) and the others stop after the gate layer. Returns the
-        hidden states, the features, each row's index into the hidden states (-1: none) and their width."""
-        decoder = inner_model(self.model)
-        ctl = self.controller
-        bsz = ids.shape[0]
-        if not split:
-            ctl.set_mask(mask)
-            ctl.arm(prompt_len - 1, decide=False)
-            hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-            feats = ctl.features
-            if feats is None:
-                raise RuntimeError("The gate-layer hook did not capture features.")
-            return hidden, feats, torch.arange(bsz, device=ids.device), ids.shape[1]
-        retain = ~distill
-        with torch.no_grad():
-            width_r = int(attn[retain].sum(-1).max())
-            feats_r = self._features_until_gate(
-                ids[retain, :width_r], attn[retain, :width_r], prompt_len[retain] - 1
-            )
-        width = int(attn[distill].sum(-1).max())
-        ctl.set_mask(mask)
-        ctl.arm(prompt_len[distill] - 1, decide=False)
-        hidden = decoder(
-            input_ids=ids[distill, :width], attention_mask=attn[distill, :width], use_cache=False
-        ).last_hidden_state
-        if ctl.features is None:
-            raise RuntimeError("The gate-layer hook did not capture features.")
-        feats = feats_r.new_empty((bsz, feats_r.shape[-1]))
-        feats[retain], feats[distill] = feats_r, ctl.features.to(feats_r.dtype)
-        hidden_rows = torch.full((bsz,), -1, dtype=torch.long, device=ids.device)
-        hidden_rows[distill] = torch.arange(int(distill.sum()), device=ids.device)
-        return hidden, feats, hidden_rows, width
-
-    def _kway_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
-        """Each distill row runs with its persona's adapter (one forward, mixed routes), so each adapter
-        distils only its own personas' rows; retain rows stop after the gate layer (as in the
-        single-adapter step). The (K+1)-way gate learns the routes from every row's features."""
-        hp = self.hparams
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        prompt_len = batch["prompt_lengths"]
-        target = batch["gate_target"].float()
-        t_values, t_indices, t_mask = batch["teacher_values"], batch["teacher_indices"], batch["teacher_mask"]
-        routes = self._route_targets(batch)
-        bsz, width = ids.shape
-        steps = torch.arange(t_values.shape[1], device=ids.device)
-        pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)
-        rows = torch.arange(bsz, device=ids.device)[:, None].expand_as(pos)
-        distill = target > 0
-        split = not (self._sharded or not bool(distill.any()) or bool(distill.all()))  # sharded: same layers
-        hidden, feats, hidden_rows, width = self._student_forward(
-            ids, attn, prompt_len, distill, routes[distill] if split else routes, split
-        )
-        pos = pos.clamp(max=width - 1)
-        gate_logits = self.gate(feats)
-        g_loss = kway_gate_loss(gate_logits, routes, self._class_weights(routes))
-        sel = t_mask.bool() & (target[:, None] > 0)
-        n_tok = int(sel.sum())
-        if n_tok > 0:
-            logits = self.base_model.get_output_embeddings()(hidden[hidden_rows[rows[sel]], pos[sel]])
-            kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
-        else:  # keep every adapter parameter in the graph (DDP) with a zero loss
-            kl = hidden.sum() * 0.0
-        probs = torch.softmax(gate_logits.detach().float(), dim=-1)
-        p_route = 1.0 - probs[:, 0]
-        getattr(self, f"{stage}_metrics").update(p_route, target.long())
-        getattr(self, f"{stage}_route_rate").update((p_route >= hp.threshold).float())
-        getattr(self, f"{stage}_route_acc").update(routes_from_probs(probs, hp.threshold), routes)
-        zero = torch.zeros((), device=ids.device)
-        return {"loss": g_loss + kl, "gate_loss": g_loss, "kl": kl, "retain_kl": zero, "n_tokens": n_tok}
 
     def _common_step(self, batch: dict, batch_idx: int, stage: str) -> dict[str, torch.Tensor]:
         if self.adapter_groups is not None:

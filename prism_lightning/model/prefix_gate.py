@@ -159,6 +159,6 @@ class PrefixGate:
         probs = self.gate_probs(prompts, batch_size=batch_size)
         if probs.dim() == 1:
             return [bool(p >= self.threshold) for p in probs]
-        from prism_lightning.model.routing import routes_from_probs
+        from prism_lightning.model.kway_routing import routes_from_probs
 
         return [int(r) for r in routes_from_probs(probs, self.threshold)]
