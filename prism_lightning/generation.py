@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import torch
 
-from prism_lightning.token_sampling import pick_rows
+from prism_lightning.token_sampling import SeenTokens, pick_rows
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Llama 2 / Mistral).
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
@@ -43,11 +43,17 @@ StepCallback = Callable[[dict[int, int], dict[int, str]], Iterable[int] | None]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each new token; ``temperature == 0`` means greedy (and seeds are ignored)."""
+    """How to pick each new token; ``temperature == 0`` means greedy (and seeds are ignored).
+
+    ``top_k`` (0: off) and ``top_p`` narrow the sampled tokens, top-k first (transformers' and vLLM's
+    order); ``repetition_penalty`` (1: off) divides a positive logit (multiplies a negative one) of every
+    token already in the prompt or the answer, also when greedy, as transformers and vLLM do."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -56,6 +62,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}.")
 
     @property
     def greedy(self) -> bool:
@@ -423,8 +433,11 @@ def _generate_ids(
 
     logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
     first = torch.log_softmax(logits, dim=-1).cpu() if keep_first_log_probs else None
+    seen = SeenTokens(ids, logits.shape[-1], device) if SeenTokens.needed(sampling) else None
     for _ in range(max(budget)):
-        next_tok = pick_rows(logits, run_sampling, gens)
+        next_tok = pick_rows(logits, run_sampling, gens, seen)
+        if seen is not None:
+            seen.add(next_tok)
         kept: list[int] = []
         step_tokens = next_tok.tolist()  # the one host sync per step
         for j, tok in enumerate(step_tokens):
@@ -454,6 +467,8 @@ def _generate_ids(
             padded = any(pads)
             gens = [gens[j] for j in kept]
             run_sampling = [run_sampling[j] for j in kept]
+            if seen is not None:
+                seen.keep(idx)
             if on_rows_kept is not None:
                 on_rows_kept(idx)
         if padded:

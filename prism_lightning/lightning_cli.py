@@ -278,13 +278,17 @@ class _ParseOnlyCLI(PrismCLI):
 
 def parse_config(prog: str, args: list[str]):
     """The resolved fit config (same files, keys and links as `fit`) for another command."""
-    cli = _ParseOnlyCLI(
-        PrismModule,
-        PrismDataModule,
-        run=False,
-        args=with_default_config(args),
-        parser_kwargs={"prog": f"python -m prism_lightning {prog}"},
-    )
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both `args` and an argv
+    try:
+        cli = _ParseOnlyCLI(
+            PrismModule,
+            PrismDataModule,
+            run=False,
+            args=with_default_config(args),
+            parser_kwargs={"prog": f"python -m prism_lightning {prog}"},
+        )
+    finally:
+        sys.argv = argv
     return cli.config
 
 

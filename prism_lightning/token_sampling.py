@@ -1,5 +1,6 @@
-"""Choosing the next token per row: greedy, or sampled with temperature and top-p from each row's own
-generator, so a row's sample never depends on its batch mates (the generation engine's sampler)."""
+"""Choosing the next token per row: greedy, or sampled with temperature, top-k and top-p from each row's
+own generator, so a row's sample never depends on its batch mates (the generation engine's sampler).
+A repetition penalty reads which tokens each row has seen (:class:`SeenTokens`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def pick_tokens(logits: torch.Tensor, sampling: SamplingConfig, gens: list[torch
     if sampling.greedy:
         return logits.argmax(dim=-1)
     scaled = logits / sampling.temperature
+    if 0 < sampling.top_k < scaled.shape[-1]:
+        # every candidate is among the top k: renormalise over them, then the nucleus (exact)
+        top, idx = scaled.topk(sampling.top_k, dim=-1)
+        probs = torch.softmax(top, dim=-1)
+        if sampling.top_p < 1.0:
+            probs = _nucleus(probs, sampling.top_p)
+        return _race(probs, idx, gens)
     if sampling.top_p >= 1.0:
         return _race(torch.softmax(scaled, dim=-1), None, gens)
     k = min(TOP_P_CANDIDATES, scaled.shape[-1])
@@ -43,10 +51,41 @@ def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_probs.masked_fill((sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p, 0.0)
 
 
+class SeenTokens:
+    """Which tokens each running row has in its prompt or answer so far ([rows, vocab] booleans), for
+    the repetition penalty; only built when some row asks for one."""
+
+    def __init__(self, prompts: list[list[int]], vocab: int, device: torch.device) -> None:
+        self.mask = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            known = [t for t in ids if 0 <= t < vocab]  # added tokens past the logits never score
+            self.mask[row, torch.tensor(known, dtype=torch.long, device=device)] = True
+
+    @classmethod
+    def needed(cls, sampling: list[SamplingConfig]) -> bool:
+        return any(s.repetition_penalty != 1.0 for s in sampling)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        self.mask[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.mask = self.mask[rows]
+
+    def penalise(self, logits: torch.Tensor, sampling: list[SamplingConfig]) -> torch.Tensor:
+        penalty = torch.tensor([s.repetition_penalty for s in sampling], device=logits.device)[:, None]
+        return torch.where(self.mask, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def pick_rows(
-    logits: torch.Tensor, sampling: list[SamplingConfig], gens: list[torch.Generator | None]
+    logits: torch.Tensor,
+    sampling: list[SamplingConfig],
+    gens: list[torch.Generator | None],
+    seen: SeenTokens | None = None,
 ) -> torch.Tensor:
-    """``pick_tokens`` per group of rows that share a config (each row keeps its own generator)."""
+    """``pick_tokens`` per group of rows that share a config (each row keeps its own generator), after
+    the repetition penalty when ``seen`` is given."""
+    if seen is not None:
+        logits = seen.penalise(logits, sampling)
     if all(s == sampling[0] for s in sampling):
         return pick_tokens(logits, sampling[0], gens)  # type: ignore[arg-type]
     picked = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)

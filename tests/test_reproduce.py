@@ -21,9 +21,11 @@ from prism_lightning.config_files import package_configs_dir
 from prism_lightning.errors import ConfigError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval.scoring import mmlu_prompt as chat_question
+from prism_lightning.lightning_cli import parse_config
 from prism_lightning.reproduce.cli import reproduce_main, validate_preset
 from prism_lightning.reproduce.compare import measured, paper_numbers
 from prism_lightning.reproduce.presets import load_preset, preset_names
+from prism_lightning.reproduce.steps import build_plan
 from prism_lightning.testing import TINY_FIT_YAML
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +59,40 @@ def test_paper_preset_parses_and_validates(name):
     if preset.trains:
         assert queries == 50  # the paper's 50 queries per persona
         assert {"--mmlu_format=raw", "--mtbench_max_new_tokens=1024"} <= set(preset.evaluate)
+
+
+def test_7b_presets_sample_and_ask_for_queries_as_the_reference():
+    """Bootstrap sampling follows each model's generation_config.json (what the reference inherits) and
+    the query writer sees the persona's text."""
+    expected = {"qwen2.5-7b": (0.8, 20, 1.05), "llama3.1-8b": (0.9, 0, 1.0), "mistral-7b": (1.0, 0, 1.0)}
+    for name, (top_p, top_k, penalty) in expected.items():
+        preset = load_preset(name)
+        args = [a for c in preset.fit_configs for a in ("--config", str(c))] + list(preset.fit_args)
+        boot = parse_config("reproduce", args).data.bootstrap
+        assert (boot.top_p, boot.top_k, boot.repetition_penalty) == (top_p, top_k, penalty), name
+        assert boot.query_prompt == "persona_text"
+
+
+def test_vllm_backend_reaches_every_generating_step(tmp_path):
+    preset = load_preset("smollm2-135m-instruct")
+    plain = build_plan(preset, tmp_path, 5, 4)
+    vllm = build_plan(preset, tmp_path, 5, 4, ["backend=vllm", "max_num_seqs=8"])
+    steps = {s.name: s for s in vllm.steps}
+    for name in ("bootstrap", "fit"):
+        assert {
+            "--data.bootstrap.generation.backend=vllm",
+            "--data.bootstrap.generation.max_num_seqs=8",
+        } <= set(steps[name].args)
+    for name in ("evaluate", "study"):
+        assert {"--backend=vllm", "--vllm=max_num_seqs=8"} <= set(steps[name].args)
+    # the fit config takes the keys, and the hf default leaves the fingerprints as they were
+    cfg = parse_config("reproduce", steps["fit"].args[:-1])
+    assert cfg.data.bootstrap.generation.backend == "vllm" and cfg.data.bootstrap.generation.max_num_seqs == 8
+    assert [s.fingerprint for s in plain.steps] == [
+        s.fingerprint for s in build_plan(preset, tmp_path, 5, 4, []).steps
+    ]
+    changed = [a.name for a, b in zip(plain.steps, vllm.steps, strict=True) if a.fingerprint != b.fingerprint]
+    assert changed == ["bootstrap", "fit", "evaluate", "study"]
 
 
 def test_a_preset_whose_configs_train_another_model_is_refused(tmp_path):
@@ -103,6 +139,11 @@ def ROOT_EMPTY(tmp_path):  # noqa: N802 - a run directory with nothing in it
         (["--preset", "smollm2-135m-instruct", "--limit", "0"], "--limit must be >= 1"),
         (["--preset", "smollm2-135m-instruct", "--limit", "two"], "--limit must be a whole number"),
         ([], "give --preset NAME"),
+        (["--preset", "smollm2-135m-instruct", "--vllm", "max_num_seqs=8"], "--vllm settings need --backend"),
+        (
+            ["--preset", "smollm2-135m-instruct", "--backend", "vllm", "--vllm", "tensor_parallel_size=0"],
+            "tensor_parallel_size must be >= 1",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, args, message):

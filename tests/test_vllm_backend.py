@@ -65,6 +65,24 @@ def test_greedy_answers_match_the_hf_backend(base_engine, hf_backbone):
     assert alone[0].token_ids == batched[0].token_ids
 
 
+def test_repetition_penalty_and_top_k_follow_the_hf_backend(base_engine, hf_backbone):
+    """The bootstrap's filters reach vLLM with the same meaning: a greedy penalised answer matches hf's
+    (both penalise prompt and answer tokens), and top_k=1 sampling is greedy."""
+    from prism_lightning.generation import SamplingConfig, generate_batch
+
+    prompts = [hf_backbone.formatter.prompt(q) for q in QUERIES]
+    penalised = SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=1.3)
+    ours = base_engine.generate(prompts, penalised)
+    theirs = generate_batch(hf_backbone.model, hf_backbone.tokenizer, prompts, penalised)
+    same = [a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True)]
+    assert sum(same) >= len(same) - 1
+    plain = base_engine.generate(prompts, SamplingConfig(max_new_tokens=24, temperature=0.0))
+    assert [a.token_ids for a in ours] != [b.token_ids for b in plain]  # the penalty was applied
+    one = SamplingConfig(max_new_tokens=12, temperature=1.5, top_k=1)
+    top1 = base_engine.generate(prompts, one, seeds=[3] * 6)
+    assert [a.token_ids for a in top1] == [b.token_ids[:12] for b in plain]
+
+
 def test_teacher_topk_and_option_scores_agree_with_hf(base_engine, hf_backbone):
     from prism_lightning.bootstrap.teacher import response_token_ids, topk_over_response
 

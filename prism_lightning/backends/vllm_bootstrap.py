@@ -191,13 +191,11 @@ class VLLMStageTasks:
 
     def queries(self):
         c = self.config
-        sampling = SamplingConfig(max_new_tokens=c.query_max_new_tokens, temperature=c.query_temperature)
-        return VLLMQueryTask(self._engine(self.backbone), sampling, c.seed, c.query_stop_at_newline)
+        return VLLMQueryTask(self._engine(self.backbone), c.query_sampling(), c.seed, c.query_stop_at_newline)
 
     def answers(self):
         c = self.config
-        sampling = SamplingConfig(max_new_tokens=c.answer_max_new_tokens, temperature=c.answer_temperature)
-        return VLLMAnswerTask(self._engine(self.backbone), sampling, c.seed)
+        return VLLMAnswerTask(self._engine(self.backbone), c.answer_sampling(), c.seed)
 
     def verdicts(self):
         c = self.config

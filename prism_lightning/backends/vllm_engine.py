@@ -142,6 +142,8 @@ class VLLMEngine:
                     max_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
+                    top_k=cfg.top_k,
+                    repetition_penalty=cfg.repetition_penalty,
                     seed=None if cfg.greedy or seeds is None else int(seeds[i]),
                     stop_token_ids=stops,
                     stop=list(stop_strings) if stop_strings else None,

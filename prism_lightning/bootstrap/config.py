@@ -9,8 +9,10 @@ from prism_lightning.backends import GenerationConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS
 from prism_lightning.errors import ConfigError
+from prism_lightning.generation import SamplingConfig
 
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
+QUERY_PROMPTS: tuple[str, ...] = ("describe", "persona_text")
 
 
 @dataclass
@@ -25,12 +27,20 @@ class BootstrapConfig:
         queries_per_persona: queries each persona writes (the paper uses 50).
         persona_length: min, short or long persona text.
         placement: where the persona goes: system or user (templates without a system role use user).
+        query_prompt: what the query writer is told about a persona: describe (its one-line description
+            and expertise) or persona_text (its text at ``persona_length``, as the reference scripts do).
+            Reference contexts always show their text.
         query_temperature: sampling temperature of stage 1 (queries).
         query_max_new_tokens: longest query in tokens.
         min_query_chars: shorter queries are dropped.
         query_stop_at_newline: stop a query at its first line break (only the first line is kept).
         answer_temperature: sampling temperature of stage 2 (answers with and without the persona).
         answer_max_new_tokens: longest answer in tokens.
+        top_p: nucleus mass of stages 1 and 2 (1: off).
+        top_k: stages 1 and 2 sample among this many most likely tokens (0: off).
+        repetition_penalty: stages 1 and 2 penalise tokens already in the prompt or answer (1: off).
+            The paper's reference inherits these three from the model's ``generation_config.json``
+            (Qwen2.5: 0.8, 20, 1.05); the 7B configs set them so.
         judge: a different judging model ({model: ...}); null judges with the base model.
         judge_max_new_tokens: length of the free-text verdict.
         verdict_rule: logprob (the persona's log-odds summed over both judge orders > 0; never
@@ -49,12 +59,16 @@ class BootstrapConfig:
     queries_per_persona: int = 4
     persona_length: str = "short"
     placement: str = "system"
+    query_prompt: str = "describe"
     query_temperature: float = 0.9
     query_max_new_tokens: int = 200
     min_query_chars: int = 16
     query_stop_at_newline: bool = True
     answer_temperature: float = 0.7
     answer_max_new_tokens: int = 96
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     judge: BackboneConfig | None = None
     judge_max_new_tokens: int = 8
     verdict_rule: str = "logprob"
@@ -69,6 +83,18 @@ class BootstrapConfig:
         if self.verdict_rule not in VERDICT_RULES:
             raise ConfigError(
                 f"Unknown verdict_rule {self.verdict_rule!r}; choose one of {', '.join(VERDICT_RULES)}."
+            )
+        if self.query_prompt not in QUERY_PROMPTS:
+            raise ConfigError(
+                f"Unknown query_prompt {self.query_prompt!r}; choose one of {', '.join(QUERY_PROMPTS)}."
+            )
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ConfigError(f"bootstrap.top_p must be in (0, 1], got {self.top_p}.")
+        if int(self.top_k) < 0:
+            raise ConfigError(f"bootstrap.top_k must be >= 0 (0: off), got {self.top_k}.")
+        if not float(self.repetition_penalty) > 0:
+            raise ConfigError(
+                f"bootstrap.repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}."
             )
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"Unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}.")
@@ -96,6 +122,27 @@ class BootstrapConfig:
         if isinstance(self.judge, dict):  # plain dicts from YAML / kwargs
             self.judge = BackboneConfig(**self.judge)
         self.check_personas()
+
+    def query_sampling(self) -> SamplingConfig:
+        return self._sampling(self.query_max_new_tokens, self.query_temperature)
+
+    def answer_sampling(self) -> SamplingConfig:
+        return self._sampling(self.answer_max_new_tokens, self.answer_temperature)
+
+    def _sampling(self, max_new_tokens: int, temperature: float) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(self.top_p),
+            top_k=int(self.top_k),
+            repetition_penalty=float(self.repetition_penalty),
+        )
+
+    def sampling_filters(self) -> dict[str, float]:
+        """The filters that differ from off (part of the query and answer stage hashes; none by default,
+        so hashes from before these keys existed stay valid)."""
+        off = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+        return {k: getattr(self, k) for k, v in off.items() if getattr(self, k) != v}
 
     def check_personas(self) -> None:
         """Unknown persona names and unreadable context files fail at construction, before any work."""

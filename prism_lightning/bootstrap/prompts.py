@@ -52,11 +52,20 @@ def reference_query_prompt_text(context: Context, index: int) -> str:
     )
 
 
-def query_prompt_text(context: Context, index: int) -> str:
-    """The user message asking the base model for ONE query that ``context`` would excel at."""
+def query_prompt_text(context: Context, index: int, persona_length: str | None = None) -> str:
+    """The user message asking the base model for ONE query that ``context`` would excel at: from the
+    persona's description, or from its text at ``persona_length`` when one is given."""
     if context.kind == "reference":
         return reference_query_prompt_text(context, index)
     angle = QUERY_ANGLES[index % len(QUERY_ANGLES)]
+    if persona_length is not None:
+        return (
+            f"Below is the system prompt of an expert assistant:\n\n{context.text(persona_length)}\n\n"
+            "Write one realistic, specific question or request that a user might send to this expert, "
+            f"one it would answer exceptionally well. Make it {angle}. This is question number "
+            f"{index + 1} of a varied set.\n"
+            "Reply with the question only, on a single line, with no numbering, quotes or explanation."
+        )
     return (
         f"Write one realistic question or request that a user might send to {context.description}, "
         f"someone skilled in {context.expertise}. It should be something this expert would answer "

@@ -113,14 +113,17 @@ def filter_queries(
     return kept, drops, dropped
 
 
-def query_jobs(formatter, personas: Sequence[Context], per_persona: int) -> list[dict[str, Any]]:
-    """One job per (persona, index); the prompt has no persona (the base model writes queries)."""
+def query_jobs(
+    formatter, personas: Sequence[Context], per_persona: int, persona_length: str | None = None
+) -> list[dict[str, Any]]:
+    """One job per (persona, index). The base model writes the queries with no persona in its own
+    prompt; the request describes each persona, or shows its text at ``persona_length`` when given."""
     return [
         {
             "id": f"{ctx.name}-{i}",
             "persona": ctx.name,
             "index": i,
-            "prompt": formatter.prompt(query_prompt_text(ctx, i)),
+            "prompt": formatter.prompt(query_prompt_text(ctx, i, persona_length)),
         }
         for ctx in personas
         for i in range(per_persona)

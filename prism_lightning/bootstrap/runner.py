@@ -40,7 +40,6 @@ from prism_lightning.bootstrap.store import (
 from prism_lightning.bootstrap.summary import STAGES, build_summary
 from prism_lightning.contexts import Context, ContextLibrary
 from prism_lightning.files import atomic_write_json, read_written_jsonl
-from prism_lightning.generation import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +117,7 @@ def stage_settings(
     model = asdict(backbone)
     judge = asdict(config.judge) if config.judge is not None else model
     texts = {c.name: c.text(config.persona_length) for c in personas}
+    show_texts = config.query_prompt == "persona_text"
     settings = {
         "queries": {
             "model": model,
@@ -136,6 +136,8 @@ def stage_settings(
             "line_break_rule": 2,
             "seed": config.seed,
             "prompt_version": PROMPT_VERSION,
+            **config.sampling_filters(),
+            **({"query_prompt": config.query_prompt, "persona_texts": texts} if show_texts else {}),
         },
         "answers": {
             "model": model,
@@ -144,6 +146,7 @@ def stage_settings(
             "answer_temperature": config.answer_temperature,
             "answer_max_new_tokens": config.answer_max_new_tokens,
             "seed": config.seed,
+            **config.sampling_filters(),
         },
         "verdicts": {
             "judge": judge,
@@ -242,7 +245,7 @@ class _HFStageTasks:
         c = self.config
         return queries_mod.QueryTask(
             self.models.base(),
-            SamplingConfig(max_new_tokens=c.query_max_new_tokens, temperature=c.query_temperature),
+            c.query_sampling(),
             c.seed,
             stop_at_newline=c.query_stop_at_newline,
         )
@@ -251,7 +254,7 @@ class _HFStageTasks:
         c = self.config
         return answers_mod.AnswerTask(
             self.models.base(),
-            SamplingConfig(max_new_tokens=c.answer_max_new_tokens, temperature=c.answer_temperature),
+            c.answer_sampling(),
             c.seed,
         )
 
@@ -358,7 +361,12 @@ def run_bootstrap(
         # 1. queries
         run(
             "queries",
-            lambda: queries_mod.query_jobs(tasks.formatter(), personas, config.queries_per_persona),
+            lambda: queries_mod.query_jobs(
+                tasks.formatter(),
+                personas,
+                config.queries_per_persona,
+                config.persona_length if config.query_prompt == "persona_text" else None,
+            ),
             tasks.queries,
             lambda rows: queries_mod.finalize_queries(rows, config.min_query_chars, list(by_name)),
             tasks.batch_size,

@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
         help="items per sub-score group in evaluate and study, and at most this many bootstrap queries per "
         "persona (default: the full sizes)",
     )
+    ap.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="generation backend of the bootstrap, evaluate and study (training is Lightning's either way)",
+    )
+    ap.add_argument(
+        "--vllm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (README: Generation backends)",
+    )
     ap.add_argument("--run_dir", default=None, help="the run directory (default: runs/reproduce-<preset>)")
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
     return ap
@@ -66,6 +79,22 @@ def _run_dir(text: str | None, preset: Preset) -> Path:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--run_dir {root} is a file; give a directory.")
     return root
+
+
+def _generation_args(backend: str, pairs: list[str]) -> list[str]:
+    """The backend and vLLM settings as ``KEY=VALUE`` pairs, checked now (a typo or a missing vLLM fails
+    before any step runs); none for the default hf backend, so its step fingerprints stay as they were."""
+    from prism_lightning.backends import parse_overrides
+
+    config = parse_overrides(pairs, backend)
+    if config.backend == "hf":
+        if pairs:
+            raise ConfigError("--vllm settings need --backend vllm.")
+        return []
+    from prism_lightning.backends.vllm_engine import require_vllm
+
+    require_vllm()
+    return [f"backend={config.backend}", *pairs]
 
 
 def validate_preset(preset: Preset, *, shape_only: bool = False) -> int | None:
@@ -124,8 +153,9 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     preset = load_preset(args.preset)
     limit = _limit(args.limit)
     root = _run_dir(args.run_dir, preset)
+    generation = _generation_args(args.backend, args.vllm)
     queries = validate_preset(preset)
-    plan = build_plan(preset, root, limit, queries)
+    plan = build_plan(preset, root, limit, queries, generation)
 
     root.mkdir(parents=True, exist_ok=True)
     size = f"--limit {limit}" if limit else "full sizes"
@@ -148,4 +178,3 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     print(f"\nwrote {root / 'comparison.md'} and comparison.json; this invocation {total:.0f} s ({took})")
     return 0
-

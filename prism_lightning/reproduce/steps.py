@@ -142,15 +142,29 @@ def _report_runner(paths: RunPaths) -> Callable[[list[str]], None]:
     return run
 
 
-def build_plan(preset: Preset, root: Path, limit: int | None, queries_per_persona: int | None) -> Plan:
+def build_plan(
+    preset: Preset,
+    root: Path,
+    limit: int | None,
+    queries_per_persona: int | None,
+    generation: list[str] | None = None,
+) -> Plan:
     """Every step's arguments. ``limit`` caps evaluate/study items per sub-score group and the bootstrap's
-    queries per persona (``queries_per_persona`` is the preset's own value)."""
+    queries per persona (``queries_per_persona`` is the preset's own value). ``generation`` holds the
+    generation backend's ``KEY=VALUE`` settings (``backend=vllm`` first), for the bootstrap
+    (``data.bootstrap.generation``) and for evaluate/study (``--backend``, ``--vllm``)."""
     paths = RunPaths(root)
     fit_args = [a for c in preset.fit_configs for a in ("--config", str(c))]
     fit_args += [*preset.fit_args, f"--data.run_dir={paths.run}"]
     if limit is not None and queries_per_persona is not None and limit < queries_per_persona:
         fit_args.append(f"--data.bootstrap.queries_per_persona={limit}")
     lim = [f"--limit={limit}"] if limit is not None else []
+    gen_eval: list[str] = []
+    for pair in generation or []:
+        key, _, value = pair.partition("=")
+        fit_args.append(f"--data.bootstrap.generation.{key}={value}")
+        gen_eval.append(f"--backend={value}" if key == "backend" else f"--vllm={pair}")
+    lim += gen_eval
     specs = {
         "bootstrap": StepSpec(
             "bootstrap", fit_args, paths.run / "bootstrap" / "summary.json", _run_bootstrap
