@@ -95,6 +95,31 @@ def test_queries_hash_follows_a_reference_text_but_not_a_persona_text():
     assert queries_settings(persona)["personas"] == [["p", "a poet", "poems"]]  # old cache keys stay valid
 
 
+def test_judge_sees_a_reference_document_but_not_a_persona_text(tiny_backbone):
+    from prism_lightning.bootstrap.runner import judge_references
+    from prism_lightning.bootstrap.verdicts import verdict_jobs
+
+    texts = {"min": "the sheet", "short": "the sheet", "long": "OPENS AT 8:15"}
+    ref = Context("doc", texts, "a document", "a document", kind="reference")
+    math = ContextLibrary.builtin().get("math")
+    config = BootstrapConfig(personas="math", persona_length="long")
+    answers = [
+        {"id": f"{c.name}-0", "persona": c.name, "query": "When?", "persona_answer": "x", "base_answer": "y"}
+        for c in (ref, math)
+    ]
+    jobs = verdict_jobs(tiny_backbone.formatter, answers, judge_references(config, [ref, math]))
+    assert all("OPENS AT 8:15" in jobs[0][o] for o in ("order_persona_first", "order_base_first"))
+    assert not any(math.text("long") in jobs[1][o] or "Reference Document" in jobs[1][o] for o in jobs[1])
+    off = BootstrapConfig(personas="math", persona_length="long", judge_sees_reference=False)
+    assert judge_references(off, [ref, math]) == {}
+
+    def verdict_settings(cfg, contexts):
+        return stage_settings(cfg, BackboneConfig(), contexts)["verdicts"]
+
+    assert verdict_settings(config, [ref]) != verdict_settings(off, [ref])  # a reference run re-judges
+    assert verdict_settings(config, [math]) == verdict_settings(off, [math])  # persona runs keep their hash
+
+
 def test_plain_text_file_is_a_reference_and_bad_kind_is_an_error(tmp_path):
     txt = tmp_path / "retrieved.txt"
     txt.write_text("The office opens at 8:15.\n")

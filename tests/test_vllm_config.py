@@ -61,3 +61,18 @@ def test_evaluate_backend_errors_are_one_line(args, message, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_the_engine_starts(tiny_model_dir):
+    """vLLM's CPU attention has kernels for fixed head sizes (the tiny test model's 16 is not one); the
+    engine would otherwise fail inside its first forward with a traceback."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.backends.vllm_engine import get_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU engine has other kernels")
+    with pytest.raises(ConfigError, match="head size 16; vLLM's CPU build supports 32, 64"):
+        get_engine(GenerationConfig(backend="vllm"), BackboneConfig(model=str(tiny_model_dir)))

@@ -278,8 +278,9 @@ def get_engine(
         return _ENGINES[key]
     from vllm import LLM
 
-    source, _ = load_model_config(backbone.model, trust_remote_code=backbone.trust_remote_code)
+    source, model_config = load_model_config(backbone.model, trust_remote_code=backbone.trust_remote_code)
     if device == "cpu":
+        _check_cpu_head_size(model_config, backbone.model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
@@ -296,6 +297,24 @@ def get_engine(
     )
     _ENGINES[key] = engine
     return engine
+
+
+def _check_cpu_head_size(model_config, name: str) -> None:
+    """vLLM's CPU attention kernels exist for a fixed set of head sizes; another one fails deep inside
+    the first forward, so say it before the engine starts."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine decide
+        return
+    text = getattr(model_config, "text_config", None) or model_config
+    heads = getattr(text, "num_attention_heads", None)
+    head = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head is not None and head not in supported:
+        raise ConfigError(
+            f"{name} has attention head size {head}; vLLM's CPU build supports "
+            f"{', '.join(map(str, supported))}. Use the hf backend for this model on a CPU."
+        )
 
 
 def text_side(backbone: BackboneConfig, source: str | None = None):

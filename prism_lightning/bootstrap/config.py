@@ -43,6 +43,8 @@ class BootstrapConfig:
             (Qwen2.5: 0.8, 20, 1.05); the 7B configs set them so.
         judge: a different judging model ({model: ...}); null judges with the base model.
         judge_max_new_tokens: length of the free-text verdict.
+        judge_sees_reference: the judge is shown a reference context's document (at ``persona_length``)
+            when it compares that context's answers; personas are judged on the question alone (the paper).
         verdict_rule: logprob (the persona's log-odds summed over both judge orders > 0; never
             unparsable, cancels position bias) or strict (the paper: the free-text verdict prefers the
             persona in both orders). Both are stored; switching relabels without re-judging.
@@ -71,6 +73,7 @@ class BootstrapConfig:
     repetition_penalty: float = 1.0
     judge: BackboneConfig | None = None
     judge_max_new_tokens: int = 8
+    judge_sees_reference: bool = True
     verdict_rule: str = "logprob"
     teacher_top_k: int = 64
     max_response_tokens: int = 512

@@ -94,10 +94,24 @@ VERDICT_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def judge_prompt_text(question: str, answer_a: str, answer_b: str) -> str:
-    return JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
+#: Put before the judge's question when the answers may draw on a reference document (a fact sheet, a
+#: tool registry): without it the judge cannot tell a correct detail from an invented one.
+JUDGE_REFERENCE = (
+    "Both assistants were asked the question below; one of them could read this reference document, which "
+    "is correct. Prefer the answer that agrees with it where the question depends on it.\n\n"
+    "[The Start of the Reference Document]\n{reference}\n[The End of the Reference Document]\n\n"
+)
 
 
-def judge_prompt(formatter, question: str, answer_a: str, answer_b: str) -> str:
-    """The full judge prompt: the judge's chat format with no persona, reply primed for the verdict."""
-    return formatter.prompt(judge_prompt_text(question, answer_a, answer_b)) + JUDGE_PRIMER
+def judge_prompt_text(question: str, answer_a: str, answer_b: str, reference: str | None = None) -> str:
+    text = JUDGE_TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)
+    if reference is None:
+        return text
+    head, _, rest = text.partition("[User Question]")
+    return head + JUDGE_REFERENCE.format(reference=reference) + "[User Question]" + rest
+
+
+def judge_prompt(formatter, question: str, answer_a: str, answer_b: str, reference: str | None = None) -> str:
+    """The full judge prompt: the judge's chat format with no persona, reply primed for the verdict; with
+    ``reference``, the document a reference context gave the model is shown to the judge."""
+    return formatter.prompt(judge_prompt_text(question, answer_a, answer_b, reference)) + JUDGE_PRIMER

@@ -110,6 +110,13 @@ def resolve_personas(config: BootstrapConfig) -> list[Context]:
     return library.select(config.personas)
 
 
+def judge_references(config: BootstrapConfig, personas: list[Context]) -> dict[str, str]:
+    """The document of each reference context, as the judge sees it (``judge_sees_reference``)."""
+    if not config.judge_sees_reference:
+        return {}
+    return {c.name: c.text(config.persona_length) for c in personas if c.kind == "reference"}
+
+
 def stage_settings(
     config: BootstrapConfig, backbone: BackboneConfig, personas: list[Context]
 ) -> dict[str, dict[str, Any]]:
@@ -118,6 +125,7 @@ def stage_settings(
     judge = asdict(config.judge) if config.judge is not None else model
     texts = {c.name: c.text(config.persona_length) for c in personas}
     show_texts = config.query_prompt == "persona_text"
+    references = judge_references(config, personas)
     settings = {
         "queries": {
             "model": model,
@@ -153,6 +161,8 @@ def stage_settings(
             "judge_max_new_tokens": config.judge_max_new_tokens,
             "prompt_version": PROMPT_VERSION,
             "verdict_rule": config.verdict_rule,
+            # only runs with reference contexts show the judge a document (other hashes stay as they were)
+            **({"judge_references": references} if references else {}),
         },
         "teacher": {
             "model": model,
@@ -427,7 +437,9 @@ def run_bootstrap(
         else:
             compute(
                 "verdicts",
-                lambda: verdicts_mod.verdict_jobs(tasks.judge_formatter(), stores["answers"].read_rows()),
+                lambda: verdicts_mod.verdict_jobs(
+                    tasks.judge_formatter(), stores["answers"].read_rows(), judge_references(config, personas)
+                ),
                 tasks.verdicts,
                 finalize_verdicts,
                 tasks.batch_size,

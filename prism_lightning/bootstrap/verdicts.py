@@ -112,15 +112,23 @@ def strict_verdict(parsed_pf: str | None, parsed_bf: str | None) -> int:
     )
 
 
-def verdict_jobs(formatter, answers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Judge prompts in the judge's chat format (no persona), persona answer as A then as B."""
+def verdict_jobs(
+    formatter, answers: Sequence[Mapping[str, Any]], references: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Judge prompts in the judge's chat format (no persona), persona answer as A then as B.
+    ``references`` maps a reference context's name to the text the judge is shown for its rows."""
+    refs = references or {}
+
+    def prompt(a, first: str, second: str) -> str:
+        return judge_prompt(formatter, a["query"], a[first], a[second], refs.get(a["persona"]))
+
     return [
         {
             "id": a["id"],
             "persona": a["persona"],
             "query": a["query"],
-            "order_persona_first": judge_prompt(formatter, a["query"], a["persona_answer"], a["base_answer"]),
-            "order_base_first": judge_prompt(formatter, a["query"], a["base_answer"], a["persona_answer"]),
+            "order_persona_first": prompt(a, "persona_answer", "base_answer"),
+            "order_base_first": prompt(a, "base_answer", "persona_answer"),
         }
         for a in answers
     ]
