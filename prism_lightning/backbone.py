@@ -86,7 +86,7 @@ class BackboneConfig:
         if self.dtype != "auto":
             resolve_dtype(self.dtype, "cpu")  # a ConfigError listing the valid names
 
-    def load(self, device: str | torch.device | None = None) -> Backbone:
+    def load(self, device: str | torch.device | None = None, *, weights: bool = True) -> Backbone:
         return load_backbone(
             self.model,
             dtype=self.dtype,
@@ -94,6 +94,7 @@ class BackboneConfig:
             trust_remote_code=self.trust_remote_code,
             base_system_prompt=self.base_system_prompt,
             attn_implementation=self.attn_implementation,
+            weights=weights,
         )
 
 
@@ -249,8 +250,13 @@ def load_backbone(
     trust_remote_code: bool = False,
     base_system_prompt: str | None = None,
     attn_implementation: str | None = None,
+    weights: bool = True,
 ) -> Backbone:
-    """Load model + tokenizer in eval mode; errors come early and say what was tried."""
+    """Load model + tokenizer in eval mode; errors come early and say what was tried.
+
+    ``weights=False`` builds the architecture with its parameters on the meta device (no memory, no
+    read) and its buffers (rotary frequencies) computed on the host: a sharded process that receives
+    its weights from rank 0 (:func:`~prism_lightning.model.sharding.load_from_rank0`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
@@ -258,17 +264,28 @@ def load_backbone(
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    net = AutoModelForCausalLM.from_pretrained(
-        source,
-        config=config,
-        dtype=resolve_dtype(dtype, device),
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
-    net.to(device).eval()
+    if weights:
+        net = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=resolve_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+        net.to(device)
+    else:
+        from accelerate import init_empty_weights  # a peft dependency
+
+        with init_empty_weights(include_buffers=False):
+            net = AutoModelForCausalLM.from_config(
+                config, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs
+            )
+        net.tie_weights()  # from_config leaves a tied LM head separate on meta; from_pretrained ties it
+    net.eval()
     contiguous_lm_head_input(net)
     prepare_tokenizer(tokenizer)
-    log.info("Loaded %s in %.1f s", model, time.perf_counter() - start)
+    done = "Loaded" if weights else "Built (no weights)"
+    log.info("%s %s in %.1f s", done, model, time.perf_counter() - start)
     formatter = ChatFormatter(tokenizer, base_system_prompt=base_system_prompt)
     return Backbone(name=model, source=source, model=net, tokenizer=tokenizer, formatter=formatter)
 

@@ -1,5 +1,6 @@
 """Sharded (FSDP2) training on two CPU processes (gloo) against DDP from the same seed and batches:
-equal losses, equal exports (the adapter loads with plain peft), and resume from a .ckpt. The ranks'
+equal losses, equal exports (the adapter loads with plain peft), and resume from a .ckpt; under FSDP only
+rank 0 reads the base. The ranks'
 batches differ in kind (mixed on rank 0; all-distill, then all-retain on rank 1), so a pass that
 depended on a rank's own rows would desynchronise the layers' all-gathers."""
 
@@ -75,7 +76,8 @@ reloaded = rank != 0 or all(torch.equal(gathered[k], v) for k, v in saved.items(
 from torch.distributed.tensor import DTensor
 lora = next(p for n, p in module.named_parameters() if "lora_A" in n)
 local = lora.to_local().numel() if isinstance(lora, DTensor) else lora.numel()
-out = {{"reloaded": reloaded, "sharded_share": local / lora.numel(), "train": losses.losses, "val": val,
+out = {{"base_read": module.base_weights_fingerprint is not None, "reloaded": reloaded,
+        "sharded_share": local / lora.numel(), "train": losses.losses, "val": val,
         "val_export": val_export, "resumed": resumed.losses, "step": again.global_step,
         "world": again.world_size, "strategy": type(again.strategy).__name__}}
 with open({root!r} + f"/result{{rank}}.json", "w") as fh:
@@ -106,6 +108,9 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tiny_model_dir, tmp_path):
     assert fsdp[0]["sharded_share"] == fsdp[1]["sharded_share"] == 0.5  # each rank holds half a LoRA matrix
     assert ddp[0]["sharded_share"] == 1.0
     assert fsdp[0]["reloaded"] and ddp[0]["reloaded"]
+    # under FSDP only rank 0 read the base; rank 1 got its shards from rank 0 (and still matches DDP)
+    assert (fsdp[0]["base_read"], fsdp[1]["base_read"]) == (True, False)
+    assert ddp[0]["base_read"] and ddp[1]["base_read"]
     for rank in (0, 1):
         assert len(fsdp[rank]["train"]) == 2
         torch.testing.assert_close(fsdp[rank]["train"], ddp[rank]["train"], atol=1e-5, rtol=1e-4)

@@ -17,11 +17,7 @@ from prism_lightning.backbone import BackboneConfig, resolve_dtype
 from prism_lightning.errors import require
 from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
-from prism_lightning.model.gate import (
-    Gate,
-    balanced_pos_weight,
-    gate_loss,
-)
+from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
 from prism_lightning.model.kway import check_adapter_groups
 from prism_lightning.model.kway_routing import KWayRoutingController
 from prism_lightning.model.kway_training import KWayTraining
@@ -34,6 +30,7 @@ from prism_lightning.model.routing import (
     inner_model,
 )
 from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
+from prism_lightning.model.sharding import shard_module
 from prism_lightning.model.student_forward import StudentForward
 
 # .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
@@ -158,18 +155,19 @@ class PrismModule(KWayTraining, StudentForward, L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         sharded = self._shard_for_trainer()
-        # Sharded: load on the host in the device's dtype; fully_shard moves each rank's shards over.
-        compute = device if sharded else None
-        load_on = torch.device("cpu") if sharded else device
+        # Sharded: load on the host in the device's dtype; fully_shard moves each rank's shards over. With
+        # several processes only rank 0 reads the base; the others get their shards from it.
+        compute, load_on = (device, torch.device("cpu")) if sharded else (None, device)
+        from_rank0 = sharded and self.trainer.world_size > 1 and not self.hparams.checkpoint
         if self.hparams.checkpoint:
             self.attach_checkpoint(self.hparams.checkpoint, load_on, dtype_for=compute)
         else:
             backbone = self.backbone_config if compute is None else _dtype_for(self.backbone_config, compute)
-            self.attach_backbone(backbone.load(device=load_on))
+            reads = not from_rank0 or self.global_rank == 0
+            self.attach_backbone(backbone.load(device=load_on, weights=reads))
         if sharded:
-            from prism_lightning.model.sharding import shard_module
-
-            shard_module(self, decoder_layers(self.model), self.device_mesh["data_parallel"])
+            mesh = self.device_mesh["data_parallel"]
+            shard_module(self, decoder_layers(self.model), mesh, from_rank0=from_rank0)
             self._sharded = True
 
     def _shard_for_trainer(self) -> bool:

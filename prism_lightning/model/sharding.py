@@ -16,6 +16,10 @@ Dtypes (:func:`mixed_precision_policy`): each parameter is stored, gathered and 
 (base bf16 as loaded, LoRA and gate fp32; ``bf16-mixed`` autocasts the matmuls exactly as under DDP),
 and gradients are reduced in fp32.
 
+Loading: only rank 0 reads the base from disk; the other processes build it on the meta device and
+receive their shards from rank 0, one tensor at a time (one host copy of the base per job, not one per
+process). Training from an exported checkpoint (``model.checkpoint``) still loads it on every rank.
+
 Checkpoints (:class:`PrismFSDPStrategy`): a ``.ckpt`` is one file with the full (gathered) adapter,
 gate and optimizer state, written by rank 0; the frozen base is never gathered or saved.
 """
@@ -83,11 +87,14 @@ def mixed_precision_policy():
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard_module(module: nn.Module, layers: nn.ModuleList, mesh) -> None:
+def shard_module(module: nn.Module, layers: nn.ModuleList, mesh, *, from_rank0: bool = False) -> None:
     """``fully_shard`` each decoder layer, then ``module`` as the root, and register the module's
-    non-``forward`` network methods (:data:`FORWARD_METHODS`) as FSDP forward methods."""
+    non-``forward`` network methods (:data:`FORWARD_METHODS`) as FSDP forward methods. ``from_rank0``:
+    only rank 0 holds real weights (the others were built on the meta device); every rank's shards are
+    then filled from rank 0 (:func:`load_from_rank0`)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    full = module.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else None
     policy = mixed_precision_policy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -96,6 +103,21 @@ def shard_module(module: nn.Module, layers: nn.ModuleList, mesh) -> None:
     for name in FORWARD_METHODS:
         if hasattr(module, name):
             register_fsdp_forward_method(module, name)
+    if from_rank0:
+        load_from_rank0(module, full)
+
+
+def load_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Fill every rank's shards from rank 0's whole state (a collective). Rank 0 passes the module's
+    state taken before sharding (base, adapter and gate); the other ranks built theirs on the meta
+    device and pass None. Each tensor is broadcast on its own, so no rank ever holds a second copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full_state or {}, options=options)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"rank 0 sent no value for {', '.join(leftover[:5])}")
 
 
 def is_sharded(module: nn.Module) -> bool:
