@@ -112,7 +112,9 @@ class RandomBackbone(_import_backbone_config()):
     tokenizer_dir: str | None = None
     vocab_guard: bool = False
 
-    def load(self, device=None):
+    def load(self, device=None, *, weights: bool = True):
+        # ``weights=False`` (a sharded rank other than 0) still builds random weights: rank 0's
+        # broadcast overwrites them, and building costs no read.
         import torch
         from routing_and_training import build_model
 
