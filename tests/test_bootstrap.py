@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import replace
 
 import pytest
@@ -254,6 +255,35 @@ def test_resume_after_interrupted_stage_loses_and_duplicates_nothing(tiny_run, t
     assert all_rows(resumed) == all_rows(result) or _same_but_tensor_files(resumed, result)
     ids = [r["id"] for r in read_written_jsonl(store.shard_path(0))]
     assert len(ids) == len(set(ids)) == len(result.rows("answers"))
+
+
+class SigtermDuringStage(Callback):
+    """Sends this process SIGTERM at the end of a stage's first batch, as `kill PID` would."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage, self.sent = stage, False
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        writer = next(c for c in trainer.callbacks if isinstance(c, ShardWriter))
+        if writer.store.stage == self.stage and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_a_stage_after_its_batch_and_a_rerun_resumes(tiny_run, tmp_path, capsys):
+    result, backbone = tiny_run
+    run_dir = tmp_path / "run"
+    term = {**TRAINER, "callbacks": [SigtermDuringStage("answers")]}
+    with pytest.raises(SystemExit) as stopped:
+        run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, term)
+    assert stopped.value.code == 143
+    assert "stopped by SIGTERM during the answers stage" in capsys.readouterr().err
+    store = stage_stores(tiny_bootstrap_config(), backbone, run_dir)["answers"]
+    partial = read_written_jsonl(store.shard_path(0))
+    assert 0 < len(partial) < len(result.rows("answers"))  # the signalled batch was written, no more
+    resumed = run_bootstrap(tiny_bootstrap_config(), backbone, run_dir, TRAINER)
+    assert resumed.summary["stages"]["answers"]["resumed_rows"] == len(partial)
+    assert all_rows(resumed) == all_rows(result) or _same_but_tensor_files(resumed, result)
 
 
 def _same_but_tensor_files(a, b) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -133,6 +134,28 @@ class ShardWriter(BasePredictionWriter):
         self.batches += 1
 
 
+class StopOnSigterm(L.Callback):
+    """End a stage on SIGTERM once the batch in flight is written. Lightning stops ``fit`` on SIGTERM but
+    its predict loop carries on; a ``kill`` then had no effect until the stage ended. Exit code 143 (the
+    shell's code for SIGTERM); a rerun resumes from the shards."""
+
+    def __init__(self, store: StageStore) -> None:
+        self.store = store
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            if trainer.global_rank == 0:
+                print(
+                    f"stopped by SIGTERM during the {self.store.stage} stage; the rows written so far are "
+                    "kept and the same command resumes from them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SIGTERMException(143)
+
+
 def make_trainer(trainer_kwargs: Mapping[str, Any] | None, callbacks: list) -> L.Trainer:
     """A Trainer for predict-only stages: no logger, no checkpoints, a progress bar.
 
@@ -184,7 +207,7 @@ def run_stage(
         log.info("%s: resuming, %d of %d rows already done", store.stage, len(jobs) - len(pending), len(jobs))
     if pending:
         writer = ShardWriter(store)
-        trainer = make_trainer(trainer_kwargs, [writer])
+        trainer = make_trainer(trainer_kwargs, [writer, StopOnSigterm(store)])  # the batch is written first
         trainer.predict(make_task(), datamodule=PendingJobs(pending, batch_size), return_predictions=False)
     barrier()
     error: str | None = None
