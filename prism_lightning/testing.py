@@ -138,6 +138,20 @@ TINY_BOOTSTRAP_SETTINGS = {
 }
 
 
+def with_large_random_weights(model, seed: int = 0, std: float = 0.2):
+    """A copy of ``model`` (eval mode) with every non-norm weight redrawn at ``std``: at the default
+    init (std 0.02) greedy decoding repeats one token forever, which makes generation tests vacuous."""
+    import copy
+
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model.eval()
+
+
 def tiny_bootstrap_config(**overrides):
     from prism_lightning.bootstrap.config import BootstrapConfig
 

@@ -3,7 +3,6 @@ input order, dropping finished rows, edge cases."""
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +17,7 @@ from prism_lightning.generation import (
     row_seed,
     stop_token_ids,
 )
+from prism_lightning.testing import with_large_random_weights
 
 QUERIES = [
     "Write a short poem about the sea.",
@@ -33,14 +33,9 @@ N_NEW = 12
 def parts(tiny_backbone):
     """The tiny model with larger random weights: at its default init (std 0.02) greedy decoding
     repeats one token forever for every prompt, which would make the comparisons vacuous."""
-    model = copy.deepcopy(tiny_backbone.model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    model = with_large_random_weights(tiny_backbone.model, seed=0)
     prompts = [tiny_backbone.formatter.prompt(q) for q in QUERIES]
-    return model.eval(), tiny_backbone.tokenizer, prompts
+    return model, tiny_backbone.tokenizer, prompts
 
 
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, stops: list[int]):

@@ -3,12 +3,11 @@ prompt and the answer so far, greedy included; top-k before top-p), per-row inde
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from prism_lightning.generation import SamplingConfig, generate_batch, row_seed, stop_token_ids
+from prism_lightning.testing import with_large_random_weights
 from prism_lightning.token_sampling import SeenTokens, pick_rows, pick_tokens
 
 QUERIES = ["Write a short poem about the sea.", "What is twelve times seven?", "Hi there, how are you?"]
@@ -17,14 +16,9 @@ QUERIES = ["Write a short poem about the sea.", "What is twelve times seven?", "
 @pytest.fixture(scope="module")
 def parts(tiny_backbone):
     """Large random weights so greedy decoding is not one token repeated (the penalty then matters)."""
-    model = copy.deepcopy(tiny_backbone.model)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    model = with_large_random_weights(tiny_backbone.model, seed=1)
     prompts = [tiny_backbone.formatter.prompt(q) for q in QUERIES]
-    return model.eval(), tiny_backbone.tokenizer, prompts
+    return model, tiny_backbone.tokenizer, prompts
 
 
 def test_greedy_repetition_penalty_matches_model_generate(parts):

@@ -4,14 +4,13 @@ forced and multi-turn routes in one prefill."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.serve.protocol import APIError, parse_chat_request
 from prism_lightning.serve.text_stream import TextStream
+from prism_lightning.testing import with_large_random_weights
 
 QUERIES = [
     "Write a short poem about the sea.",
@@ -24,14 +23,9 @@ QUERIES = [
 @pytest.fixture(scope="module")
 def parts(tiny_backbone):
     """Larger random weights, so greedy answers vary from token to token (as in test_generation)."""
-    model = copy.deepcopy(tiny_backbone.model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    model = with_large_random_weights(tiny_backbone.model, seed=0)
     prompts = [tiny_backbone.formatter.prompt(q) for q in QUERIES]
-    return model.eval(), tiny_backbone.tokenizer, prompts
+    return model, tiny_backbone.tokenizer, prompts
 
 
 def _stream(model, tokenizer, prompts, sampling, *, stop=(), end=None):
