@@ -293,11 +293,25 @@ def parse_config(prog: str, args: list[str]):
 
 
 def run_lightning_cli(command: str, args: list[str]) -> PrismCLI:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     args = with_default_config(args)
     sys.argv = [sys.argv[0], command, *args]  # LightningCLI reads sys.argv (and warns if given both)
-    return PrismCLI(
-        PrismModule,
-        PrismDataModule,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": f"{Path(sys.executable).name} -m prism_lightning"},
-    )
+    try:
+        return PrismCLI(
+            PrismModule,
+            PrismDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": f"{Path(sys.executable).name} -m prism_lightning"},
+        )
+    except SIGTERMException as stop:
+        # Lightning ends training on SIGTERM with a bare SystemExit, i.e. exit code 0: a scheduler would
+        # take the killed run for a finished one. (A bootstrap stage has already said so, with 143.)
+        if stop.code != 143:
+            print(
+                f"stopped by SIGTERM during `{command}`: finished bootstrap stages and saved checkpoints are "
+                "kept; --ckpt_path <run_dir>/lightning/last.ckpt resumes training when one was saved",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(143) from None

@@ -138,3 +138,30 @@ def test_validate_and_test_score_the_exported_checkpoint(fitted):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert key in result.stdout and "gate_auroc" in result.stdout
+
+
+def test_sigterm_during_training_exits_143_without_an_export(tiny_model_dir, tmp_path):
+    """Lightning ends `fit` on SIGTERM with a bare SystemExit (exit code 0); the CLI says what stopped
+    it and exits 143, so a scheduler does not take a killed run for a finished one."""
+    import signal
+    import time
+
+    override = tmp_path / "tiny.yaml"
+    long_fit = TINY_FIT_YAML.format(model=tiny_model_dir).replace("max_epochs: 2", "max_epochs: 500")
+    override.write_text(long_fit)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism_lightning", "fit", "--config", str(ROOT / "configs/default.yaml"),
+         "--config", str(override)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    for line in proc.stdout:  # the plan is printed when training starts
+        if line.startswith("training plan") or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM during `fit`" in err
+    assert not (tmp_path / "checkpoints" / "tiny" / "prism.json").exists()  # no half-trained export
