@@ -68,3 +68,21 @@ def test_top_k_one_samples_what_greedy_picks(tiny_model_dir, tiny_backbone):
     sampled = raw_queries(tiny_bootstrap_config(query_temperature=1.5, **no_stop))
     assert top1 == greedy
     assert sampled != greedy
+
+
+def test_a_whole_bootstrap_with_the_reference_settings(tiny_model_dir, tmp_path):
+    """The 7B presets' settings (persona text in the query prompt, Qwen's filters) run through every stage
+    and are recorded in the stages' meta.json."""
+    import json
+
+    from prism_lightning.bootstrap import run_bootstrap
+
+    bb = BackboneConfig(model=str(tiny_model_dir))
+    config = tiny_bootstrap_config(query_prompt="persona_text", top_p=0.8, top_k=20, repetition_penalty=1.05)
+    trainer = {"accelerator": "cpu", "enable_progress_bar": False}
+    result = run_bootstrap(config, bb, tmp_path / "run", trainer)
+    assert result.rows("teacher") or result.rows("verdicts")
+    queries = json.loads(result.stages["queries"].meta_path.read_text())["settings"]
+    assert queries["query_prompt"] == "persona_text" and queries["top_k"] == 20
+    answers = json.loads(result.stages["answers"].meta_path.read_text())["settings"]
+    assert answers["repetition_penalty"] == 1.05
