@@ -142,7 +142,7 @@ class VLLMEngine:
                     max_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
-                    top_k=cfg.top_k,
+                    top_k=cfg.top_k or -1,  # -1: off in every vLLM version (0 only in newer ones)
                     repetition_penalty=cfg.repetition_penalty,
                     seed=None if cfg.greedy or seeds is None else int(seeds[i]),
                     stop_token_ids=stops,
