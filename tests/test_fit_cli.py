@@ -150,18 +150,21 @@ def test_sigterm_during_training_exits_143_without_an_export(tiny_model_dir, tmp
     long_fit = TINY_FIT_YAML.format(model=tiny_model_dir).replace("max_epochs: 2", "max_epochs: 500")
     override.write_text(long_fit)
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    err_file = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism_lightning", "fit", "--config", str(ROOT / "configs/default.yaml"),
          "--config", str(override)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+    )  # fmt: skip  (stderr to a file: an undrained pipe could fill up and stall the run)
     deadline = time.time() + 300
     for line in proc.stdout:  # the plan is printed when training starts
         if line.startswith("training plan") or time.time() > deadline:
             break
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    proc.communicate(timeout=120)
+    err_file.close()
+    err = (tmp_path / "stderr.log").read_text()
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM during `fit`" in err
     assert not (tmp_path / "checkpoints" / "tiny" / "prism.json").exists()  # no half-trained export
