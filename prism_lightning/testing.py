@@ -152,6 +152,39 @@ def with_large_random_weights(model, seed: int = 0, std: float = 0.2):
     return model.eval()
 
 
+def write_small_mtbench(directory: Path, per_category: int = 1, turns=None) -> list[str]:
+    """MT-Bench-format question, reference and judge-prompt files with short texts (the real judge prompts
+    are 1-3k tokens: too slow for a test), in ``directory``; returns the ``evaluate`` options naming them.
+    ``turns(question_id, category)`` gives a question's two turns."""
+    import json
+
+    from prism_lightning.eval import benchmarks as B
+
+    turns = turns or (lambda qid, cat: [f"Q{qid}?", "And?"])
+    q, r, j = directory / "question.jsonl", directory / "reference.jsonl", directory / "judge_prompts.jsonl"
+    with open(q, "w") as fq, open(r, "w") as fr:
+        for k, cat in enumerate(B.MTBENCH_CATEGORIES):
+            for i in range(per_category):
+                qid = 100 + 10 * k + i
+                fq.write(json.dumps({"question_id": qid, "category": cat, "turns": turns(qid, cat)}) + "\n")
+                answers = {"question_id": qid, "choices": [{"index": 0, "turns": ["R1", "R2"]}]}
+                fr.write(json.dumps(answers) + "\n")
+    rate = ' Rate 1-10 as "[[rating]]".'
+    templates = {
+        "single-v1": "Q: {question}\nA: {answer}" + rate,
+        "single-math-v1": "Q: {question}\nRef: {ref_answer_1}\nA: {answer}" + rate,
+        "single-v1-multi-turn": "Q: {question_1}\nA: {answer_1}\nQ: {question_2}\nA: {answer_2}",
+        "single-math-v1-multi-turn": "Q: {question_1} {ref_answer_1}\nA: {answer_1}\nQ: {question_2}"
+        " {ref_answer_2}\nA: {answer_2}",
+    }
+    with open(j, "w") as f:
+        for name, t in templates.items():
+            row = {"name": name, "type": "single", "system_prompt": "Judge." + rate, "prompt_template": t,
+                   "output_format": "[[rating]]"}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    return ["--mtbench_file", str(q), "--mtbench_references_file", str(r), "--judge_prompts_file", str(j)]
+
+
 def tiny_bootstrap_config(**overrides):
     from prism_lightning.bootstrap.config import BootstrapConfig
 

@@ -16,6 +16,7 @@ from prism_lightning.errors import PrismError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import Condition, matched_persona
+from prism_lightning.testing import write_small_mtbench
 
 _MISSING = benchmark_assets_missing()
 needs_assets = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -253,32 +254,7 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory):
 def small_mtbench(tmp_path_factory):
     """Short MT-Bench-format files (2 questions per category) and short judge prompts of the real
     schema: the real ones are ~1-3k tokens for the tiny byte-level tokenizer, too slow for a test."""
-    d = tmp_path_factory.mktemp("mtbench")
-    q, r = d / "question.jsonl", d / "reference.jsonl"
-    with open(q, "w") as fq, open(r, "w") as fr:
-        for k, cat in enumerate(B.MTBENCH_CATEGORIES):
-            for j in range(2):
-                qid = 100 + 10 * k + j
-                fq.write(
-                    json.dumps({"question_id": qid, "category": cat, "turns": [f"Q{qid}?", "And?"]}) + "\n"
-                )
-                fr.write(
-                    json.dumps({"question_id": qid, "choices": [{"index": 0, "turns": ["R1", "R2"]}]}) + "\n"
-                )
-    j = d / "judge_prompts.jsonl"
-    rate = ' Rate 1-10 as "[[rating]]".'
-    templates = {
-        "single-v1": "Q: {question}\nA: {answer}" + rate,
-        "single-math-v1": "Q: {question}\nRef: {ref_answer_1}\nA: {answer}" + rate,
-        "single-v1-multi-turn": "Q: {question_1}\nA: {answer_1}\nQ: {question_2}\nA: {answer_2}",
-        "single-math-v1-multi-turn": "Q: {question_1} {ref_answer_1}\nA: {answer_1}\nQ: {question_2}"
-        " {ref_answer_2}\nA: {answer_2}",
-    }
-    with open(j, "w") as f:
-        for name, t in templates.items():
-            f.write(json.dumps({"name": name, "type": "single", "system_prompt": "Judge." + rate,
-                                "prompt_template": t, "output_format": "[[rating]]"}) + "\n")  # fmt: skip
-    return ["--mtbench_file", str(q), "--mtbench_references_file", str(r), "--judge_prompts_file", str(j)]
+    return write_small_mtbench(tmp_path_factory.mktemp("mtbench"), per_category=2)
 
 
 def _tiny_args(ckpt, out, mt, *extra):

@@ -14,6 +14,8 @@ import json
 import pytest
 import torch
 
+from prism_lightning.testing import write_small_mtbench
+
 vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -216,34 +218,6 @@ def embedded_checkpoint(tmp_path_factory):
     return export_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "embedded", personas=["math"])
 
 
-def _small_mtbench(d):
-    """MT-Bench-format files with short questions and judge prompts (the real judge prompts are long)."""
-    from prism_lightning.eval import benchmarks as B
-
-    q, r, j = d / "question.jsonl", d / "reference.jsonl", d / "judge_prompts.jsonl"
-    with open(q, "w") as fq, open(r, "w") as fr:
-        for k, cat in enumerate(B.MTBENCH_CATEGORIES):
-            qid = 100 + k
-            turns = [f"Tell me about {cat}.", "Why?"]
-            fq.write(json.dumps({"question_id": qid, "category": cat, "turns": turns}))
-            fr.write(json.dumps({"question_id": qid, "choices": [{"index": 0, "turns": ["R1", "R2"]}]}))
-            fq.write("\n")
-            fr.write("\n")
-    rate = ' Rate 1-10 as "[[rating]]".'
-    templates = {
-        "single-v1": "Q: {question}\nA: {answer}" + rate,
-        "single-math-v1": "Q: {question}\nRef: {ref_answer_1}\nA: {answer}" + rate,
-        "single-v1-multi-turn": "Q: {question_1}\nA: {answer_1}\nQ: {question_2}\nA: {answer_2}",
-        "single-math-v1-multi-turn": "Q: {question_1} {ref_answer_1}\nA: {answer_1}\nQ: {question_2}"
-        " {ref_answer_2}\nA: {answer_2}",
-    }
-    with open(j, "w") as f:
-        for name, t in templates.items():
-            f.write(json.dumps({"name": name, "type": "single", "system_prompt": "Judge." + rate,
-                                "prompt_template": t, "output_format": "[[rating]]"}) + "\n")  # fmt: skip
-    return ["--mtbench_file", str(q), "--mtbench_references_file", str(r), "--judge_prompts_file", str(j)]
-
-
 def _eval_args(ckpt, out, mt, *extra):
     return [
         "--checkpoint", str(ckpt), "--out", str(out), "--limit", "2", "--device", "cpu", "--dtype", "float32",
@@ -261,7 +235,7 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     missing = benchmark_assets_missing()
     if missing:
         pytest.skip(missing)
-    mt = _small_mtbench(tmp_path)
+    mt = write_small_mtbench(tmp_path, turns=lambda qid, cat: [f"Tell me about {cat}.", "Why?"])
     vllm_args = ["--backend", "vllm", "--vllm", "max_model_len=1024", "--vllm", "max_num_seqs=16",
                  "--vllm", "cpu_kv_cache_gib=0.25", "--vllm", "max_lora_rank=8"]  # fmt: skip
     out_v, out_h, out_mt = tmp_path / "vllm", tmp_path / "hf", tmp_path / "vllm-mtbench"
