@@ -62,21 +62,12 @@ def demo_checkpoint(path: Path) -> Path:
     """An exported checkpoint on the embedded model with an untrained (random, nonzero) adapter."""
     if (path / "prism.json").exists():
         return path
-    import torch
+    from prism_lightning.testing import untrained_checkpoint
 
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
-
-    torch.manual_seed(0)
-    module = PrismModule(backbone=BackboneConfig(model="smollm2-135m-instruct"), gate_hidden=[256])
-    module.configure_model()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-        module.gate.net[-1].bias.fill_(0.0)
-    return export_checkpoint(module.eval(), path, personas=["demo"])
+    return untrained_checkpoint(
+        "smollm2-135m-instruct", path, lora_std=0.02, lora_params="lora_B", personas=("demo",),
+        gate_hidden=[256],
+    )
 
 
 class Server:

@@ -152,6 +152,44 @@ def with_large_random_weights(model, seed: int = 0, std: float = 0.2):
     return model.eval()
 
 
+def untrained_checkpoint(
+    model: str,
+    path: str | Path,
+    *,
+    lora_std: float | None = None,
+    lora_params: str = "lora_",
+    gate_std: float | None = None,
+    prepare=None,
+    personas: tuple[str, ...] = ("math",),
+    **module_kwargs,
+) -> Path:
+    """An exported PRISM checkpoint without training, for tests and benchmarks of what serves it (a
+    training run costs minutes; routing and serving do not depend on what the adapter learned).
+
+    From seed 0: the adapter parameters whose names contain ``lora_params`` are drawn at ``lora_std``
+    (``lora_B`` alone is zero at init, so the adapter becomes visible), ``prepare(module)`` runs, then the
+    gate's last layer is drawn at ``gate_std``, and its bias is zero so it decides near 0.5."""
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.model.export import export_checkpoint
+    from prism_lightning.model.module import PrismModule
+
+    torch.manual_seed(0)
+    module = PrismModule(backbone=BackboneConfig(model=model), **module_kwargs)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        if lora_std is not None:
+            for name, param in module.model.named_parameters():
+                if lora_params in name:
+                    param.normal_(0.0, lora_std)
+        if prepare is not None:
+            prepare(module)
+        if gate_std is not None:
+            module.gate.net[-1].weight.normal_(0.0, gate_std)
+        module.gate.net[-1].bias.fill_(0.0)
+    return export_checkpoint(module, Path(path), personas=list(personas))
+
+
 def write_small_mtbench(directory: Path, per_category: int = 1, turns=None) -> list[str]:
     """MT-Bench-format question, reference and judge-prompt files with short texts (the real judge prompts
     are 1-3k tokens: too slow for a test), in ``directory``; returns the ``evaluate`` options naming them.

@@ -28,23 +28,12 @@ def embedded_checkpoint(tmp_path_factory) -> Path:
     """An exported PRISM checkpoint on the embedded SmolLM2: a visible (random, nonzero) adapter and a
     neutral gate, for the serving tests (a real training run costs minutes; serving and routing do not
     depend on what the adapter learned)."""
-    import torch
+    from prism_lightning.testing import untrained_checkpoint
 
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
-
-    torch.manual_seed(0)
-    module = PrismModule(
-        backbone=BackboneConfig(model="smollm2-135m-instruct"), lora_rank=4, lora_alpha=8, gate_hidden=[16]
-    )
-    module.configure_model()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-        module.gate.net[-1].bias.fill_(0.0)
-    return export_checkpoint(module.eval(), tmp_path_factory.mktemp("serve") / "smol", personas=["math"])
+    return untrained_checkpoint(
+        "smollm2-135m-instruct", tmp_path_factory.mktemp("serve") / "smol", lora_std=0.05,
+        lora_params="lora_B", lora_rank=4, lora_alpha=8, gate_hidden=[16],
+    )  # fmt: skip
 
 
 def _benchmark_assets() -> list[str]:

@@ -16,7 +16,7 @@ from prism_lightning.errors import PrismError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import Condition, matched_persona
-from prism_lightning.testing import write_small_mtbench
+from prism_lightning.testing import untrained_checkpoint, write_small_mtbench
 
 _MISSING = benchmark_assets_missing()
 needs_assets = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -232,22 +232,11 @@ def test_conditions():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_model_dir, tmp_path_factory):
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
-
-    torch.manual_seed(0)
-    module = PrismModule(
-        backbone=BackboneConfig(model=str(tiny_model_dir)), lora_rank=4, lora_alpha=8, gate_hidden=[16, 8]
-    )
-    module.configure_model()
-    with torch.no_grad():  # a visible adapter and a gate that routes some rows and not others
-        for name, p in module.model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.5)
-        module.gate.net[-1].bias.fill_(0.0)
-    module.eval()
-    return export_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "run", personas=["math"])
+    # a visible adapter and a gate that routes some rows and not others
+    return untrained_checkpoint(
+        str(tiny_model_dir), tmp_path_factory.mktemp("ckpt") / "run", lora_std=0.5,
+        lora_rank=4, lora_alpha=8, gate_hidden=[16, 8],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prism_lightning.testing import untrained_checkpoint
+
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_model_dir, tmp_path_factory):
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
-
-    torch.manual_seed(0)
-    module = PrismModule(
-        backbone=BackboneConfig(model=str(tiny_model_dir)), gate_layer=1, lora_rank=4, gate_hidden=[16]
-    )
-    module.configure_model()
-    with torch.no_grad():  # a gate whose probabilities spread around the threshold
-        module.gate.net[-1].weight.normal_(0.0, 2.0)
-        module.gate.net[-1].bias.fill_(0.0)
-    module.eval()
-    return export_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "run", personas=["math"])
+    # a gate whose probabilities spread around the threshold
+    return untrained_checkpoint(
+        str(tiny_model_dir), tmp_path_factory.mktemp("ckpt") / "run", gate_std=2.0,
+        gate_layer=1, lora_rank=4, gate_hidden=[16],
+    )  # fmt: skip
 
 
 QUERIES = ["What is twelve times seven?", "Write a short poem about the sea.", "Hi", "def add(a, b):", "Why?"]

@@ -5,12 +5,11 @@ forced and multi-turn routes in one prefill."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.serve.protocol import APIError, parse_chat_request
 from prism_lightning.serve.text_stream import TextStream
-from prism_lightning.testing import with_large_random_weights
+from prism_lightning.testing import untrained_checkpoint, with_large_random_weights
 
 QUERIES = [
     "Write a short poem about the sea.",
@@ -153,19 +152,12 @@ def test_model_suffix_sets_the_route_and_conversations_parse():
 @pytest.fixture(scope="module")
 def tiny_routed(tiny_model_dir, tmp_path_factory):
     """A tiny exported checkpoint with a visible adapter and a gate that routes some prompts only."""
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint, load_checkpoint
-    from prism_lightning.model.module import PrismModule
+    from prism_lightning.model.export import load_checkpoint
 
-    torch.manual_seed(0)
-    module = PrismModule(backbone=BackboneConfig(model=str(tiny_model_dir)), lora_rank=4, gate_hidden=[16])
-    module.configure_model()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.5)
-        module.gate.net[-1].bias.fill_(0.0)
-    path = export_checkpoint(module.eval(), tmp_path_factory.mktemp("ckpt") / "run", personas=["math"])
+    path = untrained_checkpoint(
+        str(tiny_model_dir), tmp_path_factory.mktemp("ckpt") / "run", lora_std=0.5, lora_rank=4,
+        gate_hidden=[16],
+    )
     return load_checkpoint(path, device="cpu")
 
 

@@ -193,29 +193,21 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
 def embedded_checkpoint(tmp_path_factory):
     """The embedded model with a visible random adapter (LoRA on layers 1-29) and a gate whose
     threshold splits the test prompts, exported as `fit` exports it."""
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.model.export import export_checkpoint
-    from prism_lightning.model.module import PrismModule
+    from prism_lightning.generation import left_pad
+    from prism_lightning.testing import untrained_checkpoint
 
-    torch.manual_seed(0)
-    module = PrismModule(backbone=BackboneConfig(), lora_rank=8, lora_alpha=16, gate_hidden=[16])
-    module.configure_model()
-    module.eval()
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-        # standardise the gate's input over varied prompts, so its probability spreads around 0.5
-        from prism_lightning.generation import left_pad
-
+    def standardise_gate_input(module):  # over varied prompts, so the gate's probability spreads around 0.5
         tok = module.tokenizer
         rows = [tok(module.formatter.prompt(q), add_special_tokens=False)["input_ids"] for q in QUERIES]
         ids, mask = left_pad(rows, tok.pad_token_id)
         feats = module.controller.gate_features(ids, mask).float()
         module.gate.set_feature_stats(feats.mean(0), feats.std(0))
-        module.gate.net[-1].weight.normal_(0.0, 3.0)
-        module.gate.net[-1].bias.fill_(0.0)
-    return export_checkpoint(module, tmp_path_factory.mktemp("ckpt") / "embedded", personas=["math"])
+
+    return untrained_checkpoint(
+        "smollm2-135m-instruct", tmp_path_factory.mktemp("ckpt") / "embedded", lora_std=0.02,
+        lora_params="lora_B", prepare=standardise_gate_input, gate_std=3.0,
+        lora_rank=8, lora_alpha=16, gate_hidden=[16],
+    )  # fmt: skip
 
 
 def _eval_args(ckpt, out, mt, *extra):
