@@ -53,10 +53,24 @@ def test_configs_link_at_the_top_of_the_checkout_is_the_package_copy():
 
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory) -> Path:
-    """A fresh virtualenv that sees this machine's dependencies but holds its own non-editable copy."""
+    """A fresh virtualenv holding its own non-editable copy, which sees the dependencies this interpreter
+    sees wherever they live: an active virtualenv, a user site or the system (`system_site_packages` would
+    expose only the base interpreter's, which is how a missing install step once hid)."""
     env_dir = tmp_path_factory.mktemp("venv")
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, system_site_packages=False, with_pip=False)
     python = env_dir / "bin" / "python"
+    own_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # Plain path lines: the directories join sys.path after the venv's own site-packages, and the .pth
+    # files inside them (an editable install's finder among them) are not run, so the wheel's copy wins.
+    dependency_dirs = [
+        p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()
+    ]
+    (Path(own_site) / "_dependencies_of_the_test_interpreter.pth").write_text(
+        "\n".join(dependency_dirs) + "\n"
+    )
     pip = [sys.executable, "-m", "pip", "--python", str(python)]  # this pip, installing into the venv
     subprocess.run(
         [*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)],
