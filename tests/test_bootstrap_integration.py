@@ -10,6 +10,7 @@ from prism_lightning.bootstrap.teacher import load_teacher_targets
 
 
 @pytest.mark.integration
+@pytest.mark.second_tier
 def test_embedded_bootstrap_end_to_end(tmp_path, monkeypatch):
     config = BootstrapConfig(
         personas=["math", "writing"],

@@ -95,6 +95,7 @@ def run_two_processes(kind: str, model_dir: Path, root: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.second_tier
 def test_fsdp_matches_ddp_on_two_cpu_processes(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -15,6 +15,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra")
 _MISSING = benchmark_assets_missing()
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.second_tier,
     pytest.mark.skipif(_MISSING is not None, reason=_MISSING or ""),
 ]
 

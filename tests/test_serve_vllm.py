@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")
 import test_serve  # noqa: E402  (one way to start a server, the same checks)
 from test_serve import NAME, QUESTIONS, ask, running_server  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.second_tier]
 
 
 @pytest.fixture(scope="module")

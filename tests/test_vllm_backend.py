@@ -18,7 +18,7 @@ from prism_lightning.testing import write_small_mtbench
 
 vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.second_tier]
 
 GEN = {"backend": "vllm", "max_model_len": 1024, "max_num_seqs": 16, "cpu_kv_cache_gib": 0.25}
 QUERIES = [
