@@ -229,6 +229,21 @@ def test_every_flag_a_command_section_names_is_in_its_help(capsys, monkeypatch):
     assert checked >= 40
 
 
+def test_readme_command_lines_use_real_commands_and_flags(capsys, monkeypatch):
+    """Every `python -m prism_lightning <command> ...` line of the README, its tour included."""
+    declared = _declared_commands(capsys)
+    lines = re.findall(r"^python -m prism_lightning (\w+)(.*)$", (ROOT / "README.md").read_text(), re.M)
+    assert len(lines) >= 10
+    helps: dict[str, str] = {}
+    for command, rest in lines:
+        assert command in declared, command
+        source = _HELP_OF.get(command, command)
+        if source not in helps:
+            helps[source] = _help(source, capsys, monkeypatch)
+        for flag in re.findall(r"--[a-z][\w.-]*[a-z_]", rest.split("#", 1)[0]):
+            assert re.search(rf"{re.escape(flag)}\b", helps[source]), f"README: {command} {flag}"
+
+
 # --- assets (docs/assets.md) against prism_lightning/assets.py ---------------------------------------------
 
 
