@@ -26,6 +26,17 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert quick_start_commands()[1] in [line.strip() for line in ci]
 
 
+def test_ci_runs_in_a_virtualenv_it_creates_and_runs_the_second_tier():
+    """A package installed on the machine by hand must not hide a missing install step, and the tests kept
+    out of the default run must still run somewhere."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    create = next(i for i, line in enumerate(lines) if " -m venv " in line)
+    activate = next(i for i, line in enumerate(lines) if line.startswith(". ") and "bin/activate" in line)
+    readme = lines.index(quick_start_commands()[1])
+    second = lines.index("python -m pytest -q -m second_tier")
+    assert create < activate < readme < second
+
+
 def _readme() -> str:
     return (ROOT / "README.md").read_text()
 
