@@ -28,6 +28,10 @@ PRISM_COMMANDS: dict[str, tuple[str, str]] = {
         "MT-Bench, MMLU and safety under base/persona/random_persona/lora/prism",
     ),
     "study": ("prism_lightning.eval.cli:study_main", "persona-effect grid: personas x lengths x placements"),
+    "probe-gate": (
+        "prism_lightning.eval.gate_probe:probe_gate_main",
+        "cross-validated linear probes on the gate's candidate inputs (which layer k separates intents)",
+    ),
     "report": (
         "prism_lightning.analysis.report:report_main",
         "figures (PNG) and a Markdown summary of a run, its evaluation and study",

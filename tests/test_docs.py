@@ -174,14 +174,14 @@ def _declared_commands(capsys) -> set[str]:
 
     main(["--help"])
     usage = capsys.readouterr().out.split("commands:", 1)[1]
-    return set(re.findall(r"^  (\w+) ", usage, re.M))
+    return set(re.findall(r"^  ([\w-]+) ", usage, re.M))
 
 
 def test_command_table_lists_exactly_the_cli_commands(capsys):
     declared = _declared_commands(capsys)
     text = (DOCS / "commands.md").read_text()
     first_table = text.split("\n\n| command |", 1)[1].split("\n\n", 1)[0]
-    documented = {name for row in _table_rows(first_table) for name in re.findall(r"`(\w+)`", row[0])}
+    documented = {name for row in _table_rows(first_table) for name in re.findall(r"`([\w-]+)`", row[0])}
     assert documented == declared
     headings = {h for line in re.findall(r"^## (.+)$", text, re.M) for h in line.split(", ")}
     assert declared <= headings, f"no section for {declared - headings}"
