@@ -59,13 +59,11 @@ def server(embedded_checkpoint, tmp_path_factory):
     from test_serve import running_server
 
     log = tmp_path_factory.mktemp("serve-limits") / "server.log"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PRISM_API_KEY", KEY)
-        extra = ["--max_model_len", "2048", "--max_batch_size", "1", "--max_queue", "1",
-                 "--max_body_bytes", str(BODY_LIMIT), "--request_timeout", str(TIMEOUT_S)]  # fmt: skip
-        with running_server(embedded_checkpoint, log, *extra) as running:
-            assert "(an API key required)" in log.read_text()
-            yield Client(running.url)
+    extra = ["--max_model_len", "2048", "--max_batch_size", "1", "--max_queue", "1",
+             "--max_body_bytes", str(BODY_LIMIT), "--request_timeout", str(TIMEOUT_S)]  # fmt: skip
+    with running_server(embedded_checkpoint, log, *extra, env={"PRISM_API_KEY": KEY}) as running:
+        assert "(an API key required)" in log.read_text()
+        yield Client(running.url)
 
 
 def _error(response: httpx.Response, status: int) -> dict:
