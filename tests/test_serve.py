@@ -48,9 +48,16 @@ class Server:
 
 
 @contextmanager
-def running_server(checkpoint: Path, log: Path, *extra: str, timeout: float = 120):
-    """`python -m prism_lightning serve` on a free port (--port 0), ready (health 200), killed after."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+def running_server(
+    checkpoint: Path, log: Path, *extra: str, timeout: float = 120, env: dict[str, str] | None = None
+):
+    """`python -m prism_lightning serve` on a free port (--port 0), ready (health 200), killed after;
+    without an API key unless ``env`` sets $PRISM_API_KEY (one in the caller's environment is dropped)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PRISM_API_KEY"},
+        "OMP_NUM_THREADS": "2",
+        **(env or {}),
+    }
     cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint), "--port", "0",
            "--device", "cpu", "--default_max_tokens", "8", *extra]  # fmt: skip
     with open(log, "w") as out:

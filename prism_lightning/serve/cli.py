@@ -1,10 +1,14 @@
 """`python -m prism_lightning serve --checkpoint DIR`: every argument is checked (checkpoint files, host,
-port free) before the model loads; then uvicorn serves the app until SIGINT / SIGTERM, which finish
-the requests in flight first."""
+port free, an API key off loopback) before the model loads; then uvicorn serves the app until SIGINT /
+SIGTERM, which finish the requests in flight first."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
+import math
+import os
 import signal
 import socket
 import sys
@@ -12,8 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from prism_lightning.errors import ConfigError, require
+from prism_lightning.serve.guard import DEFAULT_MAX_BODY_BYTES, ServeLimits
 
 ENGINES = ("hf", "vllm")
+API_KEY_ENV = "PRISM_API_KEY"
+SERVER_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
+    net = p.add_argument_group("network", "authentication and limits for a server others can reach")
+    net.add_argument(
+        "--api_key", default=None,
+        help=f"clients must send `Authorization: Bearer KEY` (every route but /health); default: "
+        f"${API_KEY_ENV}, else no authentication (then only a loopback --host is allowed)",
+    )  # fmt: skip
+    net.add_argument(
+        "--allow_unauthenticated", action="store_true",
+        help="listen on a non-loopback --host without an API key",
+    )  # fmt: skip
+    net.add_argument(
+        "--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body; larger ones get 413 unread (default {DEFAULT_MAX_BODY_BYTES}, 1 MiB)",
+    )  # fmt: skip
+    net.add_argument(
+        "--max_queue", type=int, default=256,
+        help="requests that may wait beyond --max_batch_size running ones; more get 429 with Retry-After "
+        "(default 256)",
+    )  # fmt: skip
+    net.add_argument(
+        "--request_timeout", type=float, default=None,
+        help="seconds from arrival a request may take; then it is cancelled and gets 504 (a stream: an "
+        "error event). Default: no limit",
+    )  # fmt: skip
     return p
 
 
@@ -64,6 +95,20 @@ def check_args(args: argparse.Namespace) -> socket.socket:
         require(args.max_model_len >= 2, f"--max_model_len must be >= 2, got {args.max_model_len}.")
     if args.threshold is not None:
         require(0 < args.threshold < 1, f"--threshold must be in (0, 1), got {args.threshold}.")
+    require(args.max_body_bytes >= 1, f"--max_body_bytes must be >= 1, got {args.max_body_bytes}.")
+    require(args.max_queue >= 0, f"--max_queue must be >= 0, got {args.max_queue}.")
+    if args.request_timeout is not None:
+        timeout = args.request_timeout
+        require(
+            math.isfinite(timeout) and timeout > 0,
+            f"--request_timeout must be a number of seconds > 0, got {timeout}.",
+        )
+    args.api_key = resolve_api_key(args.api_key)
+    if args.api_key is None and not args.allow_unauthenticated and not is_loopback(args.host):
+        raise ConfigError(
+            f"--host {args.host} can be reached from other machines and no API key is set: pass --api_key "
+            f"(or set ${API_KEY_ENV}), or --allow_unauthenticated to serve anyone who can connect."
+        )
     if args.served_model_name is not None:
         require(
             args.served_model_name.strip() != "" and not args.served_model_name.endswith((":on", ":off")),
@@ -76,6 +121,41 @@ def check_args(args: argparse.Namespace) -> socket.socket:
         "serve runs single-adapter PRISM checkpoints.",
     )
     return bind(args.host, args.port)
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+    """The key from --api_key, else from $PRISM_API_KEY (an empty variable counts as unset)."""
+    key = flag if flag is not None else (os.environ.get(API_KEY_ENV) or None)
+    if key is not None:
+        source = "--api_key" if flag is not None else f"${API_KEY_ENV}"
+        require(
+            key.isascii() and key.isprintable() and key != "" and " " not in key,
+            f"{source} must be a non-empty key of printable ASCII characters without spaces.",
+        )
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to is a loopback one (127.0.0.0/8, ::1); a host that does
+    not resolve counts as loopback here, and `bind` then says what is wrong with it."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return True
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def require_server_packages() -> None:
+    """One error line instead of a ModuleNotFoundError traceback when the web stack is missing."""
+    for name in SERVER_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            missing = err.name or name
+            raise ConfigError(
+                f"serve needs {', '.join(SERVER_PACKAGES)}, and `{missing}` cannot be imported: "
+                f"pip install {' '.join(SERVER_PACKAGES)} (or reinstall prism_lightning, which needs them)."
+            ) from None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -100,6 +180,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_server_packages()
     sock = check_args(args)
     import uvicorn
 
@@ -127,10 +208,18 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             batch_window_s=args.batch_window_ms / 1000,
             max_model_len=args.max_model_len,
         )
-    app = create_app(engine, name, default_max_tokens=args.default_max_tokens)
+    limits = ServeLimits(
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_in_flight=args.max_batch_size + args.max_queue,
+        request_timeout_s=args.request_timeout,
+    )
+    app = create_app(engine, name, default_max_tokens=args.default_max_tokens, limits=limits)
     host, port = sock.getsockname()[:2]
+    auth = "an API key required" if args.api_key else "no authentication"
     print(
-        f"serving {name} ({name}:on, {name}:off) with the {args.engine} engine on http://{host}:{port}/v1",
+        f"serving {name} ({name}:on, {name}:off) with the {args.engine} engine on http://{host}:{port}/v1 "
+        f"({auth})",
         file=sys.stderr,
         flush=True,
     )

@@ -21,11 +21,23 @@ class ServeMetrics:
         self.cancelled = Counter(
             "prism_requests_cancelled", "Requests ended early because their client went away", registry=r
         )
+        self.refused = Counter(
+            "prism_refused",
+            "Requests refused or ended by a limit: unauthorized (401), body_too_large (413), "
+            "nesting_too_deep (400), queue_full (429), timeout (504)",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "prism_requests_in_flight", "Chat requests admitted and not yet fully answered", registry=r
+        )
         self.prompt_tokens = Counter("prism_prompt_tokens", "Prompt tokens of answered requests", registry=r)
         self.completion_tokens = Counter("prism_completion_tokens", "Generated tokens", registry=r)
         self.latency = Histogram(
-            "prism_request_latency_seconds", "Request arrival to last token",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "prism_request_latency_seconds",
+            "Request arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
             "prism_time_to_first_token_seconds",
@@ -34,8 +46,10 @@ class ServeMetrics:
             registry=r,
         )
         self.queue_wait = Histogram(
-            "prism_queue_wait_seconds", "Request arrival to its batch start",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "prism_queue_wait_seconds",
+            "Request arrival to its batch start",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "prism_batch_size", "Rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r

@@ -6,7 +6,9 @@ Validation is written out by hand rather than left to FastAPI's pydantic models:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +16,9 @@ from typing import Any
 
 ROUTE_SUFFIXES = {"": None, ":on": True, ":off": False}
 MAX_STOP_STRINGS = 4
+MAX_JSON_DEPTH = 64  # a chat request nests 4 deep; json.loads recurses once per level
+# A JSON string (escapes included) or one bracket: brackets inside strings do not count as nesting.
+_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
 
 class APIError(Exception):
@@ -59,6 +64,27 @@ class ChatRequest:
 
 def model_ids(name: str) -> list[str]:
     return [name + suffix for suffix in ROUTE_SUFFIXES]
+
+
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The request body as JSON. The nesting is measured first, by a scan with no recursion, since
+    ``json.loads`` recurses once per level and dies of ``RecursionError`` on a deep enough body."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(raw):
+        bracket = match.group()
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise APIError(
+                    f"The request body nests arrays and objects more than {max_depth} levels deep.",
+                    code="nesting_too_deep",
+                )
+        elif bracket in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer of more than 4300 digits
+        raise APIError(f"The request body is not valid JSON: {exc}.") from None
 
 
 def parse_chat_request(body: Any, served_name: str) -> ChatRequest:
