@@ -75,6 +75,7 @@ class Server:
 
     def __init__(self, checkpoint: Path, args: argparse.Namespace) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else dict(os.environ)
+        env.pop("PRISM_API_KEY", None)  # a loopback server without a key: the clients here send none
         self.log = Path(args.log)
         cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint),
                "--port", "0", "--served_model_name", "prism", "--max_batch_size", str(args.max_batch_size),
