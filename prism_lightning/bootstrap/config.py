@@ -12,6 +12,7 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.generation import SamplingConfig
 
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
+VERIFIERS: tuple[str, ...] = ("self", "program")
 QUERY_PROMPTS: tuple[str, ...] = ("describe", "persona_text")
 
 
@@ -48,6 +49,12 @@ class BootstrapConfig:
         verdict_rule: logprob (the persona's log-odds summed over both judge orders > 0; never
             unparsable, cancels position bias) or strict (the paper: the free-text verdict prefers the
             persona in both orders). Both are stored; switching relabels without re-judging.
+        verifier: who decides that the context helped (stage 3): ``self`` (a model judges each pair in
+            both orders: the base model, or ``judge`` when set; the paper) or ``program`` (the callables of
+            ``verifier_programs``), or a list of both: the first decides the gate target, the others are
+            recorded beside it with their agreement, so the noise of self-judgment can be measured.
+        verifier_programs: ``{context name: "module:function"}``, one per context when ``program`` is a
+            verifier; e.g. ``prism_lightning.bootstrap.verifiers:fact_sheet`` (see that module).
         teacher_top_k: teacher logits kept per response token.
         max_response_tokens: the teacher/student response is cut to this many tokens.
         batch_size: rows per generation batch (each row may expand to two prompts).
@@ -75,6 +82,8 @@ class BootstrapConfig:
     judge_max_new_tokens: int = 8
     judge_sees_reference: bool = True
     verdict_rule: str = "logprob"
+    verifier: list[str] | str = "self"
+    verifier_programs: dict[str, str] = field(default_factory=dict)
     teacher_top_k: int = 64
     max_response_tokens: int = 512
     batch_size: int = 16
@@ -124,7 +133,16 @@ class BootstrapConfig:
                 raise ConfigError(f"bootstrap.{name} must be >= 0, got {getattr(self, name)}.")
         if isinstance(self.judge, dict):  # plain dicts from YAML / kwargs
             self.judge = BackboneConfig(**self.judge)
+        if isinstance(self.verifier, str):
+            self.verifier = [v.strip() for v in self.verifier.split(",") if v.strip()]
+        self.verifier = list(self.verifier)
+        if not self.verifier or len(set(self.verifier)) != len(self.verifier):
+            raise ConfigError(f"bootstrap.verifier must name each verifier once, got {self.verifier}.")
+        unknown = [v for v in self.verifier if v not in VERIFIERS]
+        if unknown:
+            raise ConfigError(f"Unknown bootstrap.verifier {unknown}; choose from {', '.join(VERIFIERS)}.")
         self.check_personas()
+        self.check_programs()
 
     def query_sampling(self) -> SamplingConfig:
         return self._sampling(self.query_max_new_tokens, self.query_temperature)
@@ -146,6 +164,42 @@ class BootstrapConfig:
         so hashes from before these keys existed stay valid)."""
         off = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
         return {k: getattr(self, k) for k, v in off.items() if getattr(self, k) != v}
+
+    def verifier_key(self) -> dict[str, object]:
+        """The verifier settings that enter the verdict stage's hash: nothing for the default (self), so
+        runs from before verifiers existed keep their hashes."""
+        if self.verifier == ["self"]:
+            return {}
+        return {
+            "verifier": list(self.verifier),
+            "verifier_programs": dict(sorted(self.verifier_programs.items())),
+        }
+
+    def check_programs(self) -> None:
+        """With ``program`` among the verifiers, every context needs an importable program, and every
+        program a context; checked before any model loads."""
+        from prism_lightning.bootstrap.verifiers import load_program
+        from prism_lightning.contexts import ContextLibrary
+
+        if "program" not in self.verifier:
+            if self.verifier_programs:
+                raise ConfigError(
+                    "bootstrap.verifier_programs is set but `program` is not a bootstrap.verifier."
+                )
+            return
+        names = [c.name for c in ContextLibrary.from_config(self.context_files).select(self.personas)]
+        missing = [n for n in names if n not in self.verifier_programs]
+        if missing:
+            raise ConfigError(
+                f"bootstrap.verifier_programs has no program for {missing} (verifier: program)."
+            )
+        extra = sorted(set(self.verifier_programs) - set(names))
+        if extra:
+            raise ConfigError(
+                f"bootstrap.verifier_programs names contexts not in bootstrap.personas: {extra}."
+            )
+        for spec in self.verifier_programs.values():
+            load_program(spec)
 
     def check_personas(self) -> None:
         """Unknown persona names and unreadable context files fail at construction, before any work."""

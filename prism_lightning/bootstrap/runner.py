@@ -163,6 +163,7 @@ def stage_settings(
             "verdict_rule": config.verdict_rule,
             # only runs with reference contexts show the judge a document (other hashes stay as they were)
             **({"judge_references": references} if references else {}),
+            **config.verifier_key(),
         },
         "teacher": {
             "model": model,
@@ -401,14 +402,37 @@ def run_bootstrap(
         vstore = stores["verdicts"]
         judge_key = _judge_key(vstore)
 
+        verifiers = config.verifier
+        programs = (
+            {c.name: config.verifier_programs[c.name] for c in personas} if "program" in verifiers else {}
+        )
+
         def finalize_verdicts(rows):
-            rows, stats = verdicts_mod.finalize_verdicts(rows, config.verdict_rule)
+            if "self" in verifiers:
+                rows, stats = verdicts_mod.finalize_verdicts(rows, config.verdict_rule)
+            else:
+                stats = {"pairs": len(rows), "rule": "program"}
+            if verifiers != ["self"]:
+                texts = {c.name: c.text(config.persona_length) for c in personas}
+                judged = verdicts_mod.program_verdicts(stores["answers"].read_rows(), programs, texts)
+                rows = [{**r, **judged.get(r["id"], {})} for r in rows]
+                rows, verifier_stats = verdicts_mod.decide_by_verifiers(rows, verifiers, config.verdict_rule)
+                stats.update(verifier_stats)
+                split = stats.setdefault("split", {})
+                if "program" in verifiers:
+                    split["program"] = stats.pop("program_split")
             stats["judge_key"] = judge_key
             return rows, stats
 
         t0 = time.perf_counter()
         cached = reuse("verdicts")
         reused = None if cached else _reusable_judgments(vstore)
+        unjudged = not cached and reused is None and "self" not in verifiers
+        if unjudged:  # programs only: no model judges, the pairs are labelled in place
+            reused = [
+                {"id": a["id"], "persona": a["persona"], "query": a["query"]}
+                for a in stores["answers"].read_rows()
+            ]
         if cached:
             timings["verdicts"] = {"cached": True, "seconds": 0.0}
         elif reused is not None:  # same judgments, another rule: relabel instead of re-judging
@@ -425,13 +449,13 @@ def run_bootstrap(
                         "tokens_generated": 0,
                         "tokens_per_second": 0.0,
                         "stats": stats,
-                        "reused_judgments": True,
+                        "reused_judgments": not unjudged,
                     },
                 )
             barrier()
             timings["verdicts"] = {
                 "cached": False,
-                "reused": True,
+                "reused": not unjudged,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         else:

@@ -32,7 +32,7 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
     ans = metas["answers"].get("stats", {})
     vs = metas["verdicts"].get("stats", {})
     split = vs.get("split", {})
-    rule = config.verdict_rule
+    rule = "program" if vs.get("decided_by") == "program" else config.verdict_rule
     warnings: list[str] = list(ans.get("warnings", []))
     for name in qs.get("empty_personas", []):
         warnings.append(f"persona {name!r} kept no queries")
@@ -65,6 +65,8 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
             "unparsable": unparsable,
             "parsed_counts": vs.get("parsed_counts"),
             "split": split,
+            "decided_by": vs.get("decided_by", "self"),
+            "agreement": vs.get("agreement", {}),
         },
         "warnings": warnings,
     }
@@ -90,16 +92,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         kept = (q.get("kept_per_persona") or {}).get(persona, 0)
         lines.append(f"  {persona:<16} kept {kept:>3}  dropped {nonzero or '-'}")
     v = summary["verdicts"]
-    lines.append(f"verdicts: {v['pairs']} pairs, unparsable free-text verdicts {v['unparsable']}")
+    decided = v.get("decided_by", "self")
+    lines.append(
+        f"verdicts: {v['pairs']} pairs decided by {decided}, unparsable free-text verdicts {v['unparsable']}"
+    )
     split = v.get("split") or {}
-    personas = [p for p in (split.get("logprob") or {}) if p != "total"]
-    lines.append(f"  {'persona':<16}{'strict d/r':>12}{'logprob d/r':>13}")
+    rules = [r for r in ("strict", "logprob", "program") if r in split]
+    personas = list(dict.fromkeys(p for r in rules for p in split[r] if p != "total"))
+    lines.append(f"  {'persona':<16}" + "".join(f"{r + ' d/r':>14}" for r in rules))
     for p in [*personas, "total"]:
-        s = split.get("strict", {}).get(p, {})
-        lp = split.get("logprob", {}).get(p, {})
+        cells = [split[r].get(p, {}) for r in rules]
         lines.append(
-            f"  {p:<16}{s.get('distill', 0):>6}/{s.get('retain', 0):<5}"
-            f"{lp.get('distill', 0):>7}/{lp.get('retain', 0):<5}"
+            f"  {p:<16}" + "".join(f"{c.get('distill', 0):>8}/{c.get('retain', 0):<5}" for c in cells)
+        )
+    for pair, agree in (v.get("agreement") or {}).items():
+        lines.append(
+            f"  agreement {pair.replace('~', ' vs ')}: {agree['agree']:.0%} of {agree['pairs']} pairs, "
+            f"Cohen's kappa {agree['kappa']:.2f}"
         )
     for name, st in summary["stages"].items():
         if st.get("recomputed_because"):

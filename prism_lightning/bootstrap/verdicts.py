@@ -215,3 +215,69 @@ def finalize_verdicts(rows, rule: str):
         },
     }
     return rows, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Verifiers other than the self-judge (``bootstrap.verifier``)
+
+
+def program_verdicts(
+    answers: Sequence[Mapping[str, Any]], programs: Mapping[str, str], texts: Mapping[str, str]
+) -> dict[str, dict[str, Any]]:
+    """{row id: {"program_verdict", "program_label", "program"}}: each pair judged by its context's
+    program (``programs`` maps a context name to ``module:function``; ``texts`` to the context's text)."""
+    from prism_lightning.bootstrap.verifiers import load_program, run_program
+
+    loaded = {name: load_program(spec) for name, spec in programs.items()}
+    out = {}
+    for a in answers:
+        spec = programs[a["persona"]]
+        verdict = run_program(
+            loaded[a["persona"]], spec, a["query"], a["base_answer"], a["persona_answer"], texts[a["persona"]]
+        )
+        out[a["id"]] = {
+            "program_verdict": verdict,
+            "program_label": int(verdict == "persona"),
+            "program": spec,
+        }
+    return out
+
+
+def self_label_key(rule: str) -> str:
+    return "strict_label" if rule == "strict" else "logprob_label"
+
+
+def decide_by_verifiers(
+    rows: Sequence[Mapping[str, Any]], verifiers: Sequence[str], rule: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The gate target of each row from the first verifier, every verifier's label beside it, and the
+    stats: the split each verifier gives and, for each pair of verifiers, how often they agree (share
+    and Cohen's kappa), so a user sees how noisy self-judgment is on their model."""
+    keys = {"self": self_label_key(rule), "program": "program_label"}
+    out = []
+    for r in rows:
+        labels = {v: int(r[keys[v]]) for v in verifiers}
+        out.append({**r, "labels": labels, "verifier": verifiers[0], "gate_target": labels[verifiers[0]]})
+    agreement = {}
+    for i, a in enumerate(verifiers):
+        for b in verifiers[i + 1 :]:
+            agreement[f"{a}~{b}"] = agreement_stats(
+                [r["labels"][a] for r in out], [r["labels"][b] for r in out]
+            )
+    stats = {"decided_by": verifiers[0], "verifiers": list(verifiers), "agreement": agreement}
+    if "program" in verifiers:
+        stats["program_split"] = split_counts(out, "program_label")
+    return out, stats
+
+
+def agreement_stats(a: Sequence[int], b: Sequence[int]) -> dict[str, float | int]:
+    """Share of rows two binary labellings agree on, and Cohen's kappa (agreement beyond chance; 0 for
+    labellings that agree only as often as their marginals predict, 1 for identical ones)."""
+    n = len(a)
+    if n == 0:
+        return {"pairs": 0, "agree": float("nan"), "kappa": float("nan")}
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    kappa = 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+    return {"pairs": n, "agree": round(observed, 4), "kappa": round(kappa, 4)}
