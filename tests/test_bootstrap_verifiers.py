@@ -148,3 +148,75 @@ def test_agreement_stats():
 def test_bad_verifier_settings_fail_at_construction(settings, message, program_module):
     with pytest.raises(ConfigError, match=re.escape(message)):
         tiny_bootstrap_config(**settings)
+
+
+# --- through the real CLI ------------------------------------------------------------------------------
+
+
+def _bootstrap_cli(work, *args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{root}{os.pathsep}{work}"}
+    return subprocess.run(
+        [sys.executable, "-m", "prism_lightning", "bootstrap", "--config", str(root / "configs/default.yaml"),
+         "--config", "tiny.yaml", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def cli_work(tiny_model_dir, tmp_path, program_module):
+    from prism_lightning.testing import TINY_FIT_YAML
+
+    (tmp_path / "tiny.yaml").write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
+    return tmp_path
+
+
+def test_cli_bootstrap_with_a_program_and_another_local_model_as_judge(cli_work, tiny_model_dir):
+    """`verifier: [program, self]` with `judge` set to a second local model: the program decides, the other
+    model's two-order judgments are recorded, and the summary prints their agreement."""
+    from transformers import AutoTokenizer
+
+    from prism_lightning.testing import build_tiny_model
+
+    judge_dir = cli_work / "judge-model"  # same tokenizer, other weights: a different model
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(judge_dir)
+    build_tiny_model(len(AutoTokenizer.from_pretrained(tiny_model_dir)), seed=7).save_pretrained(judge_dir)
+    programs = "{" + ", ".join(f"{name}: {LONGER}" for name in ("math", "coding", "writing")) + "}"
+    result = _bootstrap_cli(
+        cli_work, "--data.bootstrap.verifier", "[program, self]",
+        "--data.bootstrap.verifier_programs", programs, "--data.bootstrap.judge.model", str(judge_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decided by program" in result.stdout and "agreement program vs self" in result.stdout
+    import json
+
+    summary = json.loads((cli_work / "runs/tiny/bootstrap/summary.json").read_text())
+    assert str(judge_dir) in summary["models_loaded"]
+    assert summary["verdicts"]["agreement"]["program~self"]["pairs"] == summary["verdicts"]["pairs"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.bootstrap.verifier", "program"], "bootstrap.verifier_programs has no program for"),
+        (
+            [
+                "--data.bootstrap.verifier",
+                "program",
+                "--data.bootstrap.verifier_programs",
+                "{math: nowhere_xyz:f, coding: a:b, writing: a:b}",
+            ],
+            "cannot import",
+        ),  # fmt: skip
+    ],
+)
+def test_cli_bad_verifier_settings_are_one_error_line(cli_work, args, message):
+    result = _bootstrap_cli(cli_work, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in result.stderr
+    assert not (cli_work / "runs/tiny/bootstrap").exists()  # refused before any stage ran
