@@ -288,7 +288,7 @@ class PrismModule(L.LightningModule):
         return features_until_gate(self.model, self.controller, ids, attn, positions)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if self.adapter_groups is not None and dm is not None and hasattr(dm, "persona_names"):
             self.set_persona_names(dm.persona_names)
 
