@@ -68,8 +68,8 @@ def train(dm, adapters, epochs: int, seed: int):
 @torch.no_grad()
 def row_kls(module, batch, routes: torch.Tensor) -> torch.Tensor:
     """Per-row mean top-k KL to the teacher with each row routed as given (0 = base)."""
-    from prism_lightning.model.losses import topk_kl
     from prism_lightning.model.routing import inner_model
+    from prism_lightning.model.training_step import topk_kl
 
     ctl = module.controller
     ctl.set_mask(routes)
@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     mixed_single = torch.tensor([i % 2 for i in range(b)])
     mixed_kway = torch.tensor([i % (len(names) + 1) for i in range(b)])
     prefill = prefill_times(
-        {"single": (single, mixed_single, torch.ones(b, dtype=torch.long)),
-         "kway": (kway, mixed_kway, torch.ones(b, dtype=torch.long))},
+        {
+            "single": (single, mixed_single, torch.ones(b, dtype=torch.long)),
+            "kway": (kway, mixed_kway, torch.ones(b, dtype=torch.long)),
+        },
         batch_prompts,
         args.repeats,
     )

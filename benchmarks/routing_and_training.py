@@ -412,8 +412,8 @@ def free(device: str) -> None:
 
 def bench_training(args, device: str, dtype: torch.dtype) -> dict:
     from prism_lightning.backbone import Backbone
-    from prism_lightning.model.losses import topk_kl
     from prism_lightning.model.module import PrismModule
+    from prism_lightning.model.training_step import topk_kl
 
     b, t, k = args.train_batch, args.train_len, 64
     cuda = device.startswith("cuda")

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from prism_lightning import run_paths
 from prism_lightning.errors import require
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class PrismExport(Callback):
         if self.export_dir:
             return Path(self.export_dir)
         run_dir = getattr(trainer.datamodule, "run_dir", None) or "default"
-        return Path("checkpoints") / Path(run_dir).name
+        return run_paths.default_export_dir(run_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from prism_lightning.model.export import export_checkpoint

@@ -19,6 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
+from prism_lightning import run_paths
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
@@ -137,7 +138,7 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         if cfg.get("export_dir"):
             return Path(cfg.export_dir)
-        return Path("checkpoints") / Path(self.datamodule.run_dir).name
+        return run_paths.default_export_dir(self.datamodule.run_dir)
 
     def after_fit(self) -> None:
         exporter: PrismExport = self.exporter
@@ -204,7 +205,7 @@ class PrismCLI(LightningCLI):
 
             verify_checkpoint(self.model.hparams.checkpoint)
         cfg = self._section()
-        output = cfg.get("predict_output") or str(Path(self.datamodule.run_dir) / "predictions.jsonl")
+        output = cfg.get("predict_output") or str(run_paths.predictions_file(self.datamodule.run_dir))
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
 
 
@@ -220,7 +221,7 @@ def derive_run_paths(cfg) -> None:
         if _class_name(cb) == "ModelCheckpoint":
             init = _init_args(cb)
             if not init.get("dirpath"):
-                init["dirpath"] = str(run_dir / "lightning")
+                init["dirpath"] = str(run_paths.lightning_dir(run_dir))
     for lg in _as_list(trainer.get("logger")):
         name = _class_name(lg)
         if not name:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from prism_lightning import files
+from prism_lightning import files, run_paths
 from prism_lightning.analysis.wandb_records import wandb_history
 from prism_lightning.eval import scoring as S
 
@@ -47,7 +47,7 @@ __all__ = [
     "verdicts",
 ]
 
-STAGES = ("queries", "answers", "verdicts", "teacher")
+STAGES = run_paths.BOOTSTRAP_STAGES
 
 
 class MissingInputError(FileNotFoundError):
@@ -67,21 +67,21 @@ def _read_json(path: Path, how_to_make: str) -> dict[str, Any]:
 
 def bootstrap_summary(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/bootstrap/summary.json`` (written by every bootstrap/fit run)."""
-    path = Path(run_dir) / "bootstrap" / "summary.json"
+    path = run_paths.bootstrap_summary(run_dir)
     return _read_json(path, "run `python -m prism_lightning fit` (or bootstrap) first")
 
 
 def _stage_dir(run_dir: Path, stage: str) -> Path:
     """The stage directory the summary points at (re-rooted under ``run_dir``: the summary stores paths
     relative to where ``fit`` ran), else the newest finished ``<stage>-*`` directory."""
-    root = run_dir / "bootstrap"
+    root = run_paths.bootstrap_dir(run_dir)
     try:
         named = Path(bootstrap_summary(run_dir)["stages"][stage]["dir"]).name
-        if (root / named / "rows.jsonl").exists():
+        if (root / named / run_paths.STAGE_ROWS).exists():
             return root / named
     except (MissingInputError, KeyError, TypeError, ValueError):
         pass
-    done = [p.parent for p in root.glob(f"{stage}-*/DONE")]
+    done = [p.parent for p in root.glob(f"{run_paths.stage_dir_glob(stage)}/{run_paths.STAGE_DONE}")]
     if not done:
         raise MissingInputError(
             f"no finished {stage} stage under {root}: run `python -m prism_lightning fit`"
@@ -95,7 +95,7 @@ def stage_rows(run_dir: str | Path, stage: str) -> list[dict[str, Any]]:
         raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     directory = _stage_dir(Path(run_dir), stage)
     _check_stage(directory, stage)
-    return _read_jsonl(directory / "rows.jsonl")
+    return _read_jsonl(directory / run_paths.STAGE_ROWS)
 
 
 def _check_stage(directory: Path, stage: str) -> None:
@@ -104,7 +104,7 @@ def _check_stage(directory: Path, stage: str) -> None:
     from prism_lightning.bootstrap.store import finished_dir_problem
 
     try:
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads((directory / run_paths.STAGE_META).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         meta = None
     problem = "meta.json is missing or unreadable" if not isinstance(meta, dict) else None
@@ -323,7 +323,7 @@ def fit_metrics(checkpoint: str | Path) -> pd.DataFrame:
 
 def _checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     how = "`python -m prism_lightning fit` exports checkpoints/<run>"
-    return _read_json(Path(checkpoint) / "prism.json", how)
+    return _read_json(Path(checkpoint) / run_paths.PRISM_JSON, how)
 
 
 def gate_predictions(
@@ -356,7 +356,7 @@ def gate_predictions(
 
 def _eval_summary(eval_dir: str | Path) -> dict[str, Any]:
     how = f"run `python -m prism_lightning evaluate --out {eval_dir}`"
-    return _read_json(Path(eval_dir) / "summary.json", how)
+    return _read_json(run_paths.eval_summary(eval_dir), how)
 
 
 def _split_score(name: str) -> tuple[str, str]:
@@ -399,15 +399,15 @@ def _num(v: Any) -> float:
 def eval_items(eval_dir: str | Path) -> pd.DataFrame:
     """One row per scored item and condition: ``benchmark, condition, id, group, category, persona,
     route, gate_prob, value`` (mean of the item's values; MT-Bench ratings 1-10, others 0/1)."""
-    items = Path(eval_dir) / "items"
-    files = sorted(items.glob("*__*.jsonl"))
+    items = run_paths.items_dir(eval_dir)
+    files = run_paths.item_files(eval_dir)
     if not files:
         raise MissingInputError(
             f"no item files under {items}: run `python -m prism_lightning evaluate --out {eval_dir}`"
         )
     records = []
     for path in files:
-        bench, _, cond = path.stem.partition("__")
+        bench, cond = run_paths.parse_item_file(path)
         for r in _read_jsonl(path):
             vals = [v for v in r.get("values") or [] if v is not None]
             records.append(
@@ -460,7 +460,7 @@ def study_grid(study_dir: str | Path) -> pd.DataFrame:
     missing, score, score_lo, score_hi, delta, delta_lo, delta_hi``) plus ``label`` (the persona
     actually used: ``persona_used`` for ``matched``) and ``matched`` (it is the category's expert)."""
     study_dir = Path(study_dir)
-    csv_path, json_path = study_dir / "study.csv", study_dir / "study.json"
+    csv_path, json_path = run_paths.study_csv(study_dir), run_paths.study_json(study_dir)
     if csv_path.exists():
         frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
     elif json_path.exists():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from prism_lightning import run_paths
 from prism_lightning.analysis import figures as F
 from prism_lightning.analysis import load as L
 
@@ -120,11 +121,11 @@ PRODUCERS = {
 def default_checkpoint(run_dir: Path) -> Path | None:
     """``fit`` exports ``checkpoints/<run name>`` beside ``runs/``; look there, then under the run."""
     for cand in (
-        run_dir.parent.parent / "checkpoints" / run_dir.name,
-        Path("checkpoints") / run_dir.name,
-        run_dir / "checkpoint",
+        run_dir.parent.parent / run_paths.default_export_dir(run_dir),
+        run_paths.default_export_dir(run_dir),
+        run_dir / run_paths.CHECKPOINT_DIR,
     ):
-        if (cand / "prism.json").exists():
+        if (cand / run_paths.PRISM_JSON).exists():
             return cand
     return None
 
@@ -208,7 +209,7 @@ def write_report(
             skipped.append(reason)
             body += [f"- {reason}", ""]
             continue
-        png = f"{spec.name}.png"
+        png = run_paths.figure_file(out, spec.name).name
         fig.savefig(out / png, dpi=dpi, bbox_inches="tight")
         plt.close(fig)
         written.append(png)
@@ -223,7 +224,7 @@ def write_report(
         "",
     ]
     md = header + _bootstrap_lines(run_dir) + _fit_table(paths["checkpoint"]) + body
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    run_paths.report_md(out).write_text("\n".join(md), encoding="utf-8")
     return {"written": written, "skipped": skipped}
 
 
@@ -260,10 +261,11 @@ def report_main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         ap.error(f"{run_dir} is not a directory (expected a fit run directory such as runs/default)")
-    eval_dir = args.eval_dir or (run_dir / "eval" if (run_dir / "eval" / "summary.json").exists() else None)
-    study_dir = args.study_dir or (run_dir / "study" if (run_dir / "study" / "study.csv").exists() else None)
+    default_eval, default_study = run_dir / run_paths.EVAL_DIR, run_dir / run_paths.STUDY_DIR
+    eval_dir = args.eval_dir or (default_eval if run_paths.eval_summary(default_eval).exists() else None)
+    study_dir = args.study_dir or (default_study if run_paths.study_csv(default_study).exists() else None)
     checkpoint = args.checkpoint or default_checkpoint(run_dir)
-    out = args.out or run_dir / "report"
+    out = args.out or run_dir / run_paths.REPORT_DIR
     result = write_report(
         run_dir, out, eval_dir=eval_dir, study_dir=study_dir, checkpoint=checkpoint, device=args.device
     )
@@ -271,5 +273,6 @@ def report_main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / name}")
     for reason in result["skipped"]:
         print(f"skipped {reason}")
-    print(f"wrote {out / 'report.md'} ({len(result['written'])} figures, {len(result['skipped'])} skipped)")
+    counts = f"{len(result['written'])} figures, {len(result['skipped'])} skipped"
+    print(f"wrote {run_paths.report_md(out)} ({counts})")
     return 0

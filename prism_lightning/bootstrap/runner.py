@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from prism_lightning import run_paths
 from prism_lightning.backbone import Backbone, BackboneConfig
 from prism_lightning.bootstrap import answers as answers_mod
 from prism_lightning.bootstrap import queries as queries_mod
@@ -188,7 +189,7 @@ def stage_stores(
 ) -> dict[str, StageStore]:
     personas = personas if personas is not None else resolve_personas(config)
     settings = stage_settings(config, backbone, personas)
-    root = Path(run_dir) / "bootstrap"
+    root = run_paths.bootstrap_dir(run_dir)
     q = StageStore(root, "queries", settings["queries"])
     a = StageStore(root, "answers", settings["answers"], [q])
     v = StageStore(root, "verdicts", settings["verdicts"], [a])
@@ -206,9 +207,10 @@ def _reusable_judgments(store: StageStore) -> list[dict[str, Any]] | None:
     """Rows of an intact verdicts stage with the same judge and the same answers, another rule."""
     key = _judge_key(store)
     lineage = store.upstream_lineage()
-    for meta_path in sorted(store.path.parent.glob("verdicts-*/meta.json")):
+    pattern = f"{run_paths.stage_dir_glob('verdicts')}/{run_paths.STAGE_META}"
+    for meta_path in sorted(store.path.parent.glob(pattern)):
         other = meta_path.parent
-        if other == store.path or not (other / "DONE").exists():
+        if other == store.path or not (other / run_paths.STAGE_DONE).exists():
             continue
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -220,7 +222,7 @@ def _reusable_judgments(store: StageStore) -> list[dict[str, Any]] | None:
             continue
         problem = finished_dir_problem(other, meta)
         if problem is None:
-            return read_written_jsonl(other / "rows.jsonl")
+            return read_written_jsonl(other / run_paths.STAGE_ROWS)
         log.info("not reusing the judgments in %s: %s", other, problem)
     return None
 
@@ -494,7 +496,7 @@ def run_bootstrap(
     for name, problem in problems.items():
         timings[name]["recomputed_because"] = problem
     summary = build_summary(config, stores, timings, time.perf_counter() - start_all, loaded, run_dir)
-    summary_path = run_dir / "bootstrap" / "summary.json"
+    summary_path = run_paths.bootstrap_summary(run_dir)
     if global_rank() == 0:
         atomic_write_json(summary_path, summary)
     for message in summary["warnings"]:

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from prism_lightning import run_paths
 from prism_lightning.bootstrap.store import TENSOR_FILE_FIELD, StageStore
 from prism_lightning.files import atomic_write_bytes, repair_jsonl
 
@@ -125,7 +126,7 @@ class ShardWriter(BasePredictionWriter):
             from safetensors.torch import save
 
             digest = hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
-            name = f"tensors-{rank}-{digest}.safetensors"
+            name = run_paths.tensor_file(rank, digest)
             blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             atomic_write_bytes(self.store.path / name, blob)
             for row in rows:

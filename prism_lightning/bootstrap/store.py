@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prism_lightning import run_paths
 from prism_lightning.errors import PrismError
 from prism_lightning.files import (
     append_jsonl,
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the on-disk layout or a row schema changes incompatibly.
 FORMAT_VERSION = 1
-DONE_MARKER = "DONE"
+DONE_MARKER = run_paths.STAGE_DONE
 #: The row field that names the stage file holding that row's tensors.
 TENSOR_FILE_FIELD = "tensor_file"
 
@@ -167,12 +168,12 @@ def finished_dir_problem(directory: Path, meta: Mapping[str, Any]) -> str | None
     None. Checks DONE, rows.jsonl and the tensor files; not the stage hash nor the upstream rows."""
     if not (directory / DONE_MARKER).exists():
         return "the DONE marker is missing although meta.json says the stage finished"
-    problem = _rows_problem(directory / "rows.jsonl", meta)
+    problem = _rows_problem(directory / run_paths.STAGE_ROWS, meta)
     if problem is not None:
         return problem
     if "tensor_files" in meta:
         return _tensor_files_problem(directory, meta["tensor_files"])
-    rows = read_written_jsonl(directory / "rows.jsonl")
+    rows = read_written_jsonl(directory / run_paths.STAGE_ROWS)
     for name in sorted({r[TENSOR_FILE_FIELD] for r in rows if TENSOR_FILE_FIELD in r}):
         # legacy: no hashes recorded, so check that every named file is whole
         problem = _safetensors_problem(directory / name)
@@ -196,26 +197,26 @@ class StageStore:
         self.upstream_stores = list(upstream)
         self.upstream = {up.stage: up.hash for up in upstream}
         self.hash = stage_hash(stage, self.settings, [up.hash for up in upstream])
-        self.path = Path(root) / f"{stage}-{self.hash[:12]}"
+        self.path = run_paths.stage_dir(root, stage, self.hash)
 
     # -- paths ---------------------------------------------------------------------------------
     @property
     def meta_path(self) -> Path:
-        return self.path / "meta.json"
+        return self.path / run_paths.STAGE_META
 
     @property
     def rows_path(self) -> Path:
-        return self.path / "rows.jsonl"
+        return self.path / run_paths.STAGE_ROWS
 
     @property
     def done_path(self) -> Path:
         return self.path / DONE_MARKER
 
     def shard_path(self, rank: int) -> Path:
-        return self.path / f"shard-{rank}.jsonl"
+        return self.path / run_paths.shard_file(rank)
 
     def shard_paths(self) -> list[Path]:
-        return sorted(self.path.glob("shard-*.jsonl")) if self.path.exists() else []
+        return sorted(self.path.glob(run_paths.SHARD_GLOB)) if self.path.exists() else []
 
     # -- state ---------------------------------------------------------------------------------
     def _load_meta(self) -> tuple[dict[str, Any] | None, str | None]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prism_lightning.bootstrap.store import FORMAT_VERSION
-
-STAGES: tuple[str, ...] = ("queries", "answers", "verdicts", "teacher")
+from prism_lightning.run_paths import BOOTSTRAP_STAGES as STAGES
 
 
 def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> dict[str, Any]:

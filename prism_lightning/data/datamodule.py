@@ -32,13 +32,13 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from prism_lightning import run_paths
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
@@ -265,7 +265,7 @@ class PrismDataModule(L.LightningDataModule):
 
     @property
     def bootstrap_summary(self) -> dict[str, Any] | None:
-        path = Path(self.run_dir) / "bootstrap" / "summary.json"
+        path = run_paths.bootstrap_summary(self.run_dir)
         return json.loads(path.read_text()) if path.exists() else None
 
     def prepare_data(self) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from prism_lightning import run_paths
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS
 from prism_lightning.eval import benchmarks as B
@@ -402,7 +403,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         judge=_load_judge(args, device),
     )
     print(format_table(summary))
-    print(f"\nwrote {args.out / 'summary.json'} and summary.csv in {time.perf_counter() - t0:.0f} s")
+    print(f"\nwrote {run_paths.eval_summary(args.out)} and summary.csv in {time.perf_counter() - t0:.0f} s")
     if args.wandb:
         corr = summary["correlation"]
         routing = [
@@ -480,7 +481,7 @@ def study_main(argv: list[str] | None = None) -> int:
         library=library,
     )
     print(study_module.format_grid(records))
-    print(f"\nwrote {args.out / 'study.csv'} and study.json in {time.perf_counter() - t0:.0f} s")
+    print(f"\nwrote {run_paths.study_csv(args.out)} and study.json in {time.perf_counter() - t0:.0f} s")
     if args.wandb:
         wandb_log(
             project=args.wandb_project,

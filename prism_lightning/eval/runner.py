@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from prism_lightning import run_paths
 from prism_lightning.contexts import ContextLibrary
 from prism_lightning.eval.conditions import Condition
 from prism_lightning.eval.engine import Engine
@@ -87,7 +88,7 @@ def evaluate(
     for b in benchmarks:
         items = select_items(b, settings)
         for c in conditions:
-            store = ItemStore(out / "items" / f"{b}__{c.name}.jsonl")
+            store = ItemStore(run_paths.item_file(out, b, c.name))
             runs[f"{b}/{c.name}"] = run_benchmark(ctx, b, c, items, store)
             wanted = {r["id"] for r in items}
             rows_by[(b, c.name)] = [r for r in store.rows.values() if r["id"] in wanted]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prism_lightning import files
+from prism_lightning import files, run_paths
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
 from prism_lightning.eval import scoring as S
@@ -73,7 +73,7 @@ class PersonaCell:
     def name(self) -> str:
         if self.persona is None or self.placement == "none":
             return "none"
-        return f"{self.persona}__{self.length}__{self.placement}"
+        return run_paths.study_cell(self.persona, self.length, self.placement)
 
     def config(self) -> dict:
         if self.name == "none":
@@ -118,7 +118,7 @@ def run_study(
         for cell in cells:
             if cell.name in results:
                 continue
-            store = ItemStore(out / "items" / f"{bench}__{cell.name}.jsonl")
+            store = ItemStore(run_paths.item_file(out, bench, cell.name))
             info = run_benchmark(ctx, bench, cell, items, store)
             log.info("study %s/%s: %s", bench, cell.name, info)
             results[cell.name] = {r["id"]: r for r in store.rows.values() if r["id"] in wanted}
@@ -161,8 +161,8 @@ def run_study(
         w = csv.DictWriter(buf, fieldnames=list(records[0]))
         w.writeheader()
         w.writerows(records)
-        files.atomic_write_text(out / "study.csv", buf.getvalue())
-    files.atomic_write_json(out / "study.json", {"model": model_id, "cells": records})
+        files.atomic_write_text(run_paths.study_csv(out), buf.getvalue())
+    files.atomic_write_json(run_paths.study_json(out), {"model": model_id, "cells": records})
     return records
 
 

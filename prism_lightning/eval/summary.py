@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prism_lightning import files
+from prism_lightning import files, run_paths
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.settings import BENCHMARKS
 
@@ -205,12 +205,12 @@ def write_summary(summary: dict, out: Path) -> None:
     """``OUT/summary.json`` (everything) and ``OUT/summary.csv`` (:func:`summary_rows`), each replaced
     atomically so a reader never sees half a file."""
     out = Path(out)
-    files.atomic_write_json(out / "summary.json", summary)
+    files.atomic_write_json(run_paths.eval_summary(out), summary)
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_FIELDS))
     writer.writeheader()
     writer.writerows(summary_rows(summary))
-    files.atomic_write_text(out / "summary.csv", buf.getvalue())
+    files.atomic_write_text(run_paths.eval_summary_csv(out), buf.getvalue())
 
 
 def wandb_log(

@@ -23,13 +23,10 @@ from prism_lightning.errors import PrismError
 from prism_lightning.files import sha256_file
 from prism_lightning.model.fingerprint import check_weight_fingerprint, weight_fingerprint
 from prism_lightning.model.gate import Gate
+from prism_lightning.run_paths import ADAPTER_DIR, ADAPTERS_DIR, GATE_FILE, PRISM_JSON  # importable from here
 
 FORMAT_VERSION = 2  # what this version reads; single-adapter exports are still written as 1
 KWAY_FORMAT_VERSION = 2
-PRISM_JSON = "prism.json"
-GATE_FILE = "gate.safetensors"
-ADAPTER_DIR = "adapter"
-ADAPTERS_DIR = "adapters"  # K-way: adapters/<name>/
 
 
 class CheckpointMismatchError(PrismError, ValueError):

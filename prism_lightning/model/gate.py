@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Floors of the standardising std (see Gate.set_feature_stats).
@@ -98,35 +97,3 @@ class Gate(nn.Module):
         """Routing probabilities: sigmoid (B,) for one logit, softmax (B, n_classes) for K-way."""
         logits = self(features).float()
         return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=-1)
-
-
-def gate_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: float | torch.Tensor) -> torch.Tensor:
-    """Class-balanced binary cross-entropy: positives (distill) are weighted by n_retain / n_distill,
-    so both classes contribute equally to the loss whatever the split."""
-    pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32, device=logits.device)
-    return F.binary_cross_entropy_with_logits(
-        logits.float(), targets.float(), pos_weight=pos_weight.reshape(())
-    )
-
-
-def balanced_pos_weight(n_distill: float, n_retain: float) -> float:
-    """retain / distill, with guards for an empty class (then no re-weighting is possible)."""
-    if n_distill <= 0 or n_retain <= 0:
-        return 1.0
-    return float(n_retain) / float(n_distill)
-
-
-def kway_gate_loss(logits: torch.Tensor, classes: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
-    """Class-balanced cross-entropy over none + K adapters: class c is weighted by n_retain / n_c (a
-    weighted mean), so every class contributes equally whatever its size, as the binary loss does."""
-    weight = class_weight.to(device=logits.device, dtype=torch.float32)
-    return F.cross_entropy(logits.float(), classes.long(), weight=weight)
-
-
-def balanced_class_weights(counts: Sequence[float]) -> torch.Tensor:
-    """n_none / n_c per class (counts[0] = retain rows); an empty class gets weight 0 (no rows to
-    weight), and an empty retain class leaves every weight at 1."""
-    n_none = float(counts[0])
-    if n_none <= 0:
-        return torch.ones(len(counts))
-    return torch.tensor([n_none / float(c) if c > 0 else 0.0 for c in counts])

@@ -1,6 +1,6 @@
-"""PrismModule: joint gate + LoRA self-distillation in one LightningModule. The passes themselves are in
-``student_forward.py`` (gate features from the layer-k hook, retain rows stopping after layer k) and the
-K-way step in ``kway_training.py``; LM-head logits are computed only at response positions."""
+"""PrismModule: joint gate + LoRA self-distillation in one LightningModule. It builds the model, gathers a
+batch's routes and class weights, and logs; the step itself (passes and losses) is the functions of
+``training_step.py``."""
 
 from __future__ import annotations
 
@@ -17,21 +17,24 @@ from prism_lightning.backbone import BackboneConfig, resolve_dtype
 from prism_lightning.errors import require
 from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
-from prism_lightning.model.gate import Gate, balanced_pos_weight, gate_loss
-from prism_lightning.model.kway import check_adapter_groups
-from prism_lightning.model.kway_routing import KWayRoutingController
-from prism_lightning.model.kway_training import KWayTraining
-from prism_lightning.model.losses import full_kl, topk_kl
+from prism_lightning.model.gate import Gate
+from prism_lightning.model.kway import check_adapter_groups, persona_routes
+from prism_lightning.model.kway_routing import KWayRoutingController, routes_from_probs
 from prism_lightning.model.routing import (
     DEFAULT_TARGET_MODULES,
     RoutingController,
     apply_lora,
     decoder_layers,
-    inner_model,
 )
 from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
 from prism_lightning.model.sharding import shard_module
-from prism_lightning.model.student_forward import StudentForward
+from prism_lightning.model.training_step import (
+    balanced_class_weights,
+    distill_step,
+    features_until_gate,
+    route_counts,
+    route_targets,
+)
 
 # .ckpt files store the hyperparameters, BackboneConfig included; let torch.load(weights_only=True)
 # (Lightning's default when resuming) rebuild that plain dataclass.
@@ -56,7 +59,7 @@ def _dtype_for(backbone: BackboneConfig, device: torch.device) -> BackboneConfig
     return dataclasses.replace(backbone, dtype=dtype)
 
 
-class PrismModule(KWayTraining, StudentForward, L.LightningModule):
+class PrismModule(L.LightningModule):
     """Joint training of the gate (all rows) and the LoRA adapter (KL on distill rows).
 
     Args:
@@ -277,87 +280,82 @@ class PrismModule(KWayTraining, StudentForward, L.LightningModule):
         var = (total_sq / count - mean * mean).clamp_min(0.0)
         self.gate.set_feature_stats(mean.float(), var.sqrt().float())
 
-    def _pos_weight(self, target: torch.Tensor) -> float:
-        counts = None
-        if self._trainer is not None:
-            dm = getattr(self.trainer, "datamodule", None)
-            counts = getattr(dm, "class_counts", None)
-        if counts:
-            return balanced_pos_weight(counts.get("distill", 0), counts.get("retain", 0))
-        n_pos = float(target.sum())
-        return balanced_pos_weight(n_pos, float(target.numel()) - n_pos)
+    def _gate_features_batch(
+        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Gate features of a batch on their own (a sharded model registers this as an FSDP forward
+        method, so the embeddings are gathered around it)."""
+        return features_until_gate(self.model, self.controller, ids, attn, positions)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if self.adapter_groups is not None and dm is not None and hasattr(dm, "persona_names"):
             self.set_persona_names(dm.persona_names)
 
+    def set_persona_names(self, names: list[str]) -> None:
+        """K-way: map the data module's persona indices to routes (every persona must be in one group)."""
+        self._persona_routes = persona_routes(self.adapter_groups, names)
+
+    def _add_route_metrics(self, n_routes: int, device: torch.device | str | None = None) -> None:
+        """K-way: accuracy over none + K adapters (the binary metrics score P(any adapter))."""
+        from torchmetrics.classification import MulticlassAccuracy
+
+        for stage in ("train", "val", "test"):
+            metric = MulticlassAccuracy(num_classes=n_routes, average="micro")
+            setattr(self, f"{stage}_route_acc", metric.to(device) if device is not None else metric)
+
+    def _datamodule(self):
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _routes(self, batch: dict) -> torch.Tensor:
+        """(B,) routes of a batch: 0 retain, 1 distill (one adapter) or its persona's adapter (K-way)."""
+        if self.adapter_groups is None:
+            return route_targets(batch["gate_target"])
+        if self._persona_routes is None:
+            dm = self._datamodule()
+            if dm is None or not hasattr(dm, "persona_names"):
+                raise RuntimeError("K-way training needs the persona names: call set_persona_names() first.")
+            self.set_persona_names(dm.persona_names)
+        return route_targets(batch["gate_target"], batch["persona_index"], self._persona_routes)
+
+    def _class_weights(self, routes: torch.Tensor) -> torch.Tensor:
+        """n_retain / n_route per route over the train split (the batch's routes without a data module)."""
+        dm = self._datamodule()
+        n_routes = len(self.adapter_groups) + 1 if self.adapter_groups is not None else 2
+        counts = route_counts(
+            routes,
+            n_routes,
+            class_counts=getattr(dm, "class_counts", None),
+            distill_per_persona=getattr(dm, "distill_per_persona", None),
+            groups=self.adapter_groups,
+        )
+        return balanced_class_weights(counts)
+
     def _common_step(self, batch: dict, batch_idx: int, stage: str) -> dict[str, torch.Tensor]:
-        if self.adapter_groups is not None:
-            return self._kway_step(batch, stage)
+        """The training step on one batch (registered as an FSDP forward method) and its gate metrics."""
         hp = self.hparams
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        prompt_len, resp_len = batch["prompt_lengths"], batch["response_lengths"]
-        target = batch["gate_target"].float()
-        t_values, t_indices, t_mask = batch["teacher_values"], batch["teacher_indices"], batch["teacher_mask"]
-        bsz, width = ids.shape
-        n_resp = t_values.shape[1]
-        steps = torch.arange(n_resp, device=ids.device)
-        # Student logits at prompt_len-1+j predict response token j.
-        pos = (prompt_len[:, None] - 1 + steps[None]).clamp(max=width - 1)  # (B, R)
-        rows = torch.arange(bsz, device=ids.device)[:, None].expand(bsz, n_resp)
-        decoder = inner_model(self.model)
-        lm_head = self.base_model.get_output_embeddings()
-        ctl = self.controller
-
-        # Sharded, every rank must run the same layer forwards (each one all-gathers its weights), so the
-        # choice of passes may not depend on a rank's own rows: one pass over all rows (the losses equal
-        # the split path's), and with a retain loss a reference pass over all rows.
-        sharded = self._sharded
-        ref_logits = None
-        retain_sel = None
-        use_retain = hp.retain_weight > 0 and (sharded or bool((target == 0).any()))
-        if use_retain:  # adapter-off reference for retain rows: no grad, adapters skipped
-            retain_rows = target == 0
-            retain_sel = retain_rows[:, None] & (steps[None] < resp_len[:, None])
-            ref_rows = torch.ones_like(retain_rows) if sharded else retain_rows
-            with torch.no_grad():
-                ctl.set_mask(0.0)
-                h_ref = decoder(input_ids=ids[ref_rows], attention_mask=attn[ref_rows], use_cache=False)
-                sub = retain_sel[ref_rows]
-                h_ref = h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[ref_rows][sub]]
-                ref_logits = lm_head(h_ref)
-
-        distill = target > 0
-        # Without a retain loss, retain rows need nothing above layer k: they stop after the gate layer and
-        # only distill rows (adapter on, padding trimmed) run the full stack. Otherwise one forward over every
-        # row: adapter on for distill rows (all rows with a retain loss).
-        split = not (sharded or use_retain or not bool(distill.any()) or bool(distill.all()))
-        mask = 1.0 if split else (torch.ones_like(target) if use_retain else target)
-        hidden, feats, hidden_rows, width = self._student_forward(ids, attn, prompt_len, distill, mask, split)
-        pos = pos.clamp(max=width - 1)
-        gate_logits = self.gate(feats)
-        g_loss = gate_loss(gate_logits, target, self._pos_weight(target))
-
-        sel = t_mask.bool() & (target[:, None] > 0)
-        n_tok = int(sel.sum())
-        if n_tok > 0:
-            logits = lm_head(hidden[hidden_rows[rows[sel]], pos[sel]])
-            kl = topk_kl(logits, t_values[sel], t_indices[sel], hp.kl_temperature).mean()
-        else:  # keep every adapter parameter in the graph (DDP) with a zero loss
-            kl = hidden.sum() * 0.0
-        loss = g_loss + kl
-        retain = torch.zeros((), device=ids.device)
-        if use_retain and ref_logits.shape[0] > 0:
-            stu = lm_head(hidden[rows[retain_sel], pos[retain_sel]])
-            retain = full_kl(ref_logits, stu, hp.kl_temperature).mean()
-            loss = loss + hp.retain_weight * retain
-
-        probs = torch.sigmoid(gate_logits.detach().float())
-        metrics, rate = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_route_rate")
-        metrics.update(probs, target.long())
-        rate.update((probs >= hp.threshold).float())
-        return {"loss": loss, "gate_loss": g_loss, "kl": kl, "retain_kl": retain, "n_tokens": n_tok}
+        routes = self._routes(batch)
+        out = distill_step(
+            self.model,
+            self.controller,
+            self.gate,
+            batch,
+            routes,
+            self._class_weights(routes),
+            kl_temperature=hp.kl_temperature,
+            retain_weight=hp.retain_weight,
+            sharded=self._sharded,
+        )
+        logits = out.gate_logits.detach().float()
+        if logits.dim() == 1:
+            p_route = torch.sigmoid(logits)
+        else:  # K-way: P(any adapter), and the route accuracy
+            probs = torch.softmax(logits, dim=-1)
+            p_route = 1.0 - probs[:, 0]
+            getattr(self, f"{stage}_route_acc").update(routes_from_probs(probs, hp.threshold), routes)
+        getattr(self, f"{stage}_metrics").update(p_route, batch["gate_target"].long())
+        getattr(self, f"{stage}_route_rate").update((p_route >= hp.threshold).float())
+        return out.logged()
 
     def _log_step(self, out: dict, stage: str, bsz: int) -> None:
         on_step = stage == "train"

@@ -168,13 +168,14 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     table = format_table(rows, title=title)
     print("\n" + table)
     markdown = format_table(rows, title=title, markdown=True)
-    files.atomic_write_text(root / "comparison.md", markdown + "\n")
+    files.atomic_write_text(plan.paths.comparison_md, markdown + "\n")
     files.atomic_write_json(
-        root / "comparison.json",
+        plan.paths.comparison_json,
         {"preset": preset.name, "model": preset.model, "paper_model": preset.paper_model, "limit": limit,
          "rows": [asdict(r) for r in rows]},
     )  # fmt: skip
     took = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     total = time.perf_counter() - start
-    print(f"\nwrote {root / 'comparison.md'} and comparison.json; this invocation {total:.0f} s ({took})")
+    written = f"{plan.paths.comparison_md} and {plan.paths.comparison_json.name}"
+    print(f"\nwrote {written}; this invocation {total:.0f} s ({took})")
     return 0

@@ -16,41 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from prism_lightning import files
+from prism_lightning import files, run_paths
 from prism_lightning.errors import ConfigError
 from prism_lightning.eval import scoring as S
+from prism_lightning.run_paths import RunPaths
 
 __all__ = ["PAPER_NUMBERS_FILE", "Comparison", "RunPaths", "compare", "format_table", "paper_numbers"]
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 CI_RESAMPLES = 1000
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one reproduction's outputs lie (all under its run directory)."""
-
-    root: Path
-
-    @property
-    def run(self) -> Path:  # fit's data.run_dir: bootstrap stages, Lightning checkpoints, W&B files
-        return self.root / "run"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def study(self) -> Path:
-        return self.root / "study"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
 
 
 @dataclass
@@ -94,7 +68,7 @@ def _ci(values: list, scale: float) -> tuple[float, float | None, float | None] 
 
 
 def _from_summary(paths: RunPaths, cond: str, score: str):
-    path = paths.eval / "summary.json"
+    path = run_paths.eval_summary(paths.eval)
     if not path.exists():
         return None
     res = json.loads(path.read_text())["conditions"].get(cond)
@@ -114,8 +88,8 @@ def _in_group(row: dict, group: str) -> bool:
 
 def _effect(paths: RunPaths, score: str):
     bench = score.partition("/")[0]
-    treated = _rows(paths.eval / "items" / f"{bench}__persona.jsonl")
-    control = _rows(paths.eval / "items" / f"{bench}__base.jsonl")
+    treated = _rows(run_paths.item_file(paths.eval, bench, "persona"))
+    control = _rows(run_paths.item_file(paths.eval, bench, "base"))
     t = {i: r["values"] for i, r in treated.items() if _in_group(r, score)}
     c = {i: r["values"] for i, r in control.items() if _in_group(r, score)}
     if not t or not c:
@@ -129,13 +103,13 @@ def _effect(paths: RunPaths, score: str):
 
 def _routing(paths: RunPaths, group: str):
     rows = []
-    for path in sorted((paths.eval / "items").glob("*__prism.jsonl")):
+    for path in run_paths.item_files(paths.eval, "prism"):
         rows += [r for r in _rows(path).values() if _in_group(r, group) and r.get("route") is not None]
     return _ci([float(r["route"]) for r in rows], 100.0)
 
 
 def _correlation(paths: RunPaths, which: str):
-    path = paths.eval / "summary.json"
+    path = run_paths.eval_summary(paths.eval)
     if not path.exists():
         return None
     v = json.loads(path.read_text()).get("correlation", {}).get(which)
@@ -143,13 +117,13 @@ def _correlation(paths: RunPaths, which: str):
 
 
 def _study_mmlu(paths: RunPaths, length: str):
-    cell = "none" if length == "none" else f"matched__{length}__system"
-    rows = _rows(paths.study / "items" / f"mmlu__{cell}.jsonl")
+    cell = "none" if length == "none" else run_paths.study_cell("matched", length, "system")
+    rows = _rows(run_paths.item_file(paths.study, "mmlu", cell))
     return _ci([r["values"] for r in rows.values()], 100.0)
 
 
 def _distill_share(paths: RunPaths):
-    path = paths.run / "bootstrap" / "summary.json"
+    path = run_paths.bootstrap_summary(paths.run)
     if not path.exists():
         return None
     s = json.loads(path.read_text())
@@ -159,7 +133,7 @@ def _distill_share(paths: RunPaths):
 
 
 def _gate_acc(paths: RunPaths):
-    path = paths.checkpoint / "prism.json"
+    path = paths.checkpoint / run_paths.PRISM_JSON
     if not path.exists():
         return None
     metrics = (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}

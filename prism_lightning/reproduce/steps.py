@@ -19,15 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prism_lightning import files
-from prism_lightning.reproduce.compare import RunPaths
+from prism_lightning import files, run_paths
 from prism_lightning.reproduce.presets import Preset
+from prism_lightning.run_paths import RunPaths
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Plan", "RunState", "StepSpec", "build_plan", "run_steps"]
-
-STATE_FILE = "reproduce.json"
 
 
 @dataclass
@@ -53,7 +51,7 @@ class RunState:
 
     @classmethod
     def load(cls, root: Path) -> RunState:
-        path = root / STATE_FILE
+        path = RunPaths(root).state
         try:
             data = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
@@ -102,7 +100,7 @@ def _fit_runner(paths: RunPaths) -> Callable[[list[str]], None]:
     def run(args: list[str]) -> None:
         from prism_lightning.lightning_cli import run_lightning_cli
 
-        last = paths.run / "lightning" / "last.ckpt"
+        last = run_paths.last_checkpoint(paths.run)
         extra = ["--ckpt_path", str(last)] if last.exists() else []
         if extra:
             print(f"  fit resumes from {last}", flush=True)
@@ -133,9 +131,9 @@ def _report_runner(paths: RunPaths) -> Callable[[list[str]], None]:
         result = write_report(
             paths.run if paths.run.exists() else paths.root,
             paths.report,
-            eval_dir=paths.eval if (paths.eval / "summary.json").exists() else None,
-            study_dir=paths.study if (paths.study / "study.csv").exists() else None,
-            checkpoint=paths.checkpoint if (paths.checkpoint / "prism.json").exists() else None,
+            eval_dir=paths.eval if run_paths.eval_summary(paths.eval).exists() else None,
+            study_dir=paths.study if run_paths.study_csv(paths.study).exists() else None,
+            checkpoint=paths.checkpoint if (paths.checkpoint / run_paths.PRISM_JSON).exists() else None,
         )
         print(f"  {len(result['written'])} figures written, {len(result['skipped'])} skipped")
 
@@ -167,21 +165,21 @@ def build_plan(
     lim += gen_eval
     specs = {
         "bootstrap": StepSpec(
-            "bootstrap", fit_args, paths.run / "bootstrap" / "summary.json", _run_bootstrap
+            "bootstrap", fit_args, run_paths.bootstrap_summary(paths.run), _run_bootstrap
         ),
         "fit": StepSpec(
-            "fit", [*fit_args, f"--export_dir={paths.checkpoint}"], paths.checkpoint / "prism.json",
+            "fit", [*fit_args, f"--export_dir={paths.checkpoint}"], paths.checkpoint / run_paths.PRISM_JSON,
             _fit_runner(paths),
         ),
         "evaluate": StepSpec(
             "evaluate", [f"--checkpoint={paths.checkpoint}", f"--out={paths.eval}", *preset.evaluate, *lim],
-            paths.eval / "summary.json", _run_evaluate,
+            run_paths.eval_summary(paths.eval), _run_evaluate,
         ),
         "study": StepSpec(
             "study", [f"--model={preset.model}", f"--out={paths.study}", *preset.study, *lim],
-            paths.study / "study.json", _run_study,
+            run_paths.study_json(paths.study), _run_study,
         ),
-        "report": StepSpec("report", [], paths.report / "report.md", _report_runner(paths)),
+        "report": StepSpec("report", [], run_paths.report_md(paths.report), _report_runner(paths)),
     }  # fmt: skip
     if "fit" not in preset.steps:  # no checkpoint: evaluate runs the base-model conditions only
         specs["evaluate"].args[0] = f"--model={preset.model}"
