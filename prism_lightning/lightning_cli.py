@@ -24,6 +24,7 @@ from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import ConfigError
+from prism_lightning.files import check_output_dir
 from prism_lightning.model.checks import check_against_model
 from prism_lightning.model.module import PrismModule
 
@@ -106,6 +107,7 @@ class PrismCLI(LightningCLI):
             raise ConfigError(
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
+        check_output_paths(self.subcommand, cfg)
 
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
@@ -208,11 +210,24 @@ class PrismCLI(LightningCLI):
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
 
 
+def check_output_paths(subcommand: str | None, cfg) -> None:
+    """The files a command writes at its end, checked at its start: fit's export directory must be able
+    to be a directory (an existing file there would be replaced by the export), predict's output a file."""
+    if subcommand == "fit":
+        default = Path("checkpoints") / Path(str(cfg.data.run_dir)).name
+        check_output_dir(cfg.get("export_dir") or default, "--export_dir")
+    if subcommand == "predict":
+        output = Path(cfg.get("predict_output") or Path(str(cfg.data.run_dir)) / "predictions.jsonl")
+        if output.is_dir():
+            raise ConfigError(f"--predict_output {output} is a directory; give a file name.")
+        check_output_dir(output.parent, "the folder of --predict_output")
+
+
 def derive_run_paths(cfg) -> None:
     """Every output of a run goes under ``data.run_dir`` unless a path is set explicitly: Lightning's
     root and checkpoints (``<run_dir>/lightning``), W&B files and the saved config.yaml (the logger's
     save_dir), so two runs with different run directories share no file."""
-    run_dir = Path(str(cfg.data.run_dir))
+    run_dir = check_output_dir(str(cfg.data.run_dir), "--data.run_dir")
     trainer = cfg.trainer
     if not trainer.get("default_root_dir"):
         trainer.default_root_dir = str(run_dir)

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 
 from prism_lightning.analysis import figures as F
 from prism_lightning.analysis import load as L
+from prism_lightning.errors import ConfigError
+from prism_lightning.files import check_output_dir
 
 __all__ = ["FigureSpec", "default_checkpoint", "report_main", "write_report"]
 
@@ -259,7 +261,18 @@ def report_main(argv: list[str] | None = None) -> int:
     plt.switch_backend("Agg")  # files only: never open a window (the notebooks keep their own backend)
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
-        ap.error(f"{run_dir} is not a directory (expected a fit run directory such as runs/default)")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"{run_dir} {what}; give a fit run directory such as runs/default.")
+    for flag, given in (
+        ("--eval", args.eval_dir),
+        ("--study", args.study_dir),
+        ("--checkpoint", args.checkpoint),
+    ):
+        if given is not None and not given.is_dir():  # given by name: not found is an error, not a skip
+            what = "is a file" if given.exists() else "does not exist"
+            raise ConfigError(f"{flag} {given} {what}; give a directory.")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     eval_dir = args.eval_dir or (run_dir / "eval" if (run_dir / "eval" / "summary.json").exists() else None)
     study_dir = args.study_dir or (run_dir / "study" if (run_dir / "study" / "study.csv").exists() else None)
     checkpoint = args.checkpoint or default_checkpoint(run_dir)
