@@ -207,6 +207,10 @@ def check_args(args: argparse.Namespace) -> None:
     require(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}.")
     require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}.")
+    require(
+        args.top_p == 1 or args.temperature > 0,
+        "--top_p acts only with --temperature > 0 (temperature 0 decodes greedily).",
+    )
     if args.threshold is not None:
         require(0 < args.threshold < 1, f"--threshold must be in (0, 1), got {args.threshold}.")
     BackboneConfig(dtype=args.dtype or "auto")  # names the valid dtypes

@@ -107,6 +107,7 @@ class PrismCLI(LightningCLI):
             raise ConfigError(
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
+        check_command_options(self.subcommand, cfg)
         check_output_paths(self.subcommand, cfg)
 
     def before_fit(self) -> None:
@@ -208,6 +209,26 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         output = cfg.get("predict_output") or str(Path(self.datamodule.run_dir) / "predictions.jsonl")
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
+
+
+# top-level options that one command reads, with their defaults: another command refuses a set one
+COMMAND_ONLY_OPTIONS = {
+    "export_dir": ("fit", None),
+    "export_from": ("fit", "last"),
+    "validate_before_fit": ("fit", True),
+    "sanity_check": ("fit", True),
+    "predict_output": ("predict", None),
+}
+
+
+def check_command_options(subcommand: str | None, cfg) -> None:
+    """An option another command reads would be ignored silently: refuse it. (Not for ``bootstrap``,
+    which parses fit's arguments, so the same argument list serves both.)"""
+    if subcommand is None:
+        return
+    for key, (command, default) in COMMAND_ONLY_OPTIONS.items():
+        if subcommand != command and cfg.get(key, default) != default:
+            raise ConfigError(f"--{key} acts only with `{command}`, not `{subcommand}`.")
 
 
 def check_output_paths(subcommand: str | None, cfg) -> None:

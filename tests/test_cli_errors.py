@@ -214,6 +214,12 @@ CASES = {
     "chat threshold alone": (["chat", "--threshold", "0.3", "hi"], "--threshold acts only with --checkpoint"),
     "chat route alone": (["chat", "--route", "on", "hi"], "--route acts only with --checkpoint"),
     "chat merge_weights alone": (["chat", "--merge_weights", "hi"], "--merge_weights acts only with"),
+    "assets list with only": (["assets", "--list", "--only", "mmlu"], "--only acts without --list"),
+    "chat top_p when greedy": (["chat", "--top_p", "0.5", "hi"], "--top_p acts only with --temperature > 0"),
+    # fit's and predict's own options given to another command
+    "predict sanity_check": ([*PREDICT, "--sanity_check", "false"], "--sanity_check acts only with `fit`"),
+    "validate export_dir": (["validate", *FIT[1:], "--export_dir", "x"], "--export_dir acts only with `fit`"),
+    "fit predict_output": ([*FIT, "--predict_output", "x.jsonl"], "acts only with `predict`, not `fit`"),
     "chat threshold with forced route": (
         ["chat", "--checkpoint", "ckpt", "--route", "off", "--threshold", "0.3", "hi"],
         "--threshold acts only with --route gated",

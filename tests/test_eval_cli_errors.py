@@ -41,6 +41,11 @@ EVALUATE_CASES = {
     "merge_weights without checkpoint": (["--merge_weights"], ["--merge_weights", "--checkpoint"]),
     "vllm settings without vllm": (["--vllm", "max_num_seqs=8"], ["--vllm", "--backend vllm"]),
     "checkpoint is a file": (["--checkpoint", "a_file"], ["a_file", "is a file"]),
+    "benchmark file is a directory": (["--mmlu_file", "empty"], ["--mmlu_file", "is a directory"]),
+    "persona length without a persona condition": (
+        ["--persona_length", "long", "--conditions", "base"],
+        ["--persona_length", "persona or random_persona"],
+    ),
     "out under a file": (["--out", "a_file/eval"], ["a_file/eval", "under a_file"]),
     "checkpoint gate layer out of range": (["--checkpoint", "gate-layer-99"], ["gate_layer is 99", "< 3"]),
     "checkpoint with edited prism.json": (["--checkpoint", "edited"], ["prism.json differs", "sha256"]),

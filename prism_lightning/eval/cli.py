@@ -195,7 +195,8 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
     paths = {k[5:]: v for k, v in vars(args).items() if k.startswith("file_") and v}
     for name, path in paths.items():
         if not Path(path).expanduser().is_file():
-            raise EvalInputError(f"--{name}_file {path} does not exist.")
+            what = "is a directory" if Path(path).expanduser().is_dir() else "does not exist"
+            raise EvalInputError(f"--{name}_file {path} {what}.")
     check_output_dir(args.out, "--out")
     return EvalSettings(
         limit=args.limit,
@@ -343,9 +344,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     # every input is checked before a model loads
     benchmarks = check_benchmarks(csv_list(args.benchmarks))
     ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
+    persona_flags = [
+        f for f, v in (("--persona_length", args.persona_length), ("--placement", args.placement)) if v
+    ]
     if ckpt is not None:
         persona_defaults_from_checkpoint(args, ckpt)
     conditions = _conditions(args)
+    if persona_flags and not any(c.name in ("persona", "random_persona") for c in conditions):
+        raise EvalInputError(f"{persona_flags[0]} acts only with the persona or random_persona condition.")
     settings = settings_from(args)
     args.generation = generation_from(args)
     if args.merge_weights and (ckpt is None or args.generation.backend == "vllm"):
