@@ -108,7 +108,7 @@ class PrismCLI(LightningCLI):
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
         check_command_options(self.subcommand, cfg)
-        check_output_paths(self.subcommand, cfg)
+        check_command_paths(self.subcommand, cfg)
 
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
@@ -231,12 +231,20 @@ def check_command_options(subcommand: str | None, cfg) -> None:
             raise ConfigError(f"--{key} acts only with `{command}`, not `{subcommand}`.")
 
 
-def check_output_paths(subcommand: str | None, cfg) -> None:
-    """The files a command writes at its end, checked at its start: fit's export directory must be able
-    to be a directory (an existing file there would be replaced by the export), predict's output a file."""
+def check_command_paths(subcommand: str | None, cfg) -> None:
+    """The files a command reads or writes late, checked at its start: --ckpt_path must be a file, fit's
+    export directory must be able to be a directory (an existing file there would be replaced by the
+    export), predict's output a file."""
     if subcommand == "fit":
         default = Path("checkpoints") / Path(str(cfg.data.run_dir)).name
         check_output_dir(cfg.get("export_dir") or default, "--export_dir")
+    ckpt = cfg.get("ckpt_path")
+    named = ckpt in ("best", "last", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
+    if ckpt and not named and not Path(ckpt).is_file():  # Lightning would fail only after the bootstrap
+        what = "is a directory" if Path(ckpt).is_dir() else "does not exist"
+        raise ConfigError(
+            f"--ckpt_path {ckpt} {what}; give a Lightning .ckpt file (<run_dir>/lightning/last.ckpt)."
+        )
     if subcommand == "predict":
         output = Path(cfg.get("predict_output") or Path(str(cfg.data.run_dir)) / "predictions.jsonl")
         if output.is_dir():

@@ -168,6 +168,7 @@ CASES = {
     "bootstrap run_dir is a file": ([*BOOTSTRAP, "--data.run_dir", "a-file"], "a-file is a file"),
     "validate run_dir is a file": (["validate", *FIT[1:], "--data.run_dir", "a-file"], "a-file is a file"),
     "fit export_dir is a file": ([*FIT, "--export_dir", "a-file"], "--export_dir a-file is a file"),
+    "fit missing ckpt_path": ([*FIT, "--ckpt_path", "nope.ckpt"], "--ckpt_path nope.ckpt does not exist"),
     "predict file is a directory": ([*PREDICT, "--data.predict_file", "runs"], "runs is a directory"),
     "predict output is a directory": (
         [*PREDICT, "--data.predict_file", "prompts-ok.jsonl", "--predict_output", "runs"],
