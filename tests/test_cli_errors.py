@@ -255,6 +255,16 @@ def test_a_checkpoint_exported_before_the_prism_json_digest_still_loads(work, ca
     assert info.value.code == 0, capfd.readouterr().err[-2000:]
 
 
+def test_the_prism_json_digest_follows_content_not_layout(work, tmp_path):
+    from prism_lightning.model.export import verify_checkpoint
+
+    copy = tmp_path / "reindented"
+    shutil.copytree(work / "ckpt", copy)
+    meta = json.loads((copy / "prism.json").read_text())
+    (copy / "prism.json").write_text(json.dumps(dict(reversed(meta.items())), indent=4))  # same content
+    assert verify_checkpoint(copy)["meta_sha256"] == meta["meta_sha256"]
+
+
 def test_a_context_file_names_a_persona(work, capfd, monkeypatch):
     monkeypatch.chdir(work)
     argv = ["--context_file", "facts.txt", "--persona", "facts", "--model", str(work / "other-weights")]

@@ -191,18 +191,18 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is damaged ({exc}); export the run again.") from None
-    if isinstance(meta, dict):
-        check_digest(meta, meta_path)
-    required = ("base_model", "gate_layer", "gate_hidden", "threshold")
-    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
-    if missing:
-        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; export the run again.")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is damaged (not a JSON object); export the run again.")
     version = meta.get("format_version", 0)
-    if isinstance(version, int) and version > FORMAT_VERSION:
+    if isinstance(version, int) and version > FORMAT_VERSION:  # before the digest: a newer file's rules
         raise CheckpointError(
             f"{path} has checkpoint format {meta['format_version']}; "
             f"this version reads up to {FORMAT_VERSION}: upgrade prism_lightning."
         )
+    check_digest(meta, meta_path)
+    missing = [k for k in ("base_model", "gate_layer", "gate_hidden", "threshold") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; export the run again.")
     check_meta(meta, meta_path)
     return meta
 
