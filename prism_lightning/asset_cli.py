@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from prism_lightning import assets
 from prism_lightning.backbone import EMBEDDED_MODELS, prepare_embedded
+from prism_lightning.errors import ConfigError
 
 
 def assets_main(argv: Sequence[str] | None = None) -> int:
@@ -24,6 +25,8 @@ def assets_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="list assets and whether they are cached")
     args = parser.parse_args(argv)
+    if args.list and args.only:
+        raise ConfigError("--list lists every asset and fetches none; --only acts without --list.")
     if args.list:
         for name, asset in assets.ASSETS.items():
             state = "cached" if assets.is_cached(asset) else "missing"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
-from prism_lightning.errors import require
+from prism_lightning.errors import ConfigError, require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,16 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})"
     )
     p.add_argument("--persona", default=None, help="persona/context name put in the prompt (base model only)")
-    p.add_argument("--persona_length", "--persona-length", default="short", choices=LENGTHS)
-    p.add_argument("--placement", default="system", choices=PLACEMENTS)
     p.add_argument(
-        "--context_file", action="append", default=[], help="extra persona/context file (repeatable)"
+        "--persona_length",
+        "--persona-length",
+        default=None,
+        choices=LENGTHS,
+        help="with --persona (default short)",
+    )
+    p.add_argument("--placement", default=None, choices=PLACEMENTS, help="with --persona (default system)")
+    p.add_argument(
+        "--context_file",
+        action="append",
+        default=[],
+        help="extra persona/context file (repeatable) whose contexts --persona can name",
     )
     p.add_argument("--checkpoint", default=None, help="exported PRISM run directory: answer with routing")
     p.add_argument(
-        "--route", default="gated", choices=("gated", "on", "off"), help="routing mode with --checkpoint"
+        "--route",
+        default=None,
+        choices=("gated", "on", "off"),
+        help="routing mode with --checkpoint (default gated)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="gate threshold with --route gated (default: the checkpoint's)",
+    )
     p.add_argument(
         "--merge_weights",
         action="store_true",
@@ -43,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument(
+        "--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 (default: auto, or "
+        "the checkpoint's)"
+    )  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true")
     return p
 
@@ -64,11 +84,10 @@ class _Session:
         if args.checkpoint:
             from prism_lightning.model.export import load_checkpoint
 
-            override = BackboneConfig(model=args.model, dtype=args.dtype) if args.model else None
             self.routed = load_checkpoint(
                 args.checkpoint,
                 device=args.device,
-                backbone_override=override,
+                backbone_override=checkpoint_backbone(args),
                 merge_weights=args.merge_weights,
             )
             if args.threshold is not None:
@@ -85,9 +104,11 @@ class _Session:
             self.context = None
             if args.persona:  # resolved before the model loads, so a typo fails at once
                 library = ContextLibrary.from_config(args.context_file)
-                self.context = library.get(args.persona).text(args.persona_length)
+                self.context = library.get(args.persona).text(args.persona_length or "short")
             self.backbone = BackboneConfig(
-                model=args.model or DEFAULT_MODEL, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+                model=args.model or DEFAULT_MODEL,
+                dtype=args.dtype or "auto",
+                trust_remote_code=args.trust_remote_code,
             ).load(args.device)
 
     def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
@@ -110,7 +131,7 @@ class _Session:
             out = self.routed.chat(
                 self.turns,
                 self.replies,
-                mode=self.args.route,
+                mode=self.args.route or "gated",
                 threshold=self.args.threshold,
                 sampling=self.sampling,
                 route=self.route,
@@ -124,7 +145,7 @@ class _Session:
             self._ask_routed(on_step)
         else:
             prompt = self.backbone.formatter.prompt(
-                self.turns, self.context, self.args.placement, self.replies
+                self.turns, self.context, self.args.placement or "system", self.replies
             )
             generate_batch(
                 self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling, on_step=on_step
@@ -166,22 +187,65 @@ class _Session:
         self.turns, self.replies, self.route = [], [], None
 
 
+def checkpoint_backbone(args: argparse.Namespace) -> BackboneConfig | None:
+    """The checkpoint's recorded backbone settings with --model, --dtype and --trust_remote_code applied
+    (its base system prompt and the rest kept); None when none is given (the recorded settings)."""
+    if not (args.model or args.dtype or args.trust_remote_code):
+        return None
+    from prism_lightning.model.export import read_meta
+
+    saved = dict(read_meta(args.checkpoint)["base_model"]["backbone"])
+    saved.update({key: value for key, value in (("model", args.model), ("dtype", args.dtype)) if value})
+    if args.trust_remote_code:
+        saved["trust_remote_code"] = True
+    return BackboneConfig(**saved)
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Everything that can be wrong with the arguments, before a model loads."""
+    """Everything that can be wrong with the arguments, before a model loads; an option that would
+    have no effect with the others given is refused rather than ignored."""
     require(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}.")
     require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}.")
+    require(
+        args.top_p == 1 or args.temperature > 0,
+        "--top_p acts only with --temperature > 0 (temperature 0 decodes greedily).",
+    )
     if args.threshold is not None:
         require(0 < args.threshold < 1, f"--threshold must be in (0, 1), got {args.threshold}.")
-    BackboneConfig(dtype=args.dtype)  # names the valid dtypes
+    BackboneConfig(dtype=args.dtype or "auto")  # names the valid dtypes
     if args.checkpoint:
+        for flag, given in (("--persona", args.persona), ("--context_file", args.context_file)):
+            require(
+                not given, f"{flag} and --checkpoint exclude each other: PRISM puts no persona in the prompt."
+            )
         require(
-            not args.persona,
-            "--persona and --checkpoint exclude each other: PRISM puts no persona in the prompt.",
+            args.threshold is None or args.route in (None, "gated"),
+            f"--threshold acts only with --route gated; --route {args.route} forces the route.",
         )
         from prism_lightning.model.export import verify_checkpoint
 
         verify_checkpoint(args.checkpoint)
+        return
+    for flag, given in (
+        ("--route", args.route),
+        ("--threshold", args.threshold),
+        ("--merge_weights", args.merge_weights),
+    ):
+        require(given is None or given is False, f"{flag} acts only with --checkpoint (routing).")
+    for flag, given in (("--persona_length", args.persona_length), ("--placement", args.placement)):
+        require(given is None or args.persona, f"{flag} acts only with --persona.")
+    if args.context_file:
+        library = ContextLibrary.from_config(args.context_file)  # a missing or unreadable file fails here
+        if not args.persona:
+            from prism_lightning.contexts import load_context_file
+
+            names = [name for path in args.context_file for name in load_context_file(path)]
+            raise ConfigError(
+                f"--context_file only adds contexts for --persona to name; add --persona "
+                f"{' or '.join(names[:5])} to put one in the prompt."
+            )
+        library.get(args.persona)
 
 
 def chat_main(argv: Sequence[str] | None = None) -> int:

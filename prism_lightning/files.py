@@ -106,10 +106,25 @@ def read_written_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """``path`` as a directory a command may create or reuse; a :class:`PrismError` when it, or a folder
+    it would be made in, is an existing file (``mkdir`` would fail there only after the long work)."""
+    path = Path(path).expanduser()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == path else f"lies under {part}, which is a file"
+                raise PrismError(f"{what} {path} {where}; give a directory.")
+            break
+    return path
+
+
 def read_input_jsonl(path: str | Path, *, what: str = "file") -> list[dict[str, Any]]:
     """Rows of a user's JSONL file; a missing file or a line that is not a JSON object is a
     :class:`PrismError` naming the file and the line."""
     path = Path(path)
+    if path.is_dir():
+        raise PrismError(f"{what} {path} is a directory; give a JSONL file.")
     if not path.is_file():
         raise PrismError(f"{what} {path} does not exist.")
     rows: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import ConfigError
+from prism_lightning.files import check_output_dir
 from prism_lightning.model.checks import check_against_model
 from prism_lightning.model.module import PrismModule
 
@@ -107,6 +108,8 @@ class PrismCLI(LightningCLI):
             raise ConfigError(
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
+        check_command_options(self.subcommand, cfg)
+        check_command_paths(self.subcommand, cfg)
 
     def before_fit(self) -> None:
         dm: PrismDataModule = self.datamodule
@@ -209,11 +212,52 @@ class PrismCLI(LightningCLI):
         self.trainer.callbacks.append(RoutedPredictionWriter(output))
 
 
+# top-level options that one command reads, with their defaults: another command refuses a set one
+COMMAND_ONLY_OPTIONS = {
+    "export_dir": ("fit", None),
+    "export_from": ("fit", "last"),
+    "validate_before_fit": ("fit", True),
+    "sanity_check": ("fit", True),
+    "predict_output": ("predict", None),
+}
+
+
+def check_command_options(subcommand: str | None, cfg) -> None:
+    """An option another command reads would be ignored silently: refuse it. (Not for ``bootstrap``,
+    which parses fit's arguments, so the same argument list serves both.)"""
+    if subcommand is None:
+        return
+    for key, (command, default) in COMMAND_ONLY_OPTIONS.items():
+        if subcommand != command and cfg.get(key, default) != default:
+            raise ConfigError(f"--{key} acts only with `{command}`, not `{subcommand}`.")
+
+
+def check_command_paths(subcommand: str | None, cfg) -> None:
+    """The files a command reads or writes late, checked at its start: --ckpt_path must be a file, fit's
+    export directory must be able to be a directory (an existing file there would be replaced by the
+    export), predict's output a file."""
+    if subcommand == "fit":
+        default = Path("checkpoints") / Path(str(cfg.data.run_dir)).name
+        check_output_dir(cfg.get("export_dir") or default, "--export_dir")
+    ckpt = cfg.get("ckpt_path")
+    named = ckpt in ("best", "last", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt)
+    if ckpt and not named and not Path(ckpt).is_file():  # Lightning would fail only after the bootstrap
+        what = "is a directory" if Path(ckpt).is_dir() else "does not exist"
+        raise ConfigError(
+            f"--ckpt_path {ckpt} {what}; give a Lightning .ckpt file (<run_dir>/lightning/last.ckpt)."
+        )
+    if subcommand == "predict":
+        output = Path(cfg.get("predict_output") or Path(str(cfg.data.run_dir)) / "predictions.jsonl")
+        if output.is_dir():
+            raise ConfigError(f"--predict_output {output} is a directory; give a file name.")
+        check_output_dir(output.parent, "the folder of --predict_output")
+
+
 def derive_run_paths(cfg) -> None:
     """Every output of a run goes under ``data.run_dir`` unless a path is set explicitly: Lightning's
     root and checkpoints (``<run_dir>/lightning``), W&B files and the saved config.yaml (the logger's
     save_dir), so two runs with different run directories share no file."""
-    run_dir = Path(str(cfg.data.run_dir))
+    run_dir = check_output_dir(str(cfg.data.run_dir), "--data.run_dir")
     trainer = cfg.trainer
     if not trainer.get("default_root_dir"):
         trainer.default_root_dir = str(run_dir)

@@ -3,6 +3,7 @@ the real command line, before any model loads (so each case takes only the impor
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,19 @@ EVALUATE_CASES = {
     "lora without checkpoint": (["--conditions", "lora"], ["lora", "--checkpoint"]),
     "missing checkpoint": (["--checkpoint", "no/such/dir"], ["no/such/dir", "does not exist"]),
     "checkpoint without prism.json": (["--checkpoint", "empty"], ["empty", "prism.json"]),
-    "negative limit": (["--limit", "-1"], ["limit", ">= 0", "-1"]),
+    "negative limit": (["--limit", "-1"], ["limit", ">= 1", "-1"]),
+    "zero limit": (["--limit", "0"], ["limit", ">= 1", "got 0"]),  # would evaluate nothing
+    "merge_weights without checkpoint": (["--merge_weights"], ["--merge_weights", "--checkpoint"]),
+    "vllm settings without vllm": (["--vllm", "max_num_seqs=8"], ["--vllm", "--backend vllm"]),
+    "checkpoint is a file": (["--checkpoint", "a_file"], ["a_file", "is a file"]),
+    "benchmark file is a directory": (["--mmlu_file", "empty"], ["--mmlu_file", "is a directory"]),
+    "persona length without a persona condition": (
+        ["--persona_length", "long", "--conditions", "base"],
+        ["--persona_length", "persona or random_persona"],
+    ),
+    "out under a file": (["--out", "a_file/eval"], ["a_file/eval", "under a_file"]),
+    "checkpoint gate layer out of range": (["--checkpoint", "gate-layer-99"], ["gate_layer is 99", "< 3"]),
+    "checkpoint with edited prism.json": (["--checkpoint", "edited"], ["prism.json differs", "sha256"]),
     "unknown safety set": (["--safety_sets", "jailbreakbench,foo"], ["'foo'", "harmbench"]),
     "missing benchmark file": (["--mmlu_file", "missing.jsonl"], ["--mmlu_file", "missing.jsonl"]),
     "zero batch size": (["--batch_size", "0"], ["batch_size", ">= 1"]),
@@ -53,7 +66,22 @@ def cwd(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli-errors")
     (d / "empty").mkdir()
     (d / "a_file").write_text("not a directory\n")
+    _write_meta(d / "gate-layer-99", gate_layer=99)
+    _write_meta(d / "edited", gate_layer=1)
+    meta = json.loads((d / "edited" / "prism.json").read_text())
+    (d / "edited" / "prism.json").write_text(json.dumps({**meta, "threshold": 0.9}))  # digest kept
     return d
+
+
+def _write_meta(directory: Path, **values) -> None:
+    """A prism.json alone (evaluate reads it before anything else of the checkpoint), with its digest."""
+    from prism_lightning.model.checkpoint_meta import META_DIGEST, meta_digest
+
+    fingerprint = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "vocab_size": 384}
+    base = {"name": "tiny", "backbone": {"model": "tiny"}, "fingerprint": fingerprint}
+    meta = {"base_model": base, "gate_layer": 0, "gate_hidden": [8], "threshold": 0.5, **values}
+    directory.mkdir()
+    (directory / "prism.json").write_text(json.dumps({**meta, META_DIGEST: meta_digest(meta)}))
 
 
 @pytest.mark.parametrize("case", list(EVALUATE_CASES))
@@ -72,6 +100,8 @@ STUDY_CASES = {
     "unknown placement": (["--placements", "sideways"], ["'sideways'", "system, user, none"]),
     "unknown benchmark": (["--benchmarks", "mmlux"], ["'mmlux'", BENCHMARKS]),
     "negative limit": (["--limit", "-2"], ["limit", "-2"]),
+    "zero limit": (["--limit", "0"], ["limit", ">= 1", "got 0"]),
+    "vllm settings without vllm": (["--vllm", "max_num_seqs=8"], ["--vllm", "--backend vllm"]),
 }
 
 

@@ -139,6 +139,7 @@ def ROOT_EMPTY(tmp_path):  # noqa: N802 - a run directory with nothing in it
         (["--preset", "smollm2-135m-instruct", "--limit", "0"], "--limit must be >= 1"),
         (["--preset", "smollm2-135m-instruct", "--limit", "two"], "--limit must be a whole number"),
         ([], "give --preset NAME"),
+        (["--preset", "smollm2-135m-instruct", "--run_dir", f"{__file__}/run"], "which is a file"),
         (["--preset", "smollm2-135m-instruct", "--vllm", "max_num_seqs=8"], "--vllm settings need --backend"),
         (
             ["--preset", "smollm2-135m-instruct", "--backend", "vllm", "--vllm", "tensor_parallel_size=0"],

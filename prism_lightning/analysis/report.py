@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 from prism_lightning import run_paths
 from prism_lightning.analysis import figures as F
 from prism_lightning.analysis import load as L
+from prism_lightning.errors import ConfigError
+from prism_lightning.files import check_output_dir
 
 __all__ = ["FigureSpec", "default_checkpoint", "report_main", "write_report"]
 
@@ -260,7 +262,18 @@ def report_main(argv: list[str] | None = None) -> int:
     plt.switch_backend("Agg")  # files only: never open a window (the notebooks keep their own backend)
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
-        ap.error(f"{run_dir} is not a directory (expected a fit run directory such as runs/default)")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"{run_dir} {what}; give a fit run directory such as runs/default.")
+    for flag, given in (
+        ("--eval", args.eval_dir),
+        ("--study", args.study_dir),
+        ("--checkpoint", args.checkpoint),
+    ):
+        if given is not None and not given.is_dir():  # given by name: not found is an error, not a skip
+            what = "is a file" if given.exists() else "does not exist"
+            raise ConfigError(f"{flag} {given} {what}; give a directory.")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     default_eval, default_study = run_dir / run_paths.EVAL_DIR, run_dir / run_paths.STUDY_DIR
     eval_dir = args.eval_dir or (default_eval if run_paths.eval_summary(default_eval).exists() else None)
     study_dir = args.study_dir or (default_study if run_paths.study_csv(default_study).exists() else None)

@@ -265,6 +265,8 @@ def load_context_file(path: str | Path) -> dict[str, Context]:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ContextFileError(path, f"cannot read as UTF-8 text: {exc}") from exc
+    if "\x00" in raw:  # valid UTF-8 can still be a binary file; no prompt holds NUL characters
+        raise ContextFileError(path, "holds NUL bytes: not a text file")
     if path.suffix.lower() in _YAML_SUFFIXES:
         return _parse_yaml_text(raw, str(path), source=str(path))
     text = raw.strip()

@@ -32,6 +32,7 @@ from prism_lightning.eval.settings import (
     EvalSettings,
     check_benchmarks,
 )
+from prism_lightning.files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def find_checkpoint(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise EvalInputError(f"--checkpoint {p} does not exist; give a directory exported by `fit`.")
+    if not p.is_dir():
+        raise EvalInputError(f"--checkpoint {p} is a file; give a directory exported by `fit`.")
     if p.is_dir():
         found = sorted(q.parent for q in p.glob(f"*/{PRISM_JSON}")) or sorted(
             q.parent for q in p.glob(f"*/*/{PRISM_JSON}")
@@ -193,9 +196,9 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
     paths = {k[5:]: v for k, v in vars(args).items() if k.startswith("file_") and v}
     for name, path in paths.items():
         if not Path(path).expanduser().is_file():
-            raise EvalInputError(f"--{name}_file {path} does not exist.")
-    if args.out.exists() and not args.out.is_dir():
-        raise EvalInputError(f"--out {args.out} is a file; give a directory.")
+            what = "is a directory" if Path(path).expanduser().is_dir() else "does not exist"
+            raise EvalInputError(f"--{name}_file {path} {what}.")
+    check_output_dir(args.out, "--out")
     return EvalSettings(
         limit=args.limit,
         seed=args.seed,
@@ -232,6 +235,8 @@ def generation_from(args: argparse.Namespace):
     from prism_lightning.backends import parse_overrides
 
     generation = parse_overrides(args.vllm, args.backend)
+    if generation.backend != "vllm" and args.vllm:
+        raise EvalInputError("--vllm settings act only with --backend vllm.")
     if generation.backend == "vllm":
         from prism_lightning.backends.vllm_engine import require_vllm
 
@@ -340,11 +345,20 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     # every input is checked before a model loads
     benchmarks = check_benchmarks(csv_list(args.benchmarks))
     ckpt = find_checkpoint(args.checkpoint) if args.checkpoint else None
+    persona_flags = [
+        f for f, v in (("--persona_length", args.persona_length), ("--placement", args.placement)) if v
+    ]
     if ckpt is not None:
         persona_defaults_from_checkpoint(args, ckpt)
     conditions = _conditions(args)
+    if persona_flags and not any(c.name in ("persona", "random_persona") for c in conditions):
+        raise EvalInputError(f"{persona_flags[0]} acts only with the persona or random_persona condition.")
     settings = settings_from(args)
     args.generation = generation_from(args)
+    if args.merge_weights and (ckpt is None or args.generation.backend == "vllm"):
+        raise EvalInputError(
+            "--merge_weights acts only with --checkpoint on the hf backend (vLLM applies the LoRA itself)."
+        )
     if args.generation.backend == "vllm" and any(c.mode == "gated_k" for c in conditions):
         raise EvalInputError("condition prism_k (K-way routing) runs on the hf backend only (--backend hf).")
 

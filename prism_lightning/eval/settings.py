@@ -92,8 +92,8 @@ class EvalSettings:
         if self.judge_mode not in JUDGE_MODES:
             choices = ", ".join(JUDGE_MODES)
             raise EvalInputError(f"judge_mode must be one of {choices}, got {self.judge_mode!r}.")
-        if self.limit is not None and self.limit < 0:
-            raise EvalInputError(f"limit must be >= 0 (items per sub-score group), got {self.limit}.")
+        if self.limit is not None and self.limit < 1:  # 0 would evaluate nothing and report empty scores
+            raise EvalInputError(f"limit must be >= 1 (items per sub-score group), got {self.limit}.")
         for name in ("mtbench_max_new_tokens", "safety_max_new_tokens", "judge_max_new_tokens", "batch_size",
                      "mmlu_batch_size", "judge_batch_size", "n_resamples"):  # fmt: skip
             if getattr(self, name) < 1:

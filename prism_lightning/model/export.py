@@ -21,6 +21,14 @@ import torch
 from prism_lightning.backbone import BackboneConfig, public_model_name
 from prism_lightning.errors import PrismError
 from prism_lightning.files import sha256_file
+from prism_lightning.model.checkpoint_meta import (
+    META_DIGEST,
+    CheckpointError,
+    check_digest,
+    check_gate_shapes,
+    check_meta,
+    meta_digest,
+)
 from prism_lightning.model.fingerprint import check_weight_fingerprint, weight_fingerprint
 from prism_lightning.model.gate import Gate
 from prism_lightning.run_paths import ADAPTER_DIR, ADAPTERS_DIR, GATE_FILE, PRISM_JSON  # importable from here
@@ -121,7 +129,9 @@ def export_checkpoint(
             "bootstrap_summary": bootstrap_summary,
             "files": _file_hashes(tmp),
         }
-        (tmp / PRISM_JSON).write_text(json.dumps(meta, indent=2, default=str))
+        meta = json.loads(json.dumps(meta, default=str))  # the digest covers what the file holds
+        meta[META_DIGEST] = meta_digest(meta)
+        (tmp / PRISM_JSON).write_text(json.dumps(meta, indent=2))
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -155,7 +165,8 @@ def _record_public_base_name(adapter_dir: Path, name: str) -> None:
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every weight and adapter file, checked again at load time."""
+    """sha256 of every weight and adapter file, checked again at load time (prism.json carries its own
+    digest, ``meta_sha256``)."""
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
@@ -163,13 +174,11 @@ def _file_hashes(root: Path) -> dict[str, str]:
     }
 
 
-class CheckpointError(PrismError, ValueError):
-    """A checkpoint directory that is missing, incomplete or damaged."""
-
-
 def read_meta(path: str | Path) -> dict:
     """prism.json of an exported run; a missing or unreadable one is a :class:`CheckpointError`."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a file; give the directory written by `fit`.")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a directory written by `fit`).")
     meta_path = path / PRISM_JSON
@@ -179,15 +188,19 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is damaged ({exc}); export the run again.") from None
-    required = ("base_model", "gate_layer", "gate_hidden", "threshold")
-    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
-    if missing:
-        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; export the run again.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is damaged (not a JSON object); export the run again.")
+    version = meta.get("format_version", 0)
+    if isinstance(version, int) and version > FORMAT_VERSION:  # before the digest: a newer file's rules
         raise CheckpointError(
             f"{path} has checkpoint format {meta['format_version']}; "
             f"this version reads up to {FORMAT_VERSION}: upgrade prism_lightning."
         )
+    check_digest(meta, meta_path)
+    missing = [k for k in ("base_model", "gate_layer", "gate_hidden", "threshold") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; export the run again.")
+    check_meta(meta, meta_path)
     return meta
 
 
@@ -199,8 +212,6 @@ def verify_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     meta = read_meta(path)
     adapters = meta.get("adapters")
-    if adapters is not None and (not isinstance(adapters, dict) or len(adapters) < 2):
-        raise CheckpointError(f"{path / PRISM_JSON} has a damaged 'adapters' entry; export the run again.")
     configs = [f"{ADAPTERS_DIR}/{n}/adapter_config.json" for n in adapters] if adapters else None
     needed = [GATE_FILE, *(configs or [f"{ADAPTER_DIR}/adapter_config.json"])]
     recorded = meta.get("files") or {}
@@ -214,13 +225,15 @@ def verify_checkpoint(path: str | Path) -> dict:
                 "export the run again."
             )
     adapter_files = sorted((path / (ADAPTERS_DIR if adapters else ADAPTER_DIR)).rglob("*.safetensors"))
+    shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
     for file in [path / GATE_FILE, *adapter_files]:
         try:
             with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                    fh.get_slice(key)
+                keys = fh.keys()
+                shapes[file] = {key: tuple(fh.get_slice(key).get_shape()) for key in keys}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file} is damaged ({exc}); export the run again.") from None
+    check_gate_shapes(meta, shapes[path / GATE_FILE], path / GATE_FILE)
     return meta
 
 
@@ -259,6 +272,15 @@ def load_checkpoint(
             f"Checkpoint {path} was trained on {meta['base_model']['name']!r} ({expected}), "
             f"but you loaded {cfg.model!r} ({got}). Load the base model it was trained on."
         )
+    from prism_lightning.model.routing import decoder_layers
+
+    n_layers = len(decoder_layers(bb.model))
+    if not meta["gate_layer"] < n_layers - 1:  # when prism.json records no layer count to check it
+        raise CheckpointMismatchError(
+            f"{path / PRISM_JSON}: gate_layer {meta['gate_layer']} does not fit {cfg.model!r}, which has "
+            f"{n_layers} decoder layers (the gate must sit below the last one); load the base model it "
+            "was trained on."
+        )
     if check_weights:
         check_weight_fingerprint(
             meta["base_model"].get("weights"),
@@ -285,7 +307,11 @@ def load_checkpoint(
     model.eval()
     extra = {"n_classes": len(groups) + 1} if groups else {}
     gate = Gate(bb.hidden_size, meta["gate_hidden"], dropout=meta.get("gate_dropout", 0.1), **extra)
-    gate.load_state_dict(load_file(str(path / GATE_FILE)))
+    try:
+        gate.load_state_dict(load_file(str(path / GATE_FILE)))
+    except RuntimeError as exc:  # shapes prism.json could not check (it records no hidden size)
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path / GATE_FILE} does not fit {cfg.model!r} ({first}).") from None
     gate.to(next(model.parameters()).device).eval()
     return RoutedModel(
         model,

@@ -76,9 +76,7 @@ def _limit(text: str | None) -> int | None:
 
 def _run_dir(text: str | None, preset: Preset) -> Path:
     root = Path(text).expanduser() if text else Path("runs") / f"reproduce-{preset.name}"
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--run_dir {root} is a file; give a directory.")
-    return root
+    return files.check_output_dir(root, "--run_dir")
 
 
 def _generation_args(backend: str, pairs: list[str]) -> list[str]:
