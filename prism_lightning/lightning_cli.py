@@ -247,7 +247,7 @@ def check_command_paths(subcommand: str | None, cfg) -> None:
             f"--ckpt_path {ckpt} {what}; give a Lightning .ckpt file (<run_dir>/lightning/last.ckpt)."
         )
     if subcommand == "predict":
-        output = Path(cfg.get("predict_output") or Path(str(cfg.data.run_dir)) / "predictions.jsonl")
+        output = Path(cfg.get("predict_output") or run_paths.predictions_file(str(cfg.data.run_dir)))
         if output.is_dir():
             raise ConfigError(f"--predict_output {output} is a directory; give a file name.")
         check_output_dir(output.parent, "the folder of --predict_output")

@@ -244,14 +244,13 @@ def read_labelled(path: str, label_key: str) -> tuple[list[str], list[int]]:
 def verdicts_of_run(run_dir: Path) -> Path:
     """The finished verdict rows of a bootstrap run directory (the newest, when settings changed)."""
     require(run_dir.is_dir(), f"--run_dir {run_dir} is not a directory")
-    found = sorted(
-        (
-            p
-            for p in (run_dir / "bootstrap").glob("verdicts-*/rows.jsonl")
-            if (p.parent / "meta.json").is_file()
-        ),
-        key=lambda p: p.stat().st_mtime,
-    )
+    from prism_lightning import run_paths
+
+    stages = run_paths.bootstrap_dir(run_dir).glob(run_paths.stage_dir_glob("verdicts"))
+    done = [
+        d for d in stages if (d / run_paths.STAGE_DONE).is_file() and (d / run_paths.STAGE_ROWS).is_file()
+    ]
+    found = sorted((d / run_paths.STAGE_ROWS for d in done), key=lambda p: p.stat().st_mtime)
     require(bool(found), f"{run_dir} holds no finished verdicts stage; run `bootstrap` first")
     return found[-1]
 
