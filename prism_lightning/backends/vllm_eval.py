@@ -23,6 +23,7 @@ from prism_lightning.backends import GenerationConfig
 from prism_lightning.backends.vllm_engine import VLLMEngine, get_engine
 from prism_lightning.eval.engine import Engine, EngineOutput
 from prism_lightning.generation import Sampling
+from prism_lightning.model.route_rule import decide_routes
 
 __all__ = ["VLLMEvalEngine"]
 
@@ -98,19 +99,14 @@ class VLLMEvalEngine(Engine):
         self, prompts: Sequence[str], mode: str, route: Sequence[bool] | None
     ) -> tuple[list[Any] | None, list[bool | None], list[float | None]]:
         """(LoRA request or None per row, route per row, gate probability per row), as the hf engine
-        reports them: no adapter -> None routes; off -> False; on -> True; gated -> the gate's."""
+        reports them: no adapter -> None routes; otherwise the routing rule's (``route`` forces a row)."""
         n = len(prompts)
         if self.lora is None:
             return None, [None] * n, [None] * n
-        probs: list[float | None] = [None] * n
-        if mode == "gated":
-            p = self.prefix_gate.gate_probs(list(prompts))
-            probs = [float(x) for x in p]
-            routes = [bool(x >= self.prefix_gate.threshold) for x in p]
-        else:
-            routes = [mode == "on"] * n
-        if route is not None:  # multi-turn: the first turn's decision holds
-            routes = [bool(r) for r in route]
+        gate = self.prefix_gate.gate_probs(list(prompts)) if mode == "gated" else None
+        probs = [float(x) for x in gate] if gate is not None else [None] * n
+        decided = decide_routes(gate, n, mode=mode, threshold=self.prefix_gate.threshold, forced=route)
+        routes = [bool(r) for r in decided.tolist()]
         return [self.lora if r else None for r in routes], routes, probs
 
     def generate(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_lightning.generation import Sampling, generate, left_pad
+from prism_lightning.model.route_rule import adapter_prob
 
 __all__ = ["Engine", "EngineOutput"]
 
@@ -193,7 +194,7 @@ class Engine:
                         dec, pr = ctl.decision, ctl.probs
                         for j, i in enumerate(chunk):
                             routes[i] = bool(dec[j])
-                            probs[i] = float(1.0 - pr[j, 0]) if pr.dim() == 2 else float(pr[j])
+                            probs[i] = float(adapter_prob(pr)[j])
                     else:
                         for i in chunk:
                             routes[i] = mode == "on"

@@ -7,8 +7,8 @@ import torch
 
 from prism_lightning.model.gate import balanced_class_weights, kway_gate_loss
 from prism_lightning.model.kway import persona_routes
-from prism_lightning.model.kway_routing import routes_from_probs
 from prism_lightning.model.losses import topk_kl
+from prism_lightning.model.route_rule import gate_routes
 
 
 class KWayTraining:
@@ -86,6 +86,6 @@ class KWayTraining:
         p_route = 1.0 - probs[:, 0]
         getattr(self, f"{stage}_metrics").update(p_route, target.long())
         getattr(self, f"{stage}_route_rate").update((p_route >= hp.threshold).float())
-        getattr(self, f"{stage}_route_acc").update(routes_from_probs(probs, hp.threshold), routes)
+        getattr(self, f"{stage}_route_acc").update(gate_routes(probs, hp.threshold), routes)
         zero = torch.zeros((), device=ids.device)
         return {"loss": g_loss + kl, "gate_loss": g_loss, "kl": kl, "retain_kl": zero, "n_tokens": n_tok}

@@ -5,8 +5,9 @@ Routing rule (the paper's): a conversation is routed on its first user turn. A o
 first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
 conversation's first turn is a different prompt: its gate probability comes from a layers-<=k pass
 over that first turn alone, before the prefill. Rows may also force their route (``:on`` / ``:off``).
-A hook placed after the controller's own gate hook overrides the prefill's decision for the rows
-whose route is already known, so one prefill serves gated, forced and multi-turn rows together.
+The rows whose route is already known go to the controller as forced routes, so one prefill serves
+gated, forced and multi-turn rows together (the rule: :mod:`~prism_lightning.model.route_rule`); a hook
+placed after the controller's own gate hook reports every row's route as soon as the prefill settled it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
+from prism_lightning.model.route_rule import decide_routes
 from prism_lightning.model.routing import decoder_layers
 
 
@@ -48,13 +50,12 @@ class RoutedBatchRunner:
     def __init__(self, routed) -> None:
         self.routed = routed
         self.controller = routed.controller
-        self._known: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows with a known route, route)
         self._on_route: RouteCallback | None = None
         self._routes: list[RowRoute] = []
         self._pending = False  # the next pass through the gate layer is this batch's prefill
         self._first_probs: list[float | None] = []
         gate_layer = decoder_layers(routed.model)[routed.gate_layer]
-        # Registered after the controller's hook, so it runs after the gate has decided.
+        # Registered after the controller's hook, so it runs after the routes are settled.
         self._handle = gate_layer.register_forward_hook(self._after_gate)
 
     @staticmethod
@@ -79,24 +80,19 @@ class RoutedBatchRunner:
             return [], []
         routed, ctl = self.routed, self.controller
         first_probs = self._first_turn_probs(rows)
-        known, values = [], []
-        for row, prob in zip(rows, first_probs, strict=True):
-            decided = prob is not None and prob >= routed.threshold
-            known.append(row.route is not None or prob is not None)
-            values.append(row.route if row.route is not None else decided)
-        device = routed.device
-        self._known = None
-        if any(known):
-            self._known = (
-                torch.tensor(known, dtype=torch.bool, device=device),
-                torch.tensor(values, dtype=torch.bool, device=device),
-            )
+        forced = [row.route for row in rows]
+        todo = [i for i, p in enumerate(first_probs) if p is not None and forced[i] is None]
+        if todo:  # a conversation's first turn decides its route
+            probs = torch.tensor([first_probs[i] for i in todo], dtype=torch.float64)
+            decided = decide_routes(probs, len(todo), threshold=routed.threshold).tolist()
+            for i, route in zip(todo, decided, strict=True):
+                forced[i] = route
         self._first_probs = first_probs
         self._on_route = on_route
         self._routes = []
         old_mode, old_threshold = ctl.mode, ctl.threshold
         ctl.mode, ctl.threshold = "gated", routed.threshold
-        ctl.arm(decide=True)
+        ctl.arm(decide=True, force=forced)
         self._pending = True
         try:
             outs = generate_batch(
@@ -112,7 +108,7 @@ class RoutedBatchRunner:
             ctl.disarm()
             ctl.reset()
             ctl.mode, ctl.threshold = old_mode, old_threshold
-            self._known, self._on_route, self._pending = None, None, False
+            self._on_route, self._pending = None, False
         return outs, self._routes
 
     def _first_turn_probs(self, rows: Sequence[RowSpec]) -> list[float | None]:
@@ -129,17 +125,12 @@ class RoutedBatchRunner:
         return probs
 
     def _after_gate(self, module, args, output) -> None:
-        """After the gate layer in this batch's prefill (and only there): settle the known routes."""
+        """After the gate layer in this batch's prefill (and only there): report the routes."""
         if not self._pending:
             return
         self._pending = False
         ctl = self.controller
         decision = ctl.decision
-        if self._known is not None:
-            known, values = self._known
-            decision = torch.where(known, values, decision)
-            ctl.decision = decision
-            ctl.set_mask(decision)
         probs = ctl.probs.tolist() if ctl.probs is not None else [float("nan")] * decision.shape[0]
         self._routes = [
             RowRoute(bool(r), first if first is not None else float(p))

@@ -17,6 +17,7 @@ import queue
 import time
 from pathlib import Path
 
+from prism_lightning.model.route_rule import decide_routes
 from prism_lightning.serve.engine import Event, Job, ServeEngine
 from prism_lightning.serve.metrics import ServeMetrics
 from prism_lightning.serve.routed_batch import RowRoute
@@ -106,26 +107,24 @@ class VLLMServeEngine(ServeEngine):
         """Route the new requests (one layers-<=k pass over their first user turns) and add them."""
         if not jobs:
             return
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        from prism_lightning.backends.vllm_engine import sampling_params
+
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(jobs))
-        probs = self.gate.gate_probs([job.row.first_turn_ids or job.row.prompt_ids for job in jobs]).tolist()
-        for job, prob in zip(jobs, probs, strict=True):
+        probs = self.gate.gate_probs([job.row.first_turn_ids or job.row.prompt_ids for job in jobs]).double()
+        forced = [job.row.route for job in jobs]
+        routes = decide_routes(probs, len(jobs), threshold=self.threshold, forced=forced).tolist()
+        for job, prob, route in zip(jobs, probs.tolist(), routes, strict=True):
             self.metrics.queue_wait.observe(started - job.arrived)
             row = job.row
-            route = row.route if row.route is not None else prob >= self.threshold
             job.emit(Event("route", route=RowRoute(bool(route), float(prob))))
-            sampling = row.sampling
-            params = SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=None if sampling.greedy else row.seed,
+            params = sampling_params(
+                row.sampling,
+                seed=row.seed,
                 stop_token_ids=sorted(self._stop_ids),
-                skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
             )
             self._counter += 1
