@@ -267,3 +267,38 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     base = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__base.jsonl").open()]
     lora = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__lora.jsonl").open()]
     assert base != lora
+
+
+def test_the_serve_engine_honours_top_k_and_repetition_penalty(embedded_checkpoint):
+    """`serve --engine vllm` maps sampling settings through the same function as the batch engine:
+    top_k=1 sampling is greedy, and a greedy penalised answer equals the batch engine's. Last in this
+    file: stopping a serve engine stops every engine of the process."""
+    import asyncio
+
+    from prism_lightning.generation import SamplingConfig
+    from prism_lightning.serve.routed_batch import RowSpec
+    from prism_lightning.serve.vllm_engine import VLLMServeEngine
+
+    engine = VLLMServeEngine(embedded_checkpoint, max_model_len=1024, max_num_seqs=16)
+    ids = engine.vllm.token_ids([engine.formatter.prompt(QUERIES[2])])[0]
+
+    async def answer(sampling: SamplingConfig, seed: int = 0) -> str:
+        job = engine.submit(RowSpec(ids, sampling, seed=seed, route=False), [], "off")
+        pieces = []
+        while (event := await job.events.get()).kind not in ("done", "error"):
+            pieces.append(event.text)
+        assert event.kind == "done", event.text
+        return "".join(pieces).strip()
+
+    plain = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    top1 = SamplingConfig(max_new_tokens=12, temperature=1.5, top_k=1)
+    penalised = SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
+    engine.start()
+    try:
+        greedy = asyncio.run(answer(plain))
+        assert asyncio.run(answer(top1, seed=3)) == greedy
+        served = asyncio.run(answer(penalised))
+        batch = engine.vllm.generate([ids], penalised)[0].text  # the worker idles: the engine is free
+    finally:
+        engine.stop()
+    assert served == batch and served != greedy

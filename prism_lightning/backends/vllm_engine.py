@@ -34,7 +34,7 @@ from prism_lightning.chat_format import ChatFormatter
 from prism_lightning.errors import ConfigError, PrismError
 from prism_lightning.generation import Generation, Prompt, Sampling, SamplingConfig, stop_token_ids
 
-__all__ = ["VLLMEngine", "get_engine", "require_vllm", "shutdown_engines", "vllm_device"]
+__all__ = ["VLLMEngine", "get_engine", "require_vllm", "sampling_params", "shutdown_engines", "vllm_device"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,33 @@ def require_vllm():
 def vllm_device() -> str:
     """cuda when a GPU is visible, else cpu (vLLM's CPU build)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sampling_params(
+    sampling: SamplingConfig,
+    *,
+    seed: int | None,
+    stop_token_ids: Sequence[int],
+    stop: Sequence[str] | None = None,
+    **extra: Any,
+):
+    """The one mapping from this package's sampling settings to vLLM's ``SamplingParams`` (every vLLM
+    request that generates goes through it). A greedy row gets no seed; ``extra`` passes vLLM-only
+    request options (``logprob_token_ids``, ``output_kind``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or -1,  # -1: off in every vLLM version (0 only in newer ones)
+        repetition_penalty=sampling.repetition_penalty,
+        seed=None if sampling.greedy or seed is None else int(seed),
+        stop_token_ids=list(stop_token_ids),
+        stop=list(stop) if stop else None,
+        skip_special_tokens=True,
+        **extra,
+    )
 
 
 @dataclass
@@ -122,7 +149,6 @@ class VLLMEngine:
         ``score_ids``: also fill each row's ``first_log_probs`` with the log-probabilities of these tokens
         at the first generated position (a (len(score_ids),) tensor; a judge's verdict options), from the
         same request."""
-        from vllm import SamplingParams
 
         ids = self.token_ids(prompts)
         n = len(ids)
@@ -138,16 +164,11 @@ class VLLMEngine:
                 continue
             todo.append(i)
             params.append(
-                SamplingParams(
-                    max_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k or -1,  # -1: off in every vLLM version (0 only in newer ones)
-                    repetition_penalty=cfg.repetition_penalty,
-                    seed=None if cfg.greedy or seeds is None else int(seeds[i]),
+                sampling_params(
+                    cfg,
+                    seed=None if seeds is None else seeds[i],
                     stop_token_ids=stops,
-                    stop=list(stop_strings) if stop_strings else None,
-                    skip_special_tokens=True,
+                    stop=stop_strings,
                     logprob_token_ids=[int(t) for t in dict.fromkeys(score_ids)] if score_ids else None,
                 )
             )
