@@ -73,7 +73,7 @@ class _Session:
             )
             if args.threshold is not None:
                 self.routed.threshold = args.threshold
-            from prism_lightning.serve.routed_batch import RoutedBatchRunner
+            from prism_lightning.engines.hf_stream import RoutedBatchRunner
 
             # Single-adapter checkpoints stream through the serving engine's routed batches.
             self.runner = RoutedBatchRunner(self.routed) if RoutedBatchRunner.supports(self.routed) else None
@@ -93,8 +93,8 @@ class _Session:
     def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
         """Answer ``message`` (with the conversation so far); ``write`` gets the answer token by token
         through the serving engine's streaming path (the deltas add up to the returned reply)."""
+        from prism_lightning.engines.text_stream import TextStream
         from prism_lightning.generation import generate_batch
-        from prism_lightning.serve.text_stream import TextStream
 
         self.turns.append(message)
         tokenizer = self.routed.tokenizer if self.routed is not None else self.backbone.tokenizer
@@ -139,7 +139,7 @@ class _Session:
     def _ask_routed(self, on_step) -> None:
         """The routed answer: the route is the first user turn's (the paper's rule), kept for the
         whole conversation, unless --route forces it."""
-        from prism_lightning.serve.routed_batch import RowRoute, RowSpec
+        from prism_lightning.engines.hf_stream import RowRoute, RowSpec
 
         routed = self.routed
         forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.args.route)

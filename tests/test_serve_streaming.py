@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.serve.protocol import APIError, parse_chat_request
-from prism_lightning.serve.text_stream import TextStream
 from prism_lightning.testing import untrained_checkpoint, with_large_random_weights
 
 QUERIES = [
@@ -164,7 +164,7 @@ def tiny_routed(tiny_model_dir, tmp_path_factory):
 def test_one_routed_batch_settles_gated_forced_and_multi_turn_routes(tiny_routed):
     """Every row of a mixed batch gets the route and the answer it gets alone through RoutedModel.chat
     (the first user turn decides; :on/:off force)."""
-    from prism_lightning.serve.routed_batch import RoutedBatchRunner, RowSpec
+    from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowSpec
 
     routed = tiny_routed
     sampling = SamplingConfig(max_new_tokens=6)

@@ -52,7 +52,7 @@ def check_args(args: argparse.Namespace) -> socket.socket:
     from prism_lightning.model.export import verify_checkpoint
 
     if args.engine == "vllm":
-        from prism_lightning.backends.vllm_engine import require_vllm
+        from prism_lightning.engines.vllm_core import require_vllm
 
         require_vllm()
         require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
@@ -105,7 +105,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
     from prism_lightning.model.export import load_checkpoint
     from prism_lightning.serve.app import create_app
-    from prism_lightning.serve.engine import HFEngine
+    from prism_lightning.serve.engine import HFServeEngine
 
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     if args.engine == "vllm":
@@ -121,7 +121,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         routed = load_checkpoint(args.checkpoint, device=args.device, merge_weights=args.merge_weights)
         if args.threshold is not None:
             routed.threshold = args.threshold
-        engine = HFEngine(
+        engine = HFServeEngine(
             routed,
             max_batch_size=args.max_batch_size,
             batch_window_s=args.batch_window_ms / 1000,

@@ -17,11 +17,11 @@ import queue
 import time
 from pathlib import Path
 
+from prism_lightning.engines.hf_stream import RowRoute
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.model.route_rule import decide_routes
 from prism_lightning.serve.engine import Event, Job, ServeEngine
 from prism_lightning.serve.metrics import ServeMetrics
-from prism_lightning.serve.routed_batch import RowRoute
-from prism_lightning.serve.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class VLLMServeEngine(ServeEngine):
         metrics: ServeMetrics | None = None,
     ) -> None:
         from prism_lightning.backbone import BackboneConfig
-        from prism_lightning.backends import GenerationConfig
-        from prism_lightning.backends.vllm_engine import get_engine, vllm_device
+        from prism_lightning.engines import GenerationConfig
+        from prism_lightning.engines.vllm_core import get_engine, vllm_device
         from prism_lightning.model.export import ADAPTER_DIR, verify_checkpoint
         from prism_lightning.model.prefix_gate import PrefixGate
 
@@ -63,7 +63,7 @@ class VLLMServeEngine(ServeEngine):
         self._counter = 0
 
     def shutdown(self) -> None:
-        from prism_lightning.backends.vllm_engine import shutdown_engines
+        from prism_lightning.engines.vllm_core import shutdown_engines
 
         shutdown_engines()
 
@@ -110,7 +110,7 @@ class VLLMServeEngine(ServeEngine):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        from prism_lightning.backends.vllm_engine import sampling_params
+        from prism_lightning.engines.vllm_core import sampling_params
 
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(jobs))

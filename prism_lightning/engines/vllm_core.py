@@ -1,4 +1,5 @@
-"""One vLLM engine per (model, LoRA or not) per process, and the three things the project asks of it:
+"""One vLLM engine per (model, LoRA or not) per process, and the three things the project asks of it
+(the ``vllm`` engine's core, :class:`~prism_lightning.engines.vllm.VLLMEngine` puts routing on top):
 sampled/greedy generation with per-row seeds, next-token log-probabilities of given tokens (verdict
 options, MMLU letters, judge ratings), and the top-k of the prompt's own positions (teacher targets).
 
@@ -29,12 +30,12 @@ from typing import Any
 import torch
 
 from prism_lightning.backbone import BackboneConfig, load_model_config, prepare_tokenizer
-from prism_lightning.backends import GenerationConfig
 from prism_lightning.chat_format import ChatFormatter
+from prism_lightning.engines.settings import GenerationConfig
 from prism_lightning.errors import ConfigError, PrismError
 from prism_lightning.generation import Generation, Prompt, Sampling, SamplingConfig, stop_token_ids
 
-__all__ = ["VLLMEngine", "get_engine", "require_vllm", "sampling_params", "shutdown_engines", "vllm_device"]
+__all__ = ["VLLMCore", "get_engine", "require_vllm", "sampling_params", "shutdown_engines", "vllm_device"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def sampling_params(
 
 
 @dataclass
-class VLLMEngine:
+class VLLMCore:
     """A started ``vllm.LLM`` plus this package's tokenizer/formatter for the same model."""
 
     llm: Any
@@ -251,7 +252,7 @@ class VLLMEngine:
         self.llm = None
 
 
-_ENGINES: dict[tuple, VLLMEngine] = {}
+_ENGINES: dict[tuple, VLLMCore] = {}
 
 
 def _resolved_dtype(config: GenerationConfig, backbone: BackboneConfig, device: str) -> str:
@@ -283,18 +284,25 @@ def _engine_kwargs(config: GenerationConfig, device: str) -> dict[str, Any]:
 
 
 def get_engine(
-    config: GenerationConfig, backbone: BackboneConfig, *, enable_lora: bool = False, max_lora_rank: int = 0
-) -> VLLMEngine:
+    config: GenerationConfig,
+    backbone: BackboneConfig,
+    *,
+    enable_lora: bool = False,
+    max_lora_rank: int = 0,
+    max_loras: int = 1,
+) -> VLLMCore:
     """The process's engine for ``backbone`` (started on first use). ``enable_lora`` engines serve
-    per-request adapters; the teacher (``prompt_logprobs``) needs an engine without LoRA, since
-    vLLM 0.32's CPU LoRA logits path fails on prompt log-probabilities."""
+    per-request adapters (up to ``max_loras`` different ones in a batch: a K-way checkpoint's K); the
+    teacher (``prompt_logprobs``) needs an engine without LoRA, since vLLM 0.32's CPU LoRA logits path
+    fails on prompt log-probabilities."""
     require_vllm()
     device = vllm_device()
     dtype = _resolved_dtype(config, backbone, device)
     kwargs = _engine_kwargs(config, device)
     rank = max(int(max_lora_rank), config.max_lora_rank) if enable_lora else 0
+    loras = max(1, int(max_loras)) if enable_lora else 0
     settings = tuple(sorted(kwargs.items()))
-    key = (backbone.model, backbone.trust_remote_code, dtype, enable_lora, rank, settings)
+    key = (backbone.model, backbone.trust_remote_code, dtype, enable_lora, rank, loras, settings)
     if key in _ENGINES:
         return _ENGINES[key]
     from vllm import LLM
@@ -304,7 +312,7 @@ def get_engine(
         _check_cpu_head_size(model_config, backbone.model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=loras)
     threads = torch.get_num_threads()
     start = time.perf_counter()
     log.info("starting a vLLM engine for %s (%s, LoRA %s) ...", backbone.model, dtype, enable_lora)
@@ -313,7 +321,7 @@ def get_engine(
     seconds = time.perf_counter() - start
     log.info("vLLM engine ready in %.1f s", seconds)
     tokenizer, formatter = text_side(backbone, source)
-    engine = VLLMEngine(
+    engine = VLLMCore(
         llm, tokenizer, formatter, source, _stop_ids(tokenizer, source), enable_lora, dtype, seconds
     )
     _ENGINES[key] = engine

@@ -1,5 +1,5 @@
-"""One batch of chat rows through a routed model, with every row's route settled in the batch's single
-prefill, and tokens streamed as they come.
+"""The hf engine's streaming path (``serve``, ``chat``): one batch of chat rows through a routed
+model, with every row's route settled in the batch's single prefill, and tokens streamed as they come.
 
 Routing rule (the paper's): a conversation is routed on its first user turn. A one-turn prompt IS the
 first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
