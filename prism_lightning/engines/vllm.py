@@ -94,8 +94,8 @@ class VLLMEngine(Engine):
     def is_kway(self) -> bool:
         return bool(self.adapter_names)
 
-    def _routing(
-        self, prompts: Sequence[str], mode: str, route: Sequence[RouteSpec] | None
+    def request_routes(
+        self, prompts: Sequence[str | Sequence[int]], mode: str, route: Sequence[RouteSpec] | None
     ) -> tuple[list[Any] | None, list[bool | None], list[float | None], list[str | None]]:
         """(LoRA request or None per row, route per row, gate probability per row, adapter per row), as
         the hf engine reports them: no adapter -> None routes; otherwise the routing rule's (``route``
@@ -130,7 +130,7 @@ class VLLMEngine(Engine):
         mode = self.check_mode(mode)
         if not prompts:
             return []
-        lora, routes, probs, adapters = self._routing(prompts, mode, route)
+        lora, routes, probs, adapters = self.request_routes(prompts, mode, route)
         outs = self.engine.generate(list(prompts), sampling, seeds=seeds, lora=lora)
         return [
             EngineOutput(o.text, r, p, o.finish_reason, a)
@@ -150,7 +150,7 @@ class VLLMEngine(Engine):
         option_ids = [self.option_ids(o) for o in options]
         flat = list(dict.fromkeys(t for ids in option_ids for t in ids))
         column = {t: j for j, t in enumerate(flat)}
-        lora, routes, probs, _ = self._routing(prompts, mode, None)
+        lora, routes, probs, _ = self.request_routes(prompts, mode, None)
         logp = self.engine.next_token_logprobs(list(prompts), flat, lora=lora)
         scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
         for k, ids in enumerate(option_ids):

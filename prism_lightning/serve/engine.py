@@ -72,6 +72,7 @@ class ServeEngine:
         self.metrics = metrics or ServeMetrics()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.adapter_names: list[str] = []  # K-way: the adapters a request may name (NAME:<adapter>)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +170,7 @@ class HFServeEngine(ServeEngine):
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._runner = RoutedBatchRunner(routed)
+        self.adapter_names = self._runner.adapter_names
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
