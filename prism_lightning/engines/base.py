@@ -5,6 +5,10 @@ package's decode loop, routing decided inside the prefill) and
 enters the engine). Both take the same arguments and return the same rows, so a scorer written once runs
 on either.
 
+Not in the protocol yet: streaming (the hf engine's :mod:`~prism_lightning.engines.hf_stream`, which
+``serve`` and ``chat`` use, and ``serve``'s vLLM step loop) and the teacher's prompt top-k (the
+bootstrap's hf task and :meth:`~prism_lightning.engines.vllm_core.VLLMCore.prompt_topk`).
+
 ``mode`` says how a PRISM checkpoint's adapter runs: ``off`` (the untouched base model), ``on``,
 ``gated`` (the gate decides per row) or ``gated_k`` (``gated`` on a K-way checkpoint: none or one of its
 adapters per row). Routes follow :mod:`prism_lightning.model.route_rule`.
