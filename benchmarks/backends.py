@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_throughput import machine_description  # noqa: E402
 
 from prism_lightning.backbone import BackboneConfig  # noqa: E402
-from prism_lightning.backends import GenerationConfig, parse_overrides  # noqa: E402
 from prism_lightning.bootstrap.config import BootstrapConfig  # noqa: E402
 from prism_lightning.bootstrap.summary import STAGES  # noqa: E402
+from prism_lightning.engines import GenerationConfig, parse_overrides  # noqa: E402
 
 BACKENDS = ("hf", "vllm")
 
@@ -80,14 +80,14 @@ def run_backend(backend: str, args, generation: GenerationConfig, work: Path) ->
     engine_start = None
     t0 = time.perf_counter()
     if backend == "vllm":
-        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+        from prism_lightning.engines.vllm import VLLMEngine
 
-        engine = VLLMEvalEngine.from_backbone_config(backbone, config.generation)  # the bootstrap's engine
+        engine = VLLMEngine.from_backbone_config(backbone, config.generation)  # the bootstrap's engine
         engine_start = engine.engine.start_seconds
     else:
-        from prism_lightning.eval.engine import Engine
+        from prism_lightning.engines.hf import HFEngine
 
-        engine = Engine.from_backbone(backbone.load("cuda" if torch.cuda.is_available() else "cpu"))
+        engine = HFEngine.from_backbone(backbone.load("cuda" if torch.cuda.is_available() else "cpu"))
     settings = EvalSettings(
         limit=args.limit,
         mtbench_max_new_tokens=args.eval_max_new_tokens,
@@ -105,7 +105,7 @@ def run_backend(backend: str, args, generation: GenerationConfig, work: Path) ->
     )
     eval_seconds = time.perf_counter() - t0
     if backend == "vllm":
-        from prism_lightning.backends.vllm_engine import shutdown_engines
+        from prism_lightning.engines.vllm_core import shutdown_engines
 
         shutdown_engines()
     gen_tokens = sum(s["tokens"] for s in stages.values())

@@ -435,8 +435,8 @@ class Check:
 
     # 5 ---------------------------------------------------------------------------------------------------
     def eval_limit1(self) -> dict:
+        from prism_lightning.engines.hf import HFEngine
         from prism_lightning.eval.conditions import Condition
-        from prism_lightning.eval.engine import Engine
         from prism_lightning.eval.runner import evaluate
         from prism_lightning.eval.settings import EvalSettings
 
@@ -457,7 +457,7 @@ class Check:
         out = Path(tempfile.mkdtemp(prefix="gpu_check_eval_"))
         t0 = time.perf_counter()
         summary = evaluate(
-            Engine.from_routed(routed),
+            HFEngine.from_routed(routed),
             benchmarks=benchmarks,
             conditions=conditions,
             settings=settings,

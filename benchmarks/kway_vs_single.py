@@ -101,7 +101,7 @@ def auroc(scores: list[float], labels: list[int]) -> float:
 
 def gate_eval(module, prompts: list[str], labels: list[int], routes_true: list[int] | None) -> dict:
     from prism_lightning.model.inference import prompt_gate_probs
-    from prism_lightning.model.kway_routing import routes_from_probs
+    from prism_lightning.model.route_rule import gate_routes
 
     probs = prompt_gate_probs(module.model, module.tokenizer, module.controller, prompts)
     thr = module.hparams.threshold
@@ -113,7 +113,7 @@ def gate_eval(module, prompts: list[str], labels: list[int], routes_true: list[i
         "routing_rate": float((p_any >= thr).float().mean()),
     }
     if probs.dim() == 2:
-        routes = routes_from_probs(probs, thr).tolist()
+        routes = gate_routes(probs, thr).tolist()
         out["route_acc"] = sum(r == t for r, t in zip(routes, routes_true, strict=True)) / len(routes)
         out["routes"] = routes
     else:

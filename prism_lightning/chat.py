@@ -92,10 +92,9 @@ class _Session:
             )
             if args.threshold is not None:
                 self.routed.threshold = args.threshold
-            from prism_lightning.serve.routed_batch import RoutedBatchRunner
+            from prism_lightning.engines.hf_stream import RoutedBatchRunner
 
-            # Single-adapter checkpoints stream through the serving engine's routed batches.
-            self.runner = RoutedBatchRunner(self.routed) if RoutedBatchRunner.supports(self.routed) else None
+            self.runner = RoutedBatchRunner(self.routed)  # the hf engine's streaming routed batches
             self.backbone = None
             self.context = None
         else:
@@ -114,8 +113,8 @@ class _Session:
     def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
         """Answer ``message`` (with the conversation so far); ``write`` gets the answer token by token
         through the serving engine's streaming path (the deltas add up to the returned reply)."""
+        from prism_lightning.engines.text_stream import TextStream
         from prism_lightning.generation import generate_batch
-        from prism_lightning.serve.text_stream import TextStream
 
         self.turns.append(message)
         tokenizer = self.routed.tokenizer if self.routed is not None else self.backbone.tokenizer
@@ -127,21 +126,7 @@ class _Session:
                 if delta and write is not None:
                     write(delta)
 
-        if self.routed is not None and self.runner is None:  # K-way: answered whole, not streamed
-            out = self.routed.chat(
-                self.turns,
-                self.replies,
-                mode=self.args.route or "gated",
-                threshold=self.args.threshold,
-                sampling=self.sampling,
-                route=self.route,
-            )
-            self.route = out.adapter or out.route  # K-way: the first turn's adapter holds, by name
-            where = out.adapter or ("adapter" if out.route else "base")
-            print(f"[route: {where}  gate p={out.gate_prob:.3f}]", file=sys.stderr)
-            for token in out.token_ids:
-                on_step({0: token}, {})
-        elif self.routed is not None:
+        if self.routed is not None:
             self._ask_routed(on_step)
         else:
             prompt = self.backbone.formatter.prompt(
@@ -160,7 +145,7 @@ class _Session:
     def _ask_routed(self, on_step) -> None:
         """The routed answer: the route is the first user turn's (the paper's rule), kept for the
         whole conversation, unless --route forces it."""
-        from prism_lightning.serve.routed_batch import RowRoute, RowSpec
+        from prism_lightning.engines.hf_stream import RowRoute, RowSpec
 
         routed = self.routed
         forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.args.route)
@@ -177,9 +162,10 @@ class _Session:
         )
 
         def on_route(routes: list[RowRoute]) -> None:
-            self.route = routes[0].route
-            label = "adapter" if routes[0].route else "base"
-            print(f"[route: {label}  gate p={routes[0].gate_prob:.3f}]", file=sys.stderr, flush=True)
+            route = routes[0]
+            self.route = route.adapter or route.route  # K-way: the first turn's adapter holds, by name
+            label = route.adapter or ("adapter" if route.route else "base")
+            print(f"[route: {label}  gate p={route.gate_prob:.3f}]", file=sys.stderr, flush=True)
 
         self.runner.run([row], on_route=on_route, on_step=on_step)
 

@@ -36,6 +36,19 @@ def embedded_checkpoint(tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def embedded_kway_checkpoint(tmp_path_factory) -> Path:
+    """A K-way export of the embedded SmolLM2 (adapters ``numbers`` and ``code``, a neutral 3-way gate),
+    for serving a K-way checkpoint."""
+    from prism_lightning.testing import untrained_checkpoint
+
+    return untrained_checkpoint(
+        "smollm2-135m-instruct", tmp_path_factory.mktemp("serve-kway") / "smol-k", lora_std=0.1,
+        lora_params="lora_B", lora_rank=4, lora_alpha=8, gate_hidden=[16],
+        adapters={"numbers": ["math"], "code": ["coding"]}, personas=("math", "coding"),
+    )  # fmt: skip
+
+
 def _benchmark_assets() -> list[str]:
     """Every pinned asset that is not an embedded model's weights."""
     from prism_lightning.assets import ASSETS

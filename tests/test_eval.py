@@ -256,11 +256,11 @@ def _tiny_args(ckpt, out, mt, *extra):
 
 @needs_assets
 def test_option_scoring_respects_routing(tiny_checkpoint):
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.model.export import load_checkpoint
 
     routed = load_checkpoint(tiny_checkpoint, device="cpu")
-    eng = Engine.from_routed(routed)
+    eng = HFEngine.from_routed(routed)
     prompts = routed.prompts(["What is twelve times seven?", "Write a short poem about the sea.", "Hi"])
     opts = [["A", " A"], ["B", " B"], ["C"], ["D"]]
     off, r_off, _ = eng.option_logprobs(prompts, opts, mode="off", batch_size=2)
@@ -281,11 +281,11 @@ def test_option_scoring_respects_routing(tiny_checkpoint):
 
 
 def test_auto_judge_mode_follows_judge_size(tiny_checkpoint, monkeypatch):
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval import settings
-    from prism_lightning.eval.engine import Engine
     from prism_lightning.model.export import load_checkpoint
 
-    judge = Engine.from_routed(load_checkpoint(tiny_checkpoint, device="cpu"))
+    judge = HFEngine.from_routed(load_checkpoint(tiny_checkpoint, device="cpu"))
     auto = settings.EvalSettings()
     assert auto.judge_mode == "auto"
     assert settings.resolve_judge_mode(auto, judge).judge_mode == "logprob"  # a tiny judge

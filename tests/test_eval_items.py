@@ -35,13 +35,13 @@ def _benchmark_files(d: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def setup(tiny_backbone, tmp_path_factory):
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
 
     d = tmp_path_factory.mktemp("items")
     settings = EvalSettings(
         safety_max_new_tokens=3, safety_sets=("jailbreakbench",), n_resamples=20, paths=_benchmark_files(d)
     )
-    return Engine.from_backbone(tiny_backbone), settings, d
+    return HFEngine.from_backbone(tiny_backbone), settings, d
 
 
 def _evaluate(setup, out: Path) -> dict:

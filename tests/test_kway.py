@@ -266,10 +266,10 @@ def test_export_writes_one_plain_peft_adapter_per_group_and_loads_back(trained, 
     assert [o.token_ids for o in gated] == [alone[o.adapter][i] for i, o in enumerate(gated)]
     assert [o.adapter for o in gated] == routed.choose_adapters(queries[:4])
     # evaluate's prism_k condition runs the same routes through the eval engine
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval.conditions import Condition
-    from prism_lightning.eval.engine import Engine
 
-    engine, mode = Engine.from_routed(routed), Condition("prism_k").mode
+    engine, mode = HFEngine.from_routed(routed), Condition("prism_k").mode
     assert [o.adapter for o in engine.generate(prompts, sampling, mode=mode, batch_size=4)] == [
         o.adapter for o in gated
     ]

@@ -52,8 +52,8 @@ def test_lm_eval_scores_our_mmlu_items_as_we_do(embedded, tmp_path, monkeypatch)
     from lm_eval.tasks import TaskManager
 
     from prism_lightning.contexts import ContextLibrary
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval.conditions import Condition
-    from prism_lightning.eval.engine import Engine
     from prism_lightning.eval.items import select_items
     from prism_lightning.eval.scorers import ScoringContext, mmlu_prompts, mmlu_rows
     from prism_lightning.eval.settings import EvalSettings
@@ -61,7 +61,7 @@ def test_lm_eval_scores_our_mmlu_items_as_we_do(embedded, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     settings = EvalSettings(limit=6, mmlu_format="raw", mmlu_batch_size=8)
     items = select_items("mmlu", settings)  # 6 per domain, the same seeded sample evaluate takes
-    engine = Engine.from_backbone(embedded)
+    engine = HFEngine.from_backbone(embedded)
     ctx = ScoringContext(engine, engine, ContextLibrary.builtin(), settings, "crosscheck")
     ours = mmlu_rows(ctx, Condition("base"), items)
 

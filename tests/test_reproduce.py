@@ -237,14 +237,14 @@ def test_reproduce_end_to_end_killed_after_fit_and_resumed(tiny_preset, tmp_path
 
 
 def test_raw_mmlu_prompt_and_persona_prefix(tiny_backbone):
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval.scorers import mmlu_prompts, mmlu_raw_text
 
     row = {"subject": "high_school_physics", "question": "What is g?", "choices": ["1", "2", "9.8", "4"]}
     text = mmlu_raw_text(row)
     assert text.startswith("The following is a multiple choice question about high school physics.\n\nWhat")
     assert text.endswith("\nC. 9.8\nD. 4\nAnswer:")
-    eng = Engine.from_backbone(tiny_backbone)
+    eng = HFEngine.from_backbone(tiny_backbone)
     plain, with_persona = mmlu_prompts(eng, [row, row], [(None, None), ("stem", "You are a scientist.")],
                                        "system", "raw")  # fmt: skip
     assert plain.endswith(text) and "You are a scientist." not in plain

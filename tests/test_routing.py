@@ -169,3 +169,31 @@ def test_bad_gate_layer_and_target_module():
             validate_routing_setup(base, bad, ["q_proj"])
     with pytest.raises(ValueError, match="valid choices: .*down_proj.*q_proj"):
         apply_lora(base, gate_layer=0, target_modules=["q_proj", "qkv_proj"])
+
+
+def test_the_routing_rule_for_one_adapter_and_for_k_way():
+    """One rule decides every route (route_rule.decide_routes): threshold, forced rows, modes, K-way."""
+    from prism_lightning.model.route_rule import decide_routes, forced_routes, gate_routes
+
+    p = torch.tensor([0.2, 0.5, 0.9])
+    assert decide_routes(p, 3, threshold=0.5).tolist() == [False, True, True]
+    assert decide_routes(p, 3, mode="on").tolist() == [True] * 3
+    assert decide_routes(None, 3, mode="off").tolist() == [False] * 3
+    assert decide_routes(p, 3, threshold=0.5, forced=[True, False, None]).tolist() == [True, False, True]
+    assert decide_routes(None, 2, forced=[True, False]).tolist() == [True, False]  # no gate needed
+    with pytest.raises(RuntimeError, match="needs a gate"):
+        decide_routes(None, 1)
+    # K-way: class 0 = none; gated routes to the best adapter when 1 - P(none) >= threshold
+    k = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.45, 0.5, 0.05]])
+    assert gate_routes(k, 0.5).tolist() == [0, 2, 1]
+    assert decide_routes(k, 3, kway=True, threshold=0.5).tolist() == [0, 2, 1]
+    assert decide_routes(k, 3, kway=True, mode="on").tolist() == [1, 2, 1]
+    assert decide_routes(k, 3, kway=True, mode="off").tolist() == [0, 0, 0]
+    names = ["a", "b"]
+    forced = forced_routes(["b", True, None], names)
+    assert forced == [2, -1, None]  # True: an adapter, the gate picks which
+    assert decide_routes(k, 3, kway=True, threshold=0.5, forced=forced).tolist() == [2, 2, 1]
+    with pytest.raises(ValueError, match="unknown adapter"):
+        forced_routes(["c"], names)
+    with pytest.raises(ValueError, match="one adapter"):
+        forced_routes(["a"], None)

@@ -134,6 +134,38 @@ def test_forced_routes_and_greedy_answers_equal_chat(server, checkpoint, capsys)
     assert f"[route: {answers['gated'][1]}" in captured.err
 
 
+def check_kway_server(server: Server, routed) -> None:
+    """A K-way checkpoint behind ``server`` (served as NAME): NAME routes by the K+1-way gate,
+    NAME:<adapter> forces that adapter, NAME:off the base; each greedy answer equals the hf routed
+    model's for the same route, and the response names the adapter that answered."""
+    from prism_lightning.generation import SamplingConfig
+
+    names = [NAME, f"{NAME}:on", f"{NAME}:off", f"{NAME}:numbers", f"{NAME}:code"]
+    assert [m.id for m in server.client.models.list()] == names
+    sampling = SamplingConfig(max_new_tokens=8)
+    texts = {}
+    for suffix, route in (("", None), (":numbers", "numbers"), (":code", "code"), (":off", False)):
+        raw = ask(server, QUESTIONS[1], model=NAME + suffix)
+        reply = raw.parse()
+        alone = routed.chat([QUESTIONS[1]], route=route, sampling=sampling)
+        prism = reply.model_extra["prism"]
+        assert prism["adapter"] == alone.adapter and raw.headers.get("x-prism-adapter") == alone.adapter
+        assert raw.headers["x-prism-route"] == ("adapter" if alone.route else "base")
+        assert prism["gate_probability"] == pytest.approx(alone.gate_prob, abs=1e-4)
+        assert reply.choices[0].message.content == alone.text
+        texts[route] = alone.text
+    assert texts[None] == texts[routed.choose_adapters([QUESTIONS[1]])[0] or False]
+    assert len({texts["numbers"], texts["code"], texts[False]}) == 3  # each adapter answers its own way
+
+
+def test_a_kway_checkpoint_is_served_with_per_request_routes(embedded_kway_checkpoint, tmp_path):
+    from prism_lightning.model.export import load_checkpoint
+
+    args = ("--max_model_len", "2048", "--served_model_name", NAME)
+    with running_server(embedded_kway_checkpoint, tmp_path / "server.log", *args) as running:
+        check_kway_server(running, load_checkpoint(embedded_kway_checkpoint, device="cpu"))
+
+
 def test_32_concurrent_requests_each_equal_their_single_answer(server):
     # greedy and seeded sampling, gate-decided and forced routes, four prompt lengths
     specs = [(q, m, 0.8 if i % 2 else 0.0) for i, q in enumerate(QUESTIONS) for m in (NAME, f"{NAME}:on")]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.generation import SamplingConfig, generate_batch
 from prism_lightning.serve.protocol import APIError, parse_chat_request
-from prism_lightning.serve.text_stream import TextStream
 from prism_lightning.testing import untrained_checkpoint, with_large_random_weights
 
 QUERIES = [
@@ -164,7 +164,7 @@ def tiny_routed(tiny_model_dir, tmp_path_factory):
 def test_one_routed_batch_settles_gated_forced_and_multi_turn_routes(tiny_routed):
     """Every row of a mixed batch gets the route and the answer it gets alone through RoutedModel.chat
     (the first user turn decides; :on/:off force)."""
-    from prism_lightning.serve.routed_batch import RoutedBatchRunner, RowSpec
+    from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowSpec
 
     routed = tiny_routed
     sampling = SamplingConfig(max_new_tokens=6)
@@ -201,3 +201,41 @@ def test_one_routed_batch_settles_gated_forced_and_multi_turn_routes(tiny_routed
         assert got.gate_prob == pytest.approx(alone.gate_prob, abs=1e-5)
         assert out.token_ids == alone.token_ids
     assert {r.route for r in routes} == {True, False}
+
+
+def test_k_way_model_names_and_one_routed_batch_for_a_k_way_checkpoint(tiny_model_dir, tmp_path):
+    """NAME:<adapter> forces that adapter; in one batch every K-way row gets the route RoutedModel.chat
+    gives it alone: gated, a named adapter, off, and a conversation whose first turn decides."""
+    from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowSpec
+    from prism_lightning.model.export import load_checkpoint
+
+    assert parse_chat_request(_body(model="m:b"), "m", ["a", "b"]).route == "b"
+    assert parse_chat_request(_body(model="m:b"), "m", ["a", "b"]).mode == "on"
+    with pytest.raises(APIError, match="m:a, m:b"):
+        parse_chat_request(_body(model="m:c"), "m", ["a", "b"])
+    path = untrained_checkpoint(
+        str(tiny_model_dir), tmp_path / "kway", lora_std=0.5, lora_rank=4, gate_hidden=[16], gate_std=3.0,
+        adapters={"numbers": ["math"], "code": ["coding"]}, personas=("math", "coding"),
+    )  # fmt: skip
+    routed = load_checkpoint(path, device="cpu")
+    runner = RoutedBatchRunner(routed)
+    sampling = SamplingConfig(max_new_tokens=6)
+    cases = [(["Add two and two."], None), (["Sort a list."], "code"), (["Hello."], False),
+             (["What is seven squared?", "And eight?"], None)]  # fmt: skip
+    rows, want = [], []
+    for turns, route in cases:
+        replies = ["Forty nine."] if len(turns) > 1 else []
+        ids = routed.tokenizer(routed.formatter.prompt(turns, replies=replies), add_special_tokens=False)
+        first = routed.tokenizer(routed.formatter.prompt(turns[0]), add_special_tokens=False)["input_ids"]
+        first_turn = first if replies else None
+        rows.append(RowSpec(ids["input_ids"], sampling, route=route, first_turn_ids=first_turn))
+        want.append(routed.chat(turns, replies, route=route, sampling=sampling))
+    try:
+        outs, routes = runner.run(rows)
+    finally:
+        runner.close()
+    assert [r.adapter for r in routes] == [w.adapter for w in want]
+    assert [r.route for r in routes] == [w.route for w in want]
+    assert [r.gate_prob for r in routes] == pytest.approx([w.gate_prob for w in want], abs=1e-5)
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    assert routes[1].adapter == "code" and routes[2].adapter is None

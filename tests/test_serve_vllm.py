@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 import test_serve  # noqa: E402  (one way to start a server, the same checks)
-from test_serve import NAME, QUESTIONS, ask, running_server  # noqa: E402
+from test_serve import NAME, QUESTIONS, ask, check_kway_server, running_server  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.second_tier]
 
@@ -42,6 +42,16 @@ def test_routes_and_greedy_answers_equal_the_hf_engine(server, hf_routed):
         assert raw.headers["x-prism-route"] == ("adapter" if alone.route else "base")
         assert reply.model_extra["prism"]["gate_probability"] == pytest.approx(alone.gate_prob, abs=1e-4)
         assert reply.choices[0].message.content == alone.text
+
+
+def test_a_kway_checkpoint_is_served_with_per_request_routes(embedded_kway_checkpoint, tmp_path):
+    """Each request carries the LoRARequest of the adapter the routing rule picks (or none)."""
+    from prism_lightning.model.export import load_checkpoint
+
+    args = ("--engine", "vllm", "--max_model_len", "512", "--max_batch_size", "8")
+    args += ("--served_model_name", NAME)
+    with running_server(embedded_kway_checkpoint, tmp_path / "server.log", *args, timeout=240) as running:
+        check_kway_server(running, load_checkpoint(embedded_kway_checkpoint, device="cpu"))
 
 
 def test_streaming_and_concurrent_requests(server):

@@ -41,8 +41,8 @@ def hf_backbone():
 @pytest.fixture(scope="session")
 def base_engine():
     from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.backends import GenerationConfig
-    from prism_lightning.backends.vllm_engine import get_engine, shutdown_engines
+    from prism_lightning.engines import GenerationConfig
+    from prism_lightning.engines.vllm_core import get_engine, shutdown_engines
 
     engine = get_engine(GenerationConfig(**GEN), BackboneConfig())
     yield engine
@@ -193,20 +193,35 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
 def embedded_checkpoint(tmp_path_factory):
     """The embedded model with a visible random adapter (LoRA on layers 1-29) and a gate whose
     threshold splits the test prompts, exported as `fit` exports it."""
-    from prism_lightning.generation import left_pad
     from prism_lightning.testing import untrained_checkpoint
-
-    def standardise_gate_input(module):  # over varied prompts, so the gate's probability spreads around 0.5
-        tok = module.tokenizer
-        rows = [tok(module.formatter.prompt(q), add_special_tokens=False)["input_ids"] for q in QUERIES]
-        ids, mask = left_pad(rows, tok.pad_token_id)
-        feats = module.controller.gate_features(ids, mask).float()
-        module.gate.set_feature_stats(feats.mean(0), feats.std(0))
 
     return untrained_checkpoint(
         "smollm2-135m-instruct", tmp_path_factory.mktemp("ckpt") / "embedded", lora_std=0.02,
         lora_params="lora_B", prepare=standardise_gate_input, gate_std=3.0,
         lora_rank=8, lora_alpha=16, gate_hidden=[16],
+    )  # fmt: skip
+
+
+def standardise_gate_input(module) -> None:
+    """Standardise the gate's input over varied prompts, so its probabilities spread (no training)."""
+    from prism_lightning.generation import left_pad
+
+    tok = module.tokenizer
+    rows = [tok(module.formatter.prompt(q), add_special_tokens=False)["input_ids"] for q in QUERIES]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    feats = module.controller.gate_features(ids, mask).float()
+    module.gate.set_feature_stats(feats.mean(0), feats.std(0))
+
+
+@pytest.fixture(scope="session")
+def kway_checkpoint(tmp_path_factory):
+    """A K-way export of the embedded model: two visible random adapters and a 3-way gate."""
+    from prism_lightning.testing import untrained_checkpoint
+
+    return untrained_checkpoint(
+        "smollm2-135m-instruct", tmp_path_factory.mktemp("ckpt") / "kway", lora_std=0.02,
+        lora_params="lora_B", prepare=standardise_gate_input, gate_std=3.0, lora_rank=8, lora_alpha=16,
+        gate_hidden=[16], adapters={"numbers": ["math"], "code": ["coding"]}, personas=("math", "coding"),
     )  # fmt: skip
 
 
@@ -267,3 +282,76 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     base = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__base.jsonl").open()]
     lora = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__lora.jsonl").open()]
     assert base != lora
+
+
+def test_prism_k_on_vllm_routes_as_on_hf(kway_checkpoint, tmp_path):
+    """A K-way checkpoint on vLLM: the prefix gate and the routing rule pick, per request, none or one of
+    the adapters (a LoRARequest each) exactly as the hf engine's single-pass routing does."""
+    from conftest import benchmark_assets_missing
+
+    from prism_lightning.engines import GenerationConfig, open_engine
+    from prism_lightning.eval.cli import evaluate_main
+    from prism_lightning.generation import SamplingConfig
+
+    gen = GenerationConfig(**GEN, max_lora_rank=8)
+    vllm_engine, hf_engine = open_engine(kway_checkpoint, gen), open_engine(kway_checkpoint)
+    prompts = [hf_engine.formatter.prompt(q) for q in QUERIES]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    ours = vllm_engine.generate(prompts, sampling, mode="gated_k")
+    theirs = hf_engine.generate(prompts, sampling, mode="gated_k")
+    print(f"prism_k adapters on vLLM: {[o.adapter for o in ours]}")
+    assert [o.adapter for o in ours] == [o.adapter for o in theirs]
+    assert [o.route for o in ours] == [o.route for o in theirs]
+    assert [o.gate_prob for o in ours] == pytest.approx([o.gate_prob for o in theirs], abs=1e-4)
+    assert len({o.adapter for o in ours}) > 1  # more than one route was sent
+    missing = benchmark_assets_missing()
+    if missing:
+        pytest.skip(missing)
+    vllm_args = ["--backend", "vllm", "--vllm", "max_model_len=1024", "--vllm", "max_num_seqs=16",
+                 "--vllm", "cpu_kv_cache_gib=0.25", "--vllm", "max_lora_rank=8"]  # fmt: skip
+    mt = write_small_mtbench(tmp_path)
+    args = ["--conditions", "prism_k", "--benchmarks", "mmlu"]
+    out_v, out_h = tmp_path / "vllm", tmp_path / "hf"
+    assert evaluate_main(_eval_args(kway_checkpoint, out_v, mt, *vllm_args, *args)) == 0
+    assert evaluate_main(_eval_args(kway_checkpoint, out_h, mt, *args)) == 0
+    rows_v = {r["id"]: r for r in map(json.loads, (out_v / "items" / "mmlu__prism_k.jsonl").open())}
+    rows_h = {r["id"]: r for r in map(json.loads, (out_h / "items" / "mmlu__prism_k.jsonl").open())}
+    assert rows_v and set(rows_v) == set(rows_h)
+    assert {i: r["route"] for i, r in rows_v.items()} == {i: r["route"] for i, r in rows_h.items()}
+    for i, r in rows_v.items():
+        assert r["gate_prob"] == pytest.approx(rows_h[i]["gate_prob"], abs=1e-4)
+
+
+def test_the_serve_engine_honours_top_k_and_repetition_penalty(embedded_checkpoint):
+    """`serve --engine vllm` maps sampling settings through the same function as the batch engine:
+    top_k=1 sampling is greedy, and a greedy penalised answer equals the batch engine's. Last in this
+    file: stopping a serve engine stops every engine of the process."""
+    import asyncio
+
+    from prism_lightning.engines.hf_stream import RowSpec
+    from prism_lightning.generation import SamplingConfig
+    from prism_lightning.serve.vllm_engine import VLLMServeEngine
+
+    engine = VLLMServeEngine(embedded_checkpoint, max_model_len=1024, max_num_seqs=16)
+    ids = engine.vllm.token_ids([engine.formatter.prompt(QUERIES[2])])[0]
+
+    async def answer(sampling: SamplingConfig, seed: int = 0) -> str:
+        job = engine.submit(RowSpec(ids, sampling, seed=seed, route=False), [], "off")
+        pieces = []
+        while (event := await job.events.get()).kind not in ("done", "error"):
+            pieces.append(event.text)
+        assert event.kind == "done", event.text
+        return "".join(pieces).strip()
+
+    plain = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    top1 = SamplingConfig(max_new_tokens=12, temperature=1.5, top_k=1)
+    penalised = SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.3)
+    engine.start()
+    try:
+        greedy = asyncio.run(answer(plain))
+        assert asyncio.run(answer(top1, seed=3)) == greedy
+        served = asyncio.run(answer(penalised))
+        batch = engine.vllm.generate([ids], penalised)[0].text  # the worker idles: the engine is free
+    finally:
+        engine.stop()
+    assert served == batch and served != greedy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prism_lightning.backends import GenerationConfig, parse_overrides
+from prism_lightning.engines import GenerationConfig, parse_overrides
 from prism_lightning.errors import ConfigError
 
 
@@ -70,7 +70,7 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_before_the_engine_starts(tin
     import torch
 
     from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.backends.vllm_engine import get_engine
+    from prism_lightning.engines.vllm_core import get_engine
 
     if torch.cuda.is_available():
         pytest.skip("a GPU engine has other kernels")

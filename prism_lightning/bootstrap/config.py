@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prism_lightning.backbone import BackboneConfig
-from prism_lightning.backends import GenerationConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS
+from prism_lightning.engines import GenerationConfig
 from prism_lightning.errors import ConfigError
 from prism_lightning.generation import SamplingConfig
 
@@ -60,7 +60,7 @@ class BootstrapConfig:
         batch_size: rows per generation batch (each row may expand to two prompts).
         seed: base of the per-row seeds (rows do not depend on batching or the number of processes).
         generation: which engine generates (backend: hf | vllm) and the vLLM engine's settings, see
-            :class:`~prism_lightning.backends.GenerationConfig`.
+            :class:`~prism_lightning.engines.GenerationConfig`.
     """
 
     personas: list[str] | str = "all"

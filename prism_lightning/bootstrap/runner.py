@@ -305,7 +305,7 @@ def run_bootstrap(
     by_name = {c.name: c for c in personas}
     stores = stage_stores(config, backbone_config, run_dir, personas)
     if config.generation.backend == "vllm":
-        from prism_lightning.backends.vllm_bootstrap import VLLMStageTasks
+        from prism_lightning.bootstrap.vllm_tasks import VLLMStageTasks
 
         tasks = VLLMStageTasks(config, backbone_config, keep_engines=keep_engines)
     else:

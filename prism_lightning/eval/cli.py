@@ -232,13 +232,13 @@ def _start(args: argparse.Namespace) -> tuple[str, str]:
 
 def generation_from(args: argparse.Namespace):
     """The generation backend and vLLM settings of ``--backend``/``--vllm`` (checked before any load)."""
-    from prism_lightning.backends import parse_overrides
+    from prism_lightning.engines import parse_overrides
 
     generation = parse_overrides(args.vllm, args.backend)
     if generation.backend != "vllm" and args.vllm:
         raise EvalInputError("--vllm settings act only with --backend vllm.")
     if generation.backend == "vllm":
-        from prism_lightning.backends.vllm_engine import require_vllm
+        from prism_lightning.engines.vllm_core import require_vllm
 
         require_vllm()
     return generation
@@ -248,14 +248,14 @@ def _load_judge(args: argparse.Namespace, device: str):
     if not args.judge_model:
         return None
     from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
 
     if args.generation.backend == "vllm":
-        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+        from prism_lightning.engines.vllm import VLLMEngine
 
         judge = BackboneConfig(model=args.judge_model, dtype=args.dtype)
-        return VLLMEvalEngine.from_backbone_config(judge, args.generation)
-    return Engine.from_backbone(BackboneConfig(model=args.judge_model, dtype=args.dtype).load(device))
+        return VLLMEngine.from_backbone_config(judge, args.generation)
+    return HFEngine.from_backbone(BackboneConfig(model=args.judge_model, dtype=args.dtype).load(device))
 
 
 def _wandb_config(args: argparse.Namespace) -> dict:
@@ -359,13 +359,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         raise EvalInputError(
             "--merge_weights acts only with --checkpoint on the hf backend (vLLM applies the LoRA itself)."
         )
-    if args.generation.backend == "vllm" and any(c.mode == "gated_k" for c in conditions):
-        raise EvalInputError("condition prism_k (K-way routing) runs on the hf backend only (--backend hf).")
 
     device, args.dtype = _start(args)
     log.info("device %s, dtype %s", device, args.dtype)
     from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval.runner import evaluate
     from prism_lightning.eval.summary import format_table, summary_rows, wandb_log
 
@@ -382,9 +380,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         saved.update(model=args.model or saved.get("model"), dtype=args.dtype)
         override = BackboneConfig(**saved)
         if args.generation.backend == "vllm":
-            from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+            from prism_lightning.engines.vllm import VLLMEngine
 
-            engine = VLLMEvalEngine.from_checkpoint(
+            engine = VLLMEngine.from_checkpoint(
                 ckpt, args.generation, backbone_override=override, gate_device=device
             )
             created = read_meta(ckpt).get("created")
@@ -393,19 +391,19 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             ckpt, device=device, backbone_override=override, merge_weights=args.merge_weights
         )
         if routed is not None:
-            engine = Engine.from_routed(routed, name=str(ckpt))
+            engine = HFEngine.from_routed(routed, name=str(ckpt))
             base_name = routed.meta["base_model"]["name"]
             merged = ":merged" if args.merge_weights else ""  # rows of the two paths are kept apart
             model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{args.dtype}{merged}"
     elif args.generation.backend == "vllm":
-        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+        from prism_lightning.engines.vllm import VLLMEngine
 
         backbone = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype)
-        engine = VLLMEvalEngine.from_backbone_config(backbone, args.generation)
+        engine = VLLMEngine.from_backbone_config(backbone, args.generation)
         model_id = f"{backbone.model}:{args.dtype}:vllm"
     else:
         bb = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype).load(device)
-        engine = Engine.from_backbone(bb)
+        engine = HFEngine.from_backbone(bb)
         model_id = f"{bb.name}:{args.dtype}"
     summary = evaluate(
         engine,
@@ -470,18 +468,18 @@ def study_main(argv: list[str] | None = None) -> int:
 
     device, args.dtype = _start(args)
     from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.eval.summary import wandb_log
 
     t0 = time.perf_counter()
     backbone = BackboneConfig(model=args.model or DEFAULT_MODEL, dtype=args.dtype)
     if args.generation.backend == "vllm":
-        from prism_lightning.backends.vllm_eval import VLLMEvalEngine
+        from prism_lightning.engines.vllm import VLLMEngine
 
-        engine, model_id = VLLMEvalEngine.from_backbone_config(backbone, args.generation), None
+        engine, model_id = VLLMEngine.from_backbone_config(backbone, args.generation), None
     else:
         bb = backbone.load(device)
-        engine, model_id = Engine.from_backbone(bb), f"{bb.name}:{args.dtype}"
+        engine, model_id = HFEngine.from_backbone(bb), f"{bb.name}:{args.dtype}"
     records = study_module.run_study(
         engine,
         benchmarks=benchmarks,

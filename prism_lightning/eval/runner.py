@@ -21,8 +21,8 @@ from pathlib import Path
 
 from prism_lightning import run_paths
 from prism_lightning.contexts import ContextLibrary
+from prism_lightning.engines.base import Engine
 from prism_lightning.eval.conditions import Condition
-from prism_lightning.eval.engine import Engine
 from prism_lightning.eval.items import ItemStore, item_key, select_items
 from prism_lightning.eval.scorers import CHUNK, SCORERS, ScoringContext
 from prism_lightning.eval.settings import (

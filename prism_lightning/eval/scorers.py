@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from prism_lightning.contexts import ContextLibrary
+from prism_lightning.engines.base import Engine
 from prism_lightning.eval import scoring as S
-from prism_lightning.eval.engine import Engine
 from prism_lightning.eval.settings import EvalSettings
 from prism_lightning.generation import SamplingConfig, row_seed
 

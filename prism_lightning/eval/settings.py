@@ -14,7 +14,7 @@ from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
 
 if TYPE_CHECKING:
-    from prism_lightning.eval.engine import Engine
+    from prism_lightning.engines.base import Engine
 
 log = logging.getLogger(__name__)
 

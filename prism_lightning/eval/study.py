@@ -25,9 +25,9 @@ from pathlib import Path
 from prism_lightning import files, run_paths
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
+from prism_lightning.engines.base import Engine
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.conditions import matched_persona
-from prism_lightning.eval.engine import Engine
 from prism_lightning.eval.items import ItemStore, select_items
 from prism_lightning.eval.runner import run_benchmark
 from prism_lightning.eval.scorers import ScoringContext

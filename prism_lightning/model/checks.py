@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.errors import require
-from prism_lightning.model.routing import MODES, validate_routing_setup
+from prism_lightning.model.route_rule import MODES
+from prism_lightning.model.routing import validate_routing_setup
 from prism_lightning.model.schedule import LR_SCHEDULES
 
 

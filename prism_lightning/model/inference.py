@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from prism_lightning.generation import Sampling, SamplingConfig, balanced_batches, generate_batch, left_pad
-from prism_lightning.model.kway_routing import KWayRoutingController, routes_from_probs
+from prism_lightning.model.kway_routing import KWayRoutingController
+from prism_lightning.model.route_rule import (
+    RouteSpec,
+    adapter_prob,
+    decide_routes,
+    forced_routes,
+    gate_routes,
+)
 from prism_lightning.model.routing import RoutingController
 
 
@@ -53,7 +60,7 @@ def routed_generate(
     sampling: Sampling = SamplingConfig(),
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
-    route: Sequence[bool | int | str] | bool | str | None = None,
+    route: Sequence[RouteSpec] | bool | str | None = None,
 ) -> list[RoutedGeneration]:
     """Generate for chat-formatted prompts with per-sequence routing decided in each prefill.
 
@@ -69,7 +76,7 @@ def routed_generate(
     kway = isinstance(controller, KWayRoutingController)
     if isinstance(route, bool | str):
         route = [route] * n
-    forced = None if route is None else [_forced_route(controller, r) if kway else bool(r) for r in route]
+    forced = forced_routes(route, controller.adapter_names if kway else None)
     if forced is not None and len(forced) != n:
         raise ValueError(f"Got {len(forced)} route overrides for {n} prompts.")
     old_mode, old_threshold = controller.mode, controller.threshold
@@ -78,15 +85,10 @@ def routed_generate(
         controller.threshold = float(threshold)
     lengths = [len(r) for r in _tokenize(tokenizer, prompts)]
     order = sorted(range(n), key=lambda i: -lengths[i])
-    device = _device(model)
     results: list[RoutedGeneration | None] = [None] * n
     try:
         for chunk in balanced_batches(order, batch_size):
-            force = None
-            if forced is not None:
-                force = torch.tensor([forced[i] for i in chunk], device=device)
-                force = force if kway else force.bool()
-            controller.arm(decide=True, force=force)
+            controller.arm(decide=True, force=None if forced is None else [forced[i] for i in chunk])
             outs = generate_batch(
                 model,
                 tokenizer,
@@ -117,20 +119,6 @@ def routed_generate(
     return results  # type: ignore[return-value]
 
 
-def _forced_route(controller: KWayRoutingController, route: bool | int | str) -> int:
-    """A K-way route override as a route number; -1 = an adapter, the gate picks which."""
-    if isinstance(route, str):
-        if route not in controller.adapter_names:
-            names = ", ".join(controller.adapter_names)
-            raise ValueError(f"unknown adapter {route!r}; this model has {names}.")
-        return controller.adapter_names.index(route) + 1
-    if isinstance(route, bool):
-        return -1 if route else 0
-    if not 0 <= int(route) <= len(controller.adapter_names):
-        raise ValueError(f"route {route} is out of range 0..{len(controller.adapter_names)}.")
-    return int(route)
-
-
 def _kway_results(controller: KWayRoutingController, chunk, outs, results) -> None:
     """Fill ``results`` for one K-way batch (forced -1 = the gate's best adapter was used)."""
     probs, decision = controller.probs, controller.decision
@@ -139,7 +127,7 @@ def _kway_results(controller: KWayRoutingController, chunk, outs, results) -> No
         results[i] = RoutedGeneration(
             text=out.text,
             route=route > 0,
-            gate_prob=float(1.0 - probs[j, 0]) if probs is not None else float("nan"),
+            gate_prob=float(adapter_prob(probs)[j]) if probs is not None else float("nan"),
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,
@@ -213,8 +201,7 @@ class RoutedModel:
 
     def gate_probs(self, queries: Sequence[str], *, batch_size: int = 32) -> list[float]:
         """P(adapter on) per query (K-way: P(any adapter) = 1 - P(none))."""
-        probs = self.route_probs(queries, batch_size=batch_size)
-        return (1.0 - probs[:, 0] if probs.dim() == 2 else probs).tolist()
+        return adapter_prob(self.route_probs(queries, batch_size=batch_size)).tolist()
 
     def route_probs(self, queries: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
         """The gate's probabilities: (N,) sigmoid, or (N, K+1) softmax (class 0 = none) for K-way."""
@@ -227,13 +214,13 @@ class RoutedModel:
         if not isinstance(self.controller, KWayRoutingController):
             raise ValueError("choose_adapters needs a K-way checkpoint (fit with model.adapters).")
         thr = self.threshold if threshold is None else threshold
-        routes = routes_from_probs(self.route_probs(queries), thr)
+        routes = gate_routes(self.route_probs(queries), thr)
         return [self.controller.route_name(int(r)) for r in routes]
 
     def routing_rate(self, queries: Sequence[str], *, threshold: float | None = None) -> float:
         thr = self.threshold if threshold is None else threshold
-        probs = self.gate_probs(queries)
-        return sum(p >= thr for p in probs) / max(1, len(probs))
+        routes = gate_routes(self.route_probs(queries), thr)
+        return int((routes != 0).sum()) / max(1, len(queries))
 
     def generate(
         self,
@@ -244,7 +231,7 @@ class RoutedModel:
         sampling: Sampling = SamplingConfig(),
         batch_size: int = 8,
         seeds: Sequence[int] | None = None,
-        route: Sequence[bool | int | str] | bool | str | None = None,
+        route: Sequence[RouteSpec] | bool | str | None = None,
     ) -> list[RoutedGeneration]:
         return routed_generate(
             self.model,
@@ -274,13 +261,11 @@ class RoutedModel:
         alone (the paper's rule: the first turn's decision holds), unless ``route`` is given."""
         turns = [turns] if isinstance(turns, str) else list(turns)
         thr = self.threshold if threshold is None else threshold
-        first_prob = self.gate_probs([turns[0]])[0]
+        first_probs = self.route_probs([turns[0]])
         kway = isinstance(self.controller, KWayRoutingController)
-        if route is None and kway:  # the first turn's adapter holds for the conversation
-            first = routes_from_probs(self.route_probs([turns[0]]), None if mode == "on" else thr)
-            route = 0 if mode == "off" else int(first[0])
-        elif route is None:
-            route = {"on": True, "off": False}.get(mode, first_prob >= thr)
+        if route is None:  # the first turn's route holds for the conversation
+            decided = decide_routes(first_probs, 1, mode=mode, threshold=thr, kway=kway)
+            route = int(decided[0]) if kway else bool(decided[0])
         prompt = self.formatter.prompt(turns, replies=replies)
         out = routed_generate(
             self.model,
@@ -291,7 +276,7 @@ class RoutedModel:
             threshold=thr,
             sampling=sampling,
             seeds=[seed] if seed is not None else None,
-            route=[route if kway else bool(route)],
+            route=[route],
         )[0]
-        out.gate_prob = first_prob
+        out.gate_prob = float(adapter_prob(first_probs)[0])
         return out

@@ -19,11 +19,14 @@ class KWayRoutingController(RoutingController):
     ``set_mask`` takes a (B,) tensor of routes or one int for every row; ``decision`` is the (B,)
     long routes of the last armed pass and ``probs`` the gate's (B, K+1) softmax. Modes: ``gated``
     routes a row when P(some adapter) = 1 - P(none) >= threshold, to its most probable adapter;
-    ``on`` always to the most probable adapter; ``off`` never. ``force`` in :meth:`arm` is a (B,)
-    tensor of routes (-1: an adapter, the gate picks which). Outside autograd only the adapters some
+    ``on`` always to the most probable adapter; ``off`` never. ``force`` in :meth:`arm` is one route
+    or None per row (-1: an adapter, the gate picks which); the rule is
+    :func:`~prism_lightning.model.route_rule.decide_routes`. Outside autograd only the adapters some
     row uses run; under autograd every adapter runs (an unused one times 0), so all adapter parameters
     stay in the graph (DDP).
     """
+
+    kway = True
 
     def __init__(
         self,
@@ -139,39 +142,6 @@ class KWayRoutingController(RoutingController):
             return output * 0.0
         return output * mask.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
 
-    def _route(self, features: torch.Tensor) -> None:
-        if self.gate is not None:
-            self.probs = self._gate_softmax(features)
-        else:
-            self.probs = None
-        n = features.shape[0]
-        if self._force is not None:
-            routes = self._force.to(device=features.device, dtype=torch.long).reshape(n)
-            if bool((routes < 0).any()):  # -1: an adapter, the gate picks which
-                if self.probs is None:
-                    raise RuntimeError("Routing a row to the gate's best adapter needs a gate.")
-                routes = torch.where(routes < 0, routes_from_probs(self.probs, None), routes)
-        elif self.mode == "off":
-            routes = torch.zeros(n, dtype=torch.long, device=features.device)
-        else:
-            if self.probs is None:
-                raise RuntimeError(f"Routing mode {self.mode!r} needs a gate.")
-            routes = routes_from_probs(self.probs, self.threshold if self.mode == "gated" else None)
-        self.decision = routes
-        self._set_routes(routes)
-
-    def _gate_softmax(self, features: torch.Tensor) -> torch.Tensor:
-        was_training = self.gate.training
-        self.gate.eval()
-        with torch.no_grad():
-            probs = torch.softmax(self.gate(features).float(), dim=-1)
-        self.gate.train(was_training)
-        return probs
-
-    def gate_probs(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
-        """(B, K+1) routing probabilities (class 0 = none) from layers <= k only."""
-        return self._gate_softmax(self.gate_features(input_ids, attention_mask, positions))
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -181,12 +151,3 @@ class KWayRoutingController(RoutingController):
             layer._active_adapter = list(self.adapter_names)
         self._active = tuple(self.adapter_names)
         self._skipping = False
-
-
-def routes_from_probs(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """(B, K+1) probabilities -> (B,) routes: the most probable adapter, or 0 (none) where
-    1 - P(none) < ``threshold`` (no threshold: always an adapter)."""
-    best = probs[:, 1:].argmax(-1) + 1
-    if threshold is None:
-        return best
-    return torch.where(1.0 - probs[:, 0] >= threshold, best, torch.zeros_like(best))

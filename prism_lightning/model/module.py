@@ -19,7 +19,8 @@ from prism_lightning.model.checks import check_module_settings
 from prism_lightning.model.fingerprint import weight_fingerprint
 from prism_lightning.model.gate import Gate
 from prism_lightning.model.kway import check_adapter_groups, persona_routes
-from prism_lightning.model.kway_routing import KWayRoutingController, routes_from_probs
+from prism_lightning.model.kway_routing import KWayRoutingController
+from prism_lightning.model.route_rule import gate_routes
 from prism_lightning.model.routing import (
     DEFAULT_TARGET_MODULES,
     RoutingController,
@@ -352,7 +353,7 @@ class PrismModule(L.LightningModule):
         else:  # K-way: P(any adapter), and the route accuracy
             probs = torch.softmax(logits, dim=-1)
             p_route = 1.0 - probs[:, 0]
-            getattr(self, f"{stage}_route_acc").update(routes_from_probs(probs, hp.threshold), routes)
+            getattr(self, f"{stage}_route_acc").update(gate_routes(probs, hp.threshold), routes)
         getattr(self, f"{stage}_metrics").update(p_route, batch["gate_target"].long())
         getattr(self, f"{stage}_route_rate").update((p_route >= hp.threshold).float())
         return out.logged()

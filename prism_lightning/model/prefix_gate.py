@@ -31,6 +31,7 @@ from prism_lightning.backbone import BackboneConfig, load_model_config, prepare_
 from prism_lightning.chat_format import ChatFormatter
 from prism_lightning.generation import left_pad
 from prism_lightning.model.gate import Gate
+from prism_lightning.model.route_rule import gate_routes
 
 __all__ = ["PrefixGate", "truncated_config"]
 
@@ -155,10 +156,6 @@ class PrefixGate:
 
     def routes(self, prompts: Sequence[str | Sequence[int]], *, batch_size: int = 32) -> list:
         """Per prompt: whether the adapter runs (probability >= the checkpoint's threshold); for a
-        K-way gate the adapter index (0 = none), as ``routes_from_probs`` decides it."""
-        probs = self.gate_probs(prompts, batch_size=batch_size)
-        if probs.dim() == 1:
-            return [bool(p >= self.threshold) for p in probs]
-        from prism_lightning.model.kway_routing import routes_from_probs
-
-        return [int(r) for r in routes_from_probs(probs, self.threshold)]
+        K-way gate the adapter index (0 = none), as :func:`~prism_lightning.model.route_rule.gate_routes`
+        decides it."""
+        return gate_routes(self.gate_probs(prompts, batch_size=batch_size), self.threshold).tolist()

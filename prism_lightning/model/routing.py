@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from prism_lightning.errors import ConfigError
+from prism_lightning.model.route_rule import check_mode, decide_routes
 
 RoutingMode = Literal["gated", "on", "off"]
-MODES: tuple[str, ...] = ("gated", "on", "off")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -146,6 +146,8 @@ class RoutingController:
     after firing, so decode steps and activation-checkpointing recomputation leave the state alone.
     """
 
+    kway = False  # routes are bools (one adapter); the K-way controller's are route numbers
+
     def __init__(
         self,
         model: nn.Module,
@@ -191,9 +193,7 @@ class RoutingController:
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"Unknown routing mode {value!r}; choose one of {', '.join(MODES)}.")
-        self._mode = value
+        self._mode = check_mode(value)
 
     # -- mask ---------------------------------------------------------------------------------------
     @property
@@ -285,11 +285,12 @@ class RoutingController:
         positions: torch.Tensor | None = None,
         *,
         decide: bool = True,
-        force: torch.Tensor | None = None,
+        force: Sequence[bool | int | None] | torch.Tensor | None = None,
     ) -> None:
         """The next pass through layer k reads gate features at ``positions`` (per row; default: the
-        last position, i.e. left-padded prompts). With ``decide`` the gate sets the mask from ``mode``
-        (or from ``force``, a (B,) bool override, while still recording the gate's probabilities)."""
+        last position, i.e. left-padded prompts). With ``decide`` the mask follows
+        :func:`~prism_lightning.model.route_rule.decide_routes` for ``mode``/``threshold`` and ``force``
+        (one forced route or None per row), while the gate's probabilities are still recorded."""
         self._armed = True
         self._decide = decide
         self._positions = positions
@@ -332,25 +333,28 @@ class RoutingController:
         return None
 
     def _route(self, features: torch.Tensor) -> None:
-        if self.gate is not None:
-            was_training = self.gate.training
-            self.gate.eval()
-            with torch.no_grad():
-                self.probs = torch.sigmoid(self.gate(features).float())
-            self.gate.train(was_training)
-        else:
-            self.probs = None
-        n = features.shape[0]
-        if self._force is not None:
-            decision = self._force.to(device=features.device, dtype=torch.bool).reshape(n)
-        elif self.mode == "gated":
-            if self.probs is None:
-                raise RuntimeError("Gated routing needs a gate.")
-            decision = self.probs >= self.threshold
-        else:
-            decision = torch.full((n,), self.mode == "on", dtype=torch.bool, device=features.device)
-        self.decision = decision
-        self.set_mask(decision)
+        self.probs = self._gate_output(features) if self.gate is not None else None
+        self.decision = decide_routes(
+            self.probs,
+            features.shape[0],
+            mode=self.mode,
+            threshold=self.threshold,
+            kway=self.kway,
+            forced=self._force,
+            device=features.device,
+        )
+        self.set_mask(self.decision)
+
+    def _gate_output(self, features: torch.Tensor) -> torch.Tensor:
+        """The gate's probabilities for ``features`` (eval mode, no autograd): a (B,) sigmoid, or a
+        (B, K+1) softmax for a K-way gate."""
+        was_training = self.gate.training
+        self.gate.eval()
+        with torch.no_grad():
+            logits = self.gate(features).float()
+            probs = torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
+        self.gate.train(was_training)
+        return probs
 
     # -- features-only forward ----------------------------------------------------------------------
     @torch.no_grad()
@@ -380,13 +384,8 @@ class RoutingController:
         return self.features
 
     def gate_probs(self, input_ids, attention_mask=None, positions=None) -> torch.Tensor:
-        feats = self.gate_features(input_ids, attention_mask, positions)
-        was_training = self.gate.training
-        self.gate.eval()
-        with torch.no_grad():
-            probs = torch.sigmoid(self.gate(feats).float())
-        self.gate.train(was_training)
-        return probs
+        """The gate's probabilities from layers <= k only."""
+        return self._gate_output(self.gate_features(input_ids, attention_mask, positions))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -82,14 +82,14 @@ def _run_dir(text: str | None, preset: Preset) -> Path:
 def _generation_args(backend: str, pairs: list[str]) -> list[str]:
     """The backend and vLLM settings as ``KEY=VALUE`` pairs, checked now (a typo or a missing vLLM fails
     before any step runs); none for the default hf backend, so its step fingerprints stay as they were."""
-    from prism_lightning.backends import parse_overrides
+    from prism_lightning.engines import parse_overrides
 
     config = parse_overrides(pairs, backend)
     if config.backend == "hf":
         if pairs:
             raise ConfigError("--vllm settings need --backend vllm.")
         return []
-    from prism_lightning.backends.vllm_engine import require_vllm
+    from prism_lightning.engines.vllm_core import require_vllm
 
     require_vllm()
     return [f"backend={config.backend}", *pairs]

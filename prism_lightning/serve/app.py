@@ -34,6 +34,7 @@ from prism_lightning.serve.protocol import (
 
 ROUTE_HEADER = "X-PRISM-Route"
 GATE_HEADER = "X-PRISM-Gate-Probability"
+ADAPTER_HEADER = "X-PRISM-Adapter"  # K-way: the adapter that answered
 
 
 def create_app(
@@ -76,7 +77,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         created = int(time.time())
         data = [{"id": mid, "object": "model", "created": created, "owned_by": "prism_lightning"}
-                for mid in model_ids(served_name)]  # fmt: skip
+                for mid in model_ids(served_name, engine.adapter_names)]  # fmt: skip
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
@@ -113,7 +114,7 @@ def create_app(
                 if err.code == "nesting_too_deep":
                     metrics.refused.labels(reason="nesting_too_deep").inc()
                 raise
-            chat = parse_chat_request(body, served_name)
+            chat = parse_chat_request(body, served_name, engine.adapter_names)
             row = engine.prepare(chat, default_max_tokens)
             job = engine.submit(row, chat.stop, chat.mode)
         except APIError as err:
@@ -131,8 +132,11 @@ def create_app(
             return refuse(APIError(event.text, status=500, type="server_error"))
         route = event.route
         metrics.observe_route(chat.mode, route.route, route.gate_prob)
-        prism = prism_info(chat.mode, route.route, route.gate_prob)
+        kway = bool(engine.adapter_names)
+        prism = prism_info(chat.mode, route.route, route.gate_prob, route.adapter, kway=kway)
         headers = {ROUTE_HEADER: prism["route"]}
+        if route.adapter is not None:
+            headers[ADAPTER_HEADER] = route.adapter
         if not math.isnan(route.gate_prob):
             headers[GATE_HEADER] = f"{route.gate_prob:.6f}"
         cid = completion_id()

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m prism_lightning serve",
         description="Serve an exported PRISM checkpoint behind an OpenAI-compatible API "
         "(/v1/chat/completions, /v1/models, /health, /metrics). Model names: NAME (the gate decides), "
-        "NAME:on, NAME:off (route forced).",
+        "NAME:on, NAME:off (route forced); a K-way checkpoint also NAME:<adapter> (that adapter forced).",
     )
     p.add_argument("--checkpoint", required=True, help="exported PRISM run directory (checkpoints/<run>)")
     p.add_argument("--engine", default="hf", choices=ENGINES, help="generation engine (default hf)")
@@ -83,7 +83,7 @@ def check_args(args: argparse.Namespace) -> socket.socket:
     from prism_lightning.model.export import verify_checkpoint
 
     if args.engine == "vllm":
-        from prism_lightning.backends.vllm_engine import require_vllm
+        from prism_lightning.engines.vllm_core import require_vllm
 
         require_vllm()
         require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
@@ -115,12 +115,13 @@ def check_args(args: argparse.Namespace) -> socket.socket:
             args.served_model_name.strip() != "" and not args.served_model_name.endswith((":on", ":off")),
             f"--served_model_name must be a non-empty name without :on/:off, got {args.served_model_name!r}.",
         )
-    meta = verify_checkpoint(args.checkpoint)
+    adapters = list(verify_checkpoint(args.checkpoint).get("adapters") or [])
     require(
-        not meta.get("adapters"),
-        f"{args.checkpoint} is a K-way checkpoint ({len(meta.get('adapters') or {})} adapters); "
-        "serve runs single-adapter PRISM checkpoints.",
+        not (adapters and args.merge_weights),
+        "--merge_weights serves one adapter; a K-way checkpoint keeps its adapters unmerged.",
     )
+    clash = sorted({"on", "off"} & set(adapters))
+    require(not clash, f"adapter name(s) {clash} clash with the NAME:on / NAME:off model names.")
     return bind(args.host, args.port)
 
 
@@ -187,7 +188,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
     from prism_lightning.model.export import load_checkpoint
     from prism_lightning.serve.app import create_app
-    from prism_lightning.serve.engine import HFEngine
+    from prism_lightning.serve.engine import HFServeEngine
+    from prism_lightning.serve.protocol import model_ids
 
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     if args.engine == "vllm":
@@ -203,7 +205,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         routed = load_checkpoint(args.checkpoint, device=args.device, merge_weights=args.merge_weights)
         if args.threshold is not None:
             routed.threshold = args.threshold
-        engine = HFEngine(
+        engine = HFServeEngine(
             routed,
             max_batch_size=args.max_batch_size,
             batch_window_s=args.batch_window_ms / 1000,
@@ -218,9 +220,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     app = create_app(engine, name, default_max_tokens=args.default_max_tokens, limits=limits)
     host, port = sock.getsockname()[:2]
     auth = "an API key required" if args.api_key else "no authentication"
+    variants = ", ".join(model_ids(name, engine.adapter_names)[1:])
     print(
-        f"serving {name} ({name}:on, {name}:off) with the {args.engine} engine on http://{host}:{port}/v1 "
-        f"({auth})",
+        f"serving {name} ({variants}) with the {args.engine} engine on http://{host}:{port}/v1 ({auth})",
         file=sys.stderr,
         flush=True,
     )

@@ -1,5 +1,5 @@
 """The engines behind the server. ``ServeEngine`` renders and checks prompts and queues requests for one
-worker thread; ``HFEngine`` is the project's own routed generation behind a dynamic batcher.
+worker thread; ``HFServeEngine`` is the project's own routed generation behind a dynamic batcher.
 
 Requests wait in a queue; a worker thread takes the first, collects whatever else arrives within a
 short window (up to ``max_batch_size`` rows) and runs them as one routed batch (one prefill settles every
@@ -19,11 +19,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowRoute, RowSpec
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.generation import SamplingConfig
 from prism_lightning.serve.metrics import ServeMetrics
 from prism_lightning.serve.protocol import APIError, ChatRequest
-from prism_lightning.serve.routed_batch import RoutedBatchRunner, RowRoute, RowSpec
-from prism_lightning.serve.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class ServeEngine:
         self.metrics = metrics or ServeMetrics()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.adapter_names: list[str] = []  # K-way: the adapters a request may name (NAME:<adapter>)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,7 +149,7 @@ class ServeEngine:
         job.emit(Event("done", finish_reason=reason, completion_tokens=tokens))
 
 
-class HFEngine(ServeEngine):
+class HFServeEngine(ServeEngine):
     """Dynamic batching over a ``RoutedModel`` on one worker thread."""
 
     name = "hf"
@@ -169,6 +170,7 @@ class HFEngine(ServeEngine):
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._runner = RoutedBatchRunner(routed)
+        self.adapter_names = self._runner.adapter_names
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:

@@ -11,6 +11,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ class ChatRequest:
     """A validated chat-completions request (the prompt is not rendered yet)."""
 
     model: str
-    route: bool | None  # forced route from the model name; None: the gate decides
+    route: bool | str | None  # forced route from the model name (K-way: an adapter); None: the gate decides
     system: str | None
     user_turns: list[str]
     replies: list[str]
@@ -59,11 +60,14 @@ class ChatRequest:
 
     @property
     def mode(self) -> str:
-        return {None: "gated", True: "on", False: "off"}[self.route]
+        """gated, on (the adapter, or a named one) or off."""
+        return "on" if isinstance(self.route, str) else {None: "gated", True: "on", False: "off"}[self.route]
 
 
-def model_ids(name: str) -> list[str]:
-    return [name + suffix for suffix in ROUTE_SUFFIXES]
+def model_ids(name: str, adapters: Sequence[str] = ()) -> list[str]:
+    """The served model names: NAME (the gate routes), NAME:on, NAME:off, and NAME:<adapter> for each
+    adapter of a K-way checkpoint."""
+    return [name + suffix for suffix in ROUTE_SUFFIXES] + [f"{name}:{a}" for a in adapters]
 
 
 def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -87,16 +91,22 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise APIError(f"The request body is not valid JSON: {exc}.") from None
 
 
-def parse_chat_request(body: Any, served_name: str) -> ChatRequest:
+def _route_of(model: str, name: str) -> bool | str | None:
+    suffix = model[len(name) :]
+    return ROUTE_SUFFIXES[suffix] if suffix in ROUTE_SUFFIXES else suffix[1:]
+
+
+def parse_chat_request(body: Any, served_name: str, adapters: Sequence[str] = ()) -> ChatRequest:
     """Check every field a client may get wrong; raise :class:`APIError` naming the first problem."""
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError("`model` is required and must be a string.", param="model")
-    if model not in model_ids(served_name):
+    served = model_ids(served_name, adapters)
+    if model not in served:
         raise APIError(
-            f"The model `{model}` does not exist; this server has {', '.join(model_ids(served_name))}.",
+            f"The model `{model}` does not exist; this server has {', '.join(served)}.",
             status=404,
             param="model",
             code="model_not_found",
@@ -125,7 +135,7 @@ def parse_chat_request(body: Any, served_name: str) -> ChatRequest:
         raise APIError("`stream_options` must be an object.", param="stream_options")
     return ChatRequest(
         model=model,
-        route=ROUTE_SUFFIXES[model[len(served_name) :]],
+        route=_route_of(model, served_name),
         system=system,
         user_turns=users,
         replies=replies,
@@ -223,12 +233,18 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def prism_info(mode: str, route: bool, gate_prob: float) -> dict[str, Any]:
-    return {
+def prism_info(
+    mode: str, route: bool, gate_prob: float, adapter: str | None = None, kway: bool = False
+) -> dict[str, Any]:
+    """The ``prism`` field of a response; a K-way server also names the adapter (null: the base)."""
+    info = {
         "route": "adapter" if route else "base",
         "mode": mode,
         "gate_probability": None if math.isnan(gate_prob) else round(gate_prob, 6),
     }
+    if kway:
+        info["adapter"] = adapter
+    return info
 
 
 def completion_body(

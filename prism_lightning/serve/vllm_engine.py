@@ -2,25 +2,25 @@
 PRISM adapter as a LoRA module that each request carries or not.
 
 vLLM cannot stop a forward after layer k to ask the gate, so each request is routed before it enters
-the engine: :class:`~prism_lightning.model.prefix_gate.PrefixGate` runs embeddings + layers <= k of the
-base model on the request's first user turn (the paper's rule) and the gate decides whether the
-request gets the ``LoRARequest``. The worker thread admits new requests, steps the engine
+the engine: the ``vllm`` engine's :meth:`~prism_lightning.engines.vllm.VLLMEngine.request_routes` runs
+the prefix gate (embeddings + layers <= k of the base model) on the request's first user turn (the
+paper's rule) and the routing rule decides which ``LoRARequest`` (if any) the request carries (K-way:
+one per adapter). The worker thread admits new requests, steps the engine
 (``LLMEngine.step``, which returns each request's new tokens), streams them and aborts the requests
 whose client left or whose stop string matched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
 from pathlib import Path
 
+from prism_lightning.engines.hf_stream import RowRoute
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.serve.engine import Event, Job, ServeEngine
 from prism_lightning.serve.metrics import ServeMetrics
-from prism_lightning.serve.routed_batch import RowRoute
-from prism_lightning.serve.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +39,25 @@ class VLLMServeEngine(ServeEngine):
         max_num_seqs: int = 32,
         metrics: ServeMetrics | None = None,
     ) -> None:
-        from prism_lightning.backbone import BackboneConfig
-        from prism_lightning.backends import GenerationConfig
-        from prism_lightning.backends.vllm_engine import get_engine, vllm_device
-        from prism_lightning.model.export import ADAPTER_DIR, verify_checkpoint
-        from prism_lightning.model.prefix_gate import PrefixGate
+        from prism_lightning.engines import GenerationConfig
+        from prism_lightning.engines.vllm import VLLMEngine
+        from prism_lightning.engines.vllm_core import vllm_device
 
-        path = Path(checkpoint)
-        meta = verify_checkpoint(path)
-        backbone = BackboneConfig(**meta["base_model"]["backbone"])
-        adapter_config = json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text())
         config = GenerationConfig(
             backend="vllm", max_model_len=max_model_len or 4096, max_num_seqs=max_num_seqs
         )
-        self.gate = PrefixGate.from_checkpoint(path, device=vllm_device())
-        self.threshold = float(meta["threshold"] if threshold is None else threshold)
-        self.vllm = get_engine(config, backbone, enable_lora=True, max_lora_rank=int(adapter_config["r"]))
-        self.lora = self.vllm.lora_request(path / ADAPTER_DIR)
+        self.routing = VLLMEngine.from_checkpoint(checkpoint, config, gate_device=vllm_device())
+        if threshold is not None:
+            self.routing.prefix_gate.threshold = float(threshold)
+        self.vllm = self.routing.engine
         context = int(self.vllm.llm.llm_engine.model_config.max_model_len)
         super().__init__(self.vllm.tokenizer, self.vllm.formatter, context_len=context, metrics=metrics)
+        self.adapter_names = list(self.routing.adapter_names)
         self._stop_ids = set(self.vllm.stop_ids)
         self._counter = 0
 
     def shutdown(self) -> None:
-        from prism_lightning.backends.vllm_engine import shutdown_engines
+        from prism_lightning.engines.vllm_core import shutdown_engines
 
         shutdown_engines()
 
@@ -106,31 +101,30 @@ class VLLMServeEngine(ServeEngine):
         """Route the new requests (one layers-<=k pass over their first user turns) and add them."""
         if not jobs:
             return
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        from prism_lightning.engines.vllm_core import sampling_params
+
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(jobs))
-        probs = self.gate.gate_probs([job.row.first_turn_ids or job.row.prompt_ids for job in jobs]).tolist()
-        for job, prob in zip(jobs, probs, strict=True):
+        loras, routes, probs, adapters = self.routing.request_routes(
+            [job.row.first_turn_ids or job.row.prompt_ids for job in jobs],
+            "gated",
+            [job.row.route for job in jobs],
+        )
+        for job, lora, route, prob, adapter in zip(jobs, loras, routes, probs, adapters, strict=True):
             self.metrics.queue_wait.observe(started - job.arrived)
             row = job.row
-            route = row.route if row.route is not None else prob >= self.threshold
-            job.emit(Event("route", route=RowRoute(bool(route), float(prob))))
-            sampling = row.sampling
-            params = SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=None if sampling.greedy else row.seed,
+            job.emit(Event("route", route=RowRoute(route, prob, adapter)))
+            params = sampling_params(
+                row.sampling,
+                seed=row.seed,
                 stop_token_ids=sorted(self._stop_ids),
-                skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
             )
             self._counter += 1
             rid = f"prism-{self._counter}"
-            lora = self.lora if route else None
             engine.add_request(rid, TokensPrompt(prompt_token_ids=row.prompt_ids), params, lora_request=lora)
             active[rid] = (job, TextStream(self.tokenizer, job.stop))
 

@@ -1,4 +1,5 @@
-"""One vLLM engine per (model, LoRA or not) per process, and the three things the project asks of it:
+"""One vLLM engine per (model, LoRA or not) per process, and the three things the project asks of it
+(the ``vllm`` engine's core, :class:`~prism_lightning.engines.vllm.VLLMEngine` puts routing on top):
 sampled/greedy generation with per-row seeds, next-token log-probabilities of given tokens (verdict
 options, MMLU letters, judge ratings), and the top-k of the prompt's own positions (teacher targets).
 
@@ -29,12 +30,12 @@ from typing import Any
 import torch
 
 from prism_lightning.backbone import BackboneConfig, load_model_config, prepare_tokenizer
-from prism_lightning.backends import GenerationConfig
 from prism_lightning.chat_format import ChatFormatter
+from prism_lightning.engines.settings import GenerationConfig
 from prism_lightning.errors import ConfigError, PrismError
 from prism_lightning.generation import Generation, Prompt, Sampling, SamplingConfig, stop_token_ids
 
-__all__ = ["VLLMEngine", "get_engine", "require_vllm", "shutdown_engines", "vllm_device"]
+__all__ = ["VLLMCore", "get_engine", "require_vllm", "sampling_params", "shutdown_engines", "vllm_device"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,35 @@ def vllm_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def sampling_params(
+    sampling: SamplingConfig,
+    *,
+    seed: int | None,
+    stop_token_ids: Sequence[int],
+    stop: Sequence[str] | None = None,
+    **extra: Any,
+):
+    """The one mapping from this package's sampling settings to vLLM's ``SamplingParams`` (every vLLM
+    request that generates goes through it). A greedy row gets no seed; ``extra`` passes vLLM-only
+    request options (``logprob_token_ids``, ``output_kind``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or -1,  # -1: off in every vLLM version (0 only in newer ones)
+        repetition_penalty=sampling.repetition_penalty,
+        seed=None if sampling.greedy or seed is None else int(seed),
+        stop_token_ids=list(stop_token_ids),
+        stop=list(stop) if stop else None,
+        skip_special_tokens=True,
+        **extra,
+    )
+
+
 @dataclass
-class VLLMEngine:
+class VLLMCore:
     """A started ``vllm.LLM`` plus this package's tokenizer/formatter for the same model."""
 
     llm: Any
@@ -122,7 +150,6 @@ class VLLMEngine:
         ``score_ids``: also fill each row's ``first_log_probs`` with the log-probabilities of these tokens
         at the first generated position (a (len(score_ids),) tensor; a judge's verdict options), from the
         same request."""
-        from vllm import SamplingParams
 
         ids = self.token_ids(prompts)
         n = len(ids)
@@ -138,16 +165,11 @@ class VLLMEngine:
                 continue
             todo.append(i)
             params.append(
-                SamplingParams(
-                    max_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k or -1,  # -1: off in every vLLM version (0 only in newer ones)
-                    repetition_penalty=cfg.repetition_penalty,
-                    seed=None if cfg.greedy or seeds is None else int(seeds[i]),
+                sampling_params(
+                    cfg,
+                    seed=None if seeds is None else seeds[i],
                     stop_token_ids=stops,
-                    stop=list(stop_strings) if stop_strings else None,
-                    skip_special_tokens=True,
+                    stop=stop_strings,
                     logprob_token_ids=[int(t) for t in dict.fromkeys(score_ids)] if score_ids else None,
                 )
             )
@@ -230,7 +252,7 @@ class VLLMEngine:
         self.llm = None
 
 
-_ENGINES: dict[tuple, VLLMEngine] = {}
+_ENGINES: dict[tuple, VLLMCore] = {}
 
 
 def _resolved_dtype(config: GenerationConfig, backbone: BackboneConfig, device: str) -> str:
@@ -262,18 +284,25 @@ def _engine_kwargs(config: GenerationConfig, device: str) -> dict[str, Any]:
 
 
 def get_engine(
-    config: GenerationConfig, backbone: BackboneConfig, *, enable_lora: bool = False, max_lora_rank: int = 0
-) -> VLLMEngine:
+    config: GenerationConfig,
+    backbone: BackboneConfig,
+    *,
+    enable_lora: bool = False,
+    max_lora_rank: int = 0,
+    max_loras: int = 1,
+) -> VLLMCore:
     """The process's engine for ``backbone`` (started on first use). ``enable_lora`` engines serve
-    per-request adapters; the teacher (``prompt_logprobs``) needs an engine without LoRA, since
-    vLLM 0.32's CPU LoRA logits path fails on prompt log-probabilities."""
+    per-request adapters (up to ``max_loras`` different ones in a batch: a K-way checkpoint's K); the
+    teacher (``prompt_logprobs``) needs an engine without LoRA, since vLLM 0.32's CPU LoRA logits path
+    fails on prompt log-probabilities."""
     require_vllm()
     device = vllm_device()
     dtype = _resolved_dtype(config, backbone, device)
     kwargs = _engine_kwargs(config, device)
     rank = max(int(max_lora_rank), config.max_lora_rank) if enable_lora else 0
+    loras = max(1, int(max_loras)) if enable_lora else 0
     settings = tuple(sorted(kwargs.items()))
-    key = (backbone.model, backbone.trust_remote_code, dtype, enable_lora, rank, settings)
+    key = (backbone.model, backbone.trust_remote_code, dtype, enable_lora, rank, loras, settings)
     if key in _ENGINES:
         return _ENGINES[key]
     from vllm import LLM
@@ -283,7 +312,7 @@ def get_engine(
         _check_cpu_head_size(model_config, backbone.model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=loras)
     threads = torch.get_num_threads()
     start = time.perf_counter()
     log.info("starting a vLLM engine for %s (%s, LoRA %s) ...", backbone.model, dtype, enable_lora)
@@ -292,7 +321,7 @@ def get_engine(
     seconds = time.perf_counter() - start
     log.info("vLLM engine ready in %.1f s", seconds)
     tokenizer, formatter = text_side(backbone, source)
-    engine = VLLMEngine(
+    engine = VLLMCore(
         llm, tokenizer, formatter, source, _stop_ids(tokenizer, source), enable_lora, dtype, seconds
     )
     _ENGINES[key] = engine

@@ -1,53 +1,42 @@
-"""The model side of evaluation: generation and next-token option scoring, with the adapter off
-(base), always on (lora) or decided per row by the gate inside the same forward (prism; prism_k: mode
-``"gated_k"``, a K-way checkpoint's gate picks none or one of its adapters per row).
-
-An :class:`Engine` wraps either a plain backbone (no adapter) or a loaded PRISM checkpoint
-(:class:`~prism_lightning.model.inference.RoutedModel`). ``mode`` is ``"off"`` (the untouched base
-model: adapter layers skipped), ``"on"`` or ``"gated"``. The judge uses the same weights in mode
-``"off"`` unless a separate judge model is given.
+"""The ``hf`` engine: this package's own decode loop (:mod:`prism_lightning.generation`) on a plain
+backbone or a loaded PRISM checkpoint (:class:`~prism_lightning.model.inference.RoutedModel`), with the
+gate deciding each row's route inside the same prefill (single-pass routing). ``off`` runs the untouched
+base model (adapter layers skipped).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from prism_lightning.engines.base import Engine, EngineOutput
 from prism_lightning.generation import Sampling, generate, left_pad
+from prism_lightning.model.route_rule import adapter_prob
 
-__all__ = ["Engine", "EngineOutput"]
-
-
-@dataclass
-class EngineOutput:
-    text: str
-    route: bool | None = None
-    gate_prob: float | None = None
-    finish_reason: str = "length"
-    adapter: str | None = None  # K-way: the adapter the row ran with (None: the base model)
+__all__ = ["HFEngine"]
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class Engine:
+class HFEngine(Engine):
+    """The protocol on this package's decode loop; ``controller`` is the checkpoint's routing
+    controller (None: a plain backbone)."""
+
+    backend = "hf"
+
     def __init__(self, model, tokenizer, formatter, controller=None, *, name: str = "model") -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.formatter = formatter
+        super().__init__(model, tokenizer, formatter, name=name)
         self.controller = controller
-        self.name = name
-        self._token_cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_backbone(cls, bb) -> Engine:
+    def from_backbone(cls, bb) -> HFEngine:
         return cls(bb.model, bb.tokenizer, bb.formatter, None, name=bb.name)
 
     @classmethod
-    def from_routed(cls, routed, name: str = "checkpoint") -> Engine:
+    def from_routed(cls, routed, name: str = "checkpoint") -> HFEngine:
         return cls(routed.model, routed.tokenizer, routed.formatter, routed.controller, name=name)
 
     @property
@@ -60,23 +49,6 @@ class Engine:
 
         return isinstance(self.controller, KWayRoutingController)
 
-    def _check_mode(self, mode: str) -> str:
-        """The mode to run (``gated_k`` runs as ``gated`` on a K-way checkpoint)."""
-        if mode not in ("off", "on", "gated", "gated_k"):
-            raise ValueError(f"unknown mode {mode!r}")
-        if mode != "off" and self.controller is None:
-            raise ValueError(f"mode {mode!r} needs a PRISM checkpoint (--checkpoint)")
-        if mode == "gated_k":
-            if not self.is_kway:
-                from prism_lightning.eval.settings import EvalInputError
-
-                raise EvalInputError(
-                    "condition prism_k needs a K-way checkpoint (fit with model.adapters); this one has one "
-                    "adapter: use prism."
-                )
-            return "gated"
-        return mode
-
     # -- generation ------------------------------------------------------------------------------
     def generate(
         self,
@@ -88,9 +60,8 @@ class Engine:
         route: Sequence[bool] | None = None,
         batch_size: int = 8,
     ) -> list[EngineOutput]:
-        """Generate for chat-formatted prompts. ``route`` forces per-row routing (multi-turn: the
-        first turn's decision holds) while the gate's probability is still recorded."""
-        mode = self._check_mode(mode)
+        """See :meth:`Engine.generate`; rows run in length-sorted batches of ``batch_size``."""
+        mode = self.check_mode(mode)
         if not prompts:
             return []
         if self.controller is None:
@@ -120,31 +91,7 @@ class Engine:
             for o in outs
         ]
 
-    # -- scoring -----------------------------------------------------------------------------------
-    def single_token(self, text: str) -> int | None:
-        """The token id of ``text`` if it is exactly one token, else None."""
-        if text not in self._token_cache:
-            self._token_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        toks = self._token_cache[text]
-        return toks[0] if len(toks) == 1 else None
-
-    def option_ids(self, variants: Sequence[str]) -> list[int]:
-        """Token ids of the variants that are a single token (e.g. "A", " A"); duplicates dropped.
-        When none is one token (a tiny test vocabulary), the first token of each variant."""
-        ids: list[int] = []
-        for v in variants:
-            tok = self.single_token(v)
-            if tok is not None and tok not in ids:
-                ids.append(tok)
-        if not ids:  # no one-token spelling: score each spelling's first token
-            for v in variants:
-                toks = self._token_cache.get(v) or []
-                if toks and toks[0] not in ids:
-                    ids.append(toks[0])
-        if not ids:
-            raise ValueError(f"none of {list(variants)} can be tokenized")
-        return ids
-
+    # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
     def option_logprobs(
         self,
@@ -154,11 +101,9 @@ class Engine:
         mode: str = "off",
         batch_size: int = 16,
     ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
-        """Log-probability of each option as the next token after each prompt: one forward per
-        batch (length-sorted, left-padded, only the last position's logits). An option is a list of
-        spellings; its score is the logsumexp over those that are one token. Returns
-        ([n, n_options] log-probs, per-row route, per-row gate probability)."""
-        mode = self._check_mode(mode)
+        """See :meth:`Engine.option_logprobs`: one forward per batch (length-sorted, left-padded, only
+        the last position's logits)."""
+        mode = self.check_mode(mode)
         n = len(prompts)
         option_ids = [self.option_ids(o) for o in options]
         rows = [list(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -193,7 +138,7 @@ class Engine:
                         dec, pr = ctl.decision, ctl.probs
                         for j, i in enumerate(chunk):
                             routes[i] = bool(dec[j])
-                            probs[i] = float(1.0 - pr[j, 0]) if pr.dim() == 2 else float(pr[j])
+                            probs[i] = float(adapter_prob(pr)[j])
                     else:
                         for i in chunk:
                             routes[i] = mode == "on"

@@ -1,5 +1,6 @@
-"""Generation backends: ``hf`` (this package's own decode loop, :mod:`prism_lightning.generation`) and
-``vllm`` (vLLM's engine: paged attention, continuous batching, per-request LoRA, tensor/data parallel).
+"""Which engine generates and its settings: ``hf`` (this package's own decode loop,
+:mod:`prism_lightning.generation`) or ``vllm`` (vLLM's engine: paged attention, continuous batching,
+per-request LoRA, tensor/data parallel).
 
 :class:`GenerationConfig` is the one config section both the bootstrap (``data.bootstrap.generation``)
 and ``evaluate``/``study`` (``--backend``, ``--vllm KEY=VALUE``) read. vLLM itself is imported only
@@ -13,7 +14,7 @@ from typing import Any
 
 from prism_lightning.errors import ConfigError
 
-__all__ = ["BACKENDS", "GenerationConfig"]
+__all__ = ["BACKENDS", "GenerationConfig", "parse_overrides"]
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 VLLM_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")

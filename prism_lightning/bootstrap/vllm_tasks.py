@@ -3,7 +3,7 @@
 resume, hashes, finalize) and training cannot tell which backend made a row.
 
 Each task is a parameter-free :class:`StageTask` that forwards its batch of jobs to the process's
-engine (:func:`~prism_lightning.backends.vllm_engine.get_engine`); vLLM batches and schedules the
+engine (:func:`~prism_lightning.engines.vllm_core.get_engine`); vLLM batches and schedules the
 requests itself. What differs from hf, and why it does not change the rows' meaning:
 
 * per-row seeds go in as ``SamplingParams.seed`` (a row does not depend on its batch, as with hf; the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from prism_lightning.backends.vllm_engine import VLLMEngine
 from prism_lightning.bootstrap.answers import answer_rows
 from prism_lightning.bootstrap.queries import line_break_token_ids, query_rows
 from prism_lightning.bootstrap.stage import StageTask
@@ -34,13 +33,14 @@ from prism_lightning.bootstrap.teacher import (
     teacher_row,
 )
 from prism_lightning.bootstrap.verdicts import ORDERS, label_row, option_token_ids, parse_verdict
+from prism_lightning.engines.vllm_core import VLLMCore
 from prism_lightning.generation import SamplingConfig, row_seed
 
 __all__ = ["VLLMAnswerTask", "VLLMQueryTask", "VLLMTeacherTask", "VLLMVerdictTask"]
 
 
 class _VLLMTask(StageTask):
-    def __init__(self, engine: VLLMEngine) -> None:
+    def __init__(self, engine: VLLMCore) -> None:
         super().__init__()
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -49,7 +49,7 @@ class _VLLMTask(StageTask):
 class VLLMQueryTask(_VLLMTask):
     """Stage 1 (queries), rows as :class:`~prism_lightning.bootstrap.queries.QueryTask` writes them."""
 
-    def __init__(self, engine: VLLMEngine, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True):
+    def __init__(self, engine: VLLMCore, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True):
         super().__init__(engine)
         self.sampling, self.seed, self.stop_at_newline = sampling, seed, stop_at_newline
         self.stop_ids = None
@@ -72,7 +72,7 @@ class VLLMQueryTask(_VLLMTask):
 class VLLMAnswerTask(_VLLMTask):
     """Stage 2 (base and persona answers), rows as :class:`~prism_lightning.bootstrap.answers.AnswerTask`."""
 
-    def __init__(self, engine: VLLMEngine, sampling: SamplingConfig, seed: int) -> None:
+    def __init__(self, engine: VLLMCore, sampling: SamplingConfig, seed: int) -> None:
         super().__init__(engine)
         self.sampling, self.seed = sampling, seed
 
@@ -89,7 +89,7 @@ class VLLMVerdictTask(_VLLMTask):
     """Stage 3 (both judge orders: free text and option log-probabilities), rows as
     :class:`~prism_lightning.bootstrap.verdicts.VerdictTask`."""
 
-    def __init__(self, engine: VLLMEngine, max_new_tokens: int, rule: str) -> None:
+    def __init__(self, engine: VLLMCore, max_new_tokens: int, rule: str) -> None:
         super().__init__(engine)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         self.option_ids = option_token_ids(engine.tokenizer)
@@ -122,7 +122,7 @@ class VLLMTeacherTask(_VLLMTask):
     """Stage 5's teacher targets: rows and tensors as
     :class:`~prism_lightning.bootstrap.teacher.TeacherTask` writes them."""
 
-    def __init__(self, engine: VLLMEngine, top_k: int, max_response_tokens: int) -> None:
+    def __init__(self, engine: VLLMCore, top_k: int, max_response_tokens: int) -> None:
         super().__init__(engine)
         self.top_k, self.max_response_tokens = top_k, max_response_tokens
         self.eot = end_of_turn_id(engine.tokenizer)
@@ -168,7 +168,7 @@ class VLLMStageTasks:
         return self.backbone if judge is None or judge == self.backbone else judge
 
     def _formatter(self, backbone):
-        from prism_lightning.backends.vllm_engine import text_side
+        from prism_lightning.engines.vllm_core import text_side
 
         if backbone.model not in self._text:
             self._text[backbone.model] = text_side(backbone)
@@ -180,8 +180,8 @@ class VLLMStageTasks:
     def judge_formatter(self):
         return self._formatter(self._judge_config())
 
-    def _engine(self, backbone) -> VLLMEngine:
-        from prism_lightning.backends.vllm_engine import get_engine
+    def _engine(self, backbone) -> VLLMCore:
+        from prism_lightning.engines.vllm_core import get_engine
 
         engine = get_engine(self.generation, backbone)
         name = f"{backbone.model} (vLLM, {engine.start_seconds:.1f} s)"
@@ -207,6 +207,6 @@ class VLLMStageTasks:
 
     def close(self) -> None:
         if not self.keep_engines:
-            from prism_lightning.backends.vllm_engine import shutdown_engines
+            from prism_lightning.engines.vllm_core import shutdown_engines
 
             shutdown_engines()

@@ -1,12 +1,14 @@
-"""One batch of chat rows through a routed model, with every row's route settled in the batch's single
-prefill, and tokens streamed as they come.
+"""The hf engine's streaming path (``serve``, ``chat``): one batch of chat rows through a routed
+model, with every row's route settled in the batch's single prefill, and tokens streamed as they come.
 
 Routing rule (the paper's): a conversation is routed on its first user turn. A one-turn prompt IS the
 first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
 conversation's first turn is a different prompt: its gate probability comes from a layers-<=k pass
-over that first turn alone, before the prefill. Rows may also force their route (``:on`` / ``:off``).
-A hook placed after the controller's own gate hook overrides the prefill's decision for the rows
-whose route is already known, so one prefill serves gated, forced and multi-turn rows together.
+over that first turn alone, before the prefill. Rows may also force their route (``:on`` / ``:off``, or
+one adapter by name on a K-way checkpoint, whose gate picks none or one of its adapters per row).
+The rows whose route is already known go to the controller as forced routes, so one prefill serves
+gated, forced and multi-turn rows together (the rule: :mod:`~prism_lightning.model.route_rule`); a hook
+placed after the controller's own gate hook reports every row's route as soon as the prefill settled it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
+from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 from prism_lightning.model.routing import decoder_layers
 
 
@@ -28,14 +31,15 @@ class RowSpec:
     prompt_ids: list[int]
     sampling: SamplingConfig
     seed: int = 0
-    route: bool | None = None
+    route: RouteSpec = None  # None: the gate decides; True/False; K-way: an adapter's name
     first_turn_ids: list[int] | None = None
 
 
 @dataclass
 class RowRoute:
-    route: bool
-    gate_prob: float
+    route: bool  # an adapter runs
+    gate_prob: float  # P(an adapter runs)
+    adapter: str | None = None  # K-way: the adapter that runs (None: the base model)
 
 
 RouteCallback = Callable[[list[RowRoute]], None]
@@ -48,19 +52,15 @@ class RoutedBatchRunner:
     def __init__(self, routed) -> None:
         self.routed = routed
         self.controller = routed.controller
-        self._known: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows with a known route, route)
         self._on_route: RouteCallback | None = None
         self._routes: list[RowRoute] = []
         self._pending = False  # the next pass through the gate layer is this batch's prefill
         self._first_probs: list[float | None] = []
+        self.adapter_names: list[str] = list(getattr(self.controller, "adapter_names", []))
+        self.kway = self.controller.kway
         gate_layer = decoder_layers(routed.model)[routed.gate_layer]
-        # Registered after the controller's hook, so it runs after the gate has decided.
+        # Registered after the controller's hook, so it runs after the routes are settled.
         self._handle = gate_layer.register_forward_hook(self._after_gate)
-
-    @staticmethod
-    def supports(routed) -> bool:
-        """One adapter switched on or off per row; K-way checkpoints (several adapters) are not served."""
-        return not (routed.meta or {}).get("adapters")
 
     def close(self) -> None:
         self._handle.remove()
@@ -78,25 +78,23 @@ class RoutedBatchRunner:
         if not rows:
             return [], []
         routed, ctl = self.routed, self.controller
-        first_probs = self._first_turn_probs(rows)
-        known, values = [], []
-        for row, prob in zip(rows, first_probs, strict=True):
-            decided = prob is not None and prob >= routed.threshold
-            known.append(row.route is not None or prob is not None)
-            values.append(row.route if row.route is not None else decided)
-        device = routed.device
-        self._known = None
-        if any(known):
-            self._known = (
-                torch.tensor(known, dtype=torch.bool, device=device),
-                torch.tensor(values, dtype=torch.bool, device=device),
-            )
-        self._first_probs = first_probs
+        first = self._first_turn_probs(rows)
+        forced = forced_routes([row.route for row in rows], self.adapter_names if self.kway else None)
+        # a conversation's first turn decides its route (K-way ``:on``: which adapter)
+        todo = [i for i, p in enumerate(first) if p is not None and forced[i] in (None, -1)]
+        if todo:
+            probs = torch.stack([first[i] for i in todo]).double()
+            decided = decide_routes(
+                probs, len(todo), threshold=routed.threshold, kway=self.kway, forced=[forced[i] for i in todo]
+            ).tolist()
+            for i, route in zip(todo, decided, strict=True):
+                forced[i] = route
+        self._first_probs = [None if p is None else float(adapter_prob(p[None])[0]) for p in first]
         self._on_route = on_route
         self._routes = []
         old_mode, old_threshold = ctl.mode, ctl.threshold
         ctl.mode, ctl.threshold = "gated", routed.threshold
-        ctl.arm(decide=True)
+        ctl.arm(decide=True, force=forced)
         self._pending = True
         try:
             outs = generate_batch(
@@ -112,37 +110,35 @@ class RoutedBatchRunner:
             ctl.disarm()
             ctl.reset()
             ctl.mode, ctl.threshold = old_mode, old_threshold
-            self._known, self._on_route, self._pending = None, None, False
+            self._on_route, self._pending = None, False
         return outs, self._routes
 
-    def _first_turn_probs(self, rows: Sequence[RowSpec]) -> list[float | None]:
-        """Gate probabilities of the first user turn for the rows whose prompt holds more than it."""
+    def _first_turn_probs(self, rows: Sequence[RowSpec]) -> list[torch.Tensor | None]:
+        """The gate's probabilities of the first user turn (a scalar, or (K+1,) for K-way) for the rows
+        whose prompt holds more than it."""
         todo = [i for i, row in enumerate(rows) if row.first_turn_ids is not None]
-        probs: list[float | None] = [None] * len(rows)
+        probs: list[torch.Tensor | None] = [None] * len(rows)
         if not todo:
             return probs
         tok = self.routed.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids, mask = left_pad([rows[i].first_turn_ids for i in todo], pad_id, self.routed.device)
-        for i, p in zip(todo, self.controller.gate_probs(ids, mask).tolist(), strict=True):
-            probs[i] = float(p)
+        for i, p in zip(todo, self.controller.gate_probs(ids, mask).cpu(), strict=True):
+            probs[i] = p
         return probs
 
     def _after_gate(self, module, args, output) -> None:
-        """After the gate layer in this batch's prefill (and only there): settle the known routes."""
+        """After the gate layer in this batch's prefill (and only there): report the routes."""
         if not self._pending:
             return
         self._pending = False
         ctl = self.controller
         decision = ctl.decision
-        if self._known is not None:
-            known, values = self._known
-            decision = torch.where(known, values, decision)
-            ctl.decision = decision
-            ctl.set_mask(decision)
-        probs = ctl.probs.tolist() if ctl.probs is not None else [float("nan")] * decision.shape[0]
+        n = decision.shape[0]
+        probs = adapter_prob(ctl.probs).tolist() if ctl.probs is not None else [float("nan")] * n
+        names = [None, *self.adapter_names]
         self._routes = [
-            RowRoute(bool(r), first if first is not None else float(p))
+            RowRoute(bool(r), first if first is not None else float(p), names[int(r)] if self.kway else None)
             for r, p, first in zip(decision.tolist(), probs, self._first_probs, strict=True)
         ]
         if self._on_route is not None:

@@ -1,0 +1,158 @@
+"""The ``vllm`` engine: the :class:`~prism_lightning.engines.base.Engine` protocol on vLLM, so the
+scorers, the item cache and the summary are shared with the hf engine.
+
+Conditions map to requests: ``off`` (base, persona, random_persona and every judge call) is a plain
+request; ``on`` (lora) sends the exported adapter (``<checkpoint>/adapter``, PEFT format) as a
+``LoRARequest``; ``gated`` (prism) first runs the :class:`~prism_lightning.model.prefix_gate.PrefixGate`
+(embeddings + layers <= k of the base, outside vLLM) and then sends each request with or without the
+adapter. A K-way checkpoint (``<checkpoint>/adapters/<name>``) gives each request none or one of its
+adapters (prism_k), by the same rule. The routes equal the hf engine's for the same prompts (the same
+feature, the same gate, :mod:`~prism_lightning.model.route_rule`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism_lightning.backbone import BackboneConfig, meta_model
+from prism_lightning.engines.base import Engine, EngineOutput
+from prism_lightning.engines.settings import GenerationConfig
+from prism_lightning.engines.vllm_core import VLLMCore, get_engine
+from prism_lightning.generation import Sampling
+from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
+
+__all__ = ["VLLMEngine"]
+
+
+class VLLMEngine(Engine):
+    """The protocol on a vLLM engine (see the module docstring). ``model`` is the base model's module
+    tree on the meta device (no weights): the judge-size rule counts its parameters."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        engine: VLLMCore,
+        model: torch.nn.Module,
+        *,
+        name: str,
+        adapter_dir: str | Path | None = None,
+        prefix_gate=None,
+        adapter_dirs: dict[str, Path] | None = None,
+    ) -> None:
+        """``adapter_dir``: the one adapter of a PRISM checkpoint; ``adapter_dirs``: a K-way checkpoint's
+        adapters by name (route j runs the j-th)."""
+        super().__init__(model, engine.tokenizer, engine.formatter, name=name)
+        self.engine = engine
+        self.adapter_names = list(adapter_dirs or {})
+        dirs = list((adapter_dirs or {}).values()) or ([adapter_dir] if adapter_dir is not None else [])
+        self.loras = [engine.lora_request(d) for d in dirs]  # route j -> self.loras[j - 1]
+        self.prefix_gate = prefix_gate
+        self.generation_identity = {"backend": "vllm", "dtype": engine.dtype}
+
+    @classmethod
+    def from_backbone_config(cls, backbone: BackboneConfig, generation: GenerationConfig) -> VLLMEngine:
+        """A base model without adapter (``off`` conditions and judges)."""
+        return cls(get_engine(generation, backbone), meta_model(backbone), name=backbone.model)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        generation: GenerationConfig,
+        *,
+        backbone_override: BackboneConfig | None = None,
+        gate_device: str = "cpu",
+    ) -> VLLMEngine:
+        """The checkpoint's base on a LoRA-enabled engine + its adapter(s) + its prefix gate."""
+        from prism_lightning.model.export import ADAPTER_DIR, ADAPTERS_DIR, verify_checkpoint
+        from prism_lightning.model.prefix_gate import PrefixGate
+
+        path = Path(path)
+        meta = verify_checkpoint(path)
+        backbone = backbone_override or BackboneConfig(**meta["base_model"]["backbone"])
+        names = list(meta.get("adapters") or {})
+        dirs = {n: path / ADAPTERS_DIR / n for n in names} if names else {"": path / ADAPTER_DIR}
+        rank = max(
+            int(json.loads((d / "adapter_config.json").read_text()).get("r", 16)) for d in dirs.values()
+        )
+        engine = get_engine(generation, backbone, enable_lora=True, max_lora_rank=rank, max_loras=len(dirs))
+        gate = PrefixGate.from_checkpoint(path, device=gate_device, backbone_override=backbone)
+        kwargs = {"adapter_dirs": dirs} if names else {"adapter_dir": dirs[""]}
+        return cls(engine, meta_model(backbone), name=str(path), prefix_gate=gate, **kwargs)
+
+    @property
+    def has_adapter(self) -> bool:
+        return bool(self.loras)
+
+    @property
+    def is_kway(self) -> bool:
+        return bool(self.adapter_names)
+
+    def request_routes(
+        self, prompts: Sequence[str | Sequence[int]], mode: str, route: Sequence[RouteSpec] | None
+    ) -> tuple[list[Any] | None, list[bool | None], list[float | None], list[str | None]]:
+        """(LoRA request or None per row, route per row, gate probability per row, adapter per row), as
+        the hf engine reports them: no adapter -> None routes; otherwise the routing rule's (``route``
+        forces a row). The prefix gate runs where the rule needs it (gated; K-way on: which adapter)."""
+        n = len(prompts)
+        if not self.loras:
+            return None, [None] * n, [None] * n, [None] * n
+        kway = self.is_kway
+        gate = (
+            self.prefix_gate.gate_probs(list(prompts)) if mode == "gated" or kway and mode == "on" else None
+        )
+        probs = [float(x) for x in adapter_prob(gate)] if gate is not None else [None] * n
+        forced = forced_routes(route, self.adapter_names if kway else None)
+        decided = decide_routes(
+            gate, n, mode=mode, threshold=self.prefix_gate.threshold, kway=kway, forced=forced
+        ).tolist()
+        lora = [self.loras[int(r) - 1] if r else None for r in decided]
+        adapters = [self.adapter_names[int(r) - 1] if kway and r else None for r in decided]
+        return lora, [bool(r) for r in decided], probs, adapters
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        *,
+        mode: str = "off",
+        seeds: Sequence[int] | None = None,
+        route: Sequence[RouteSpec] | None = None,
+        batch_size: int = 8,
+    ) -> list[EngineOutput]:
+        """See :meth:`Engine.generate`; vLLM schedules the batch itself (``batch_size`` is unused)."""
+        mode = self.check_mode(mode)
+        if not prompts:
+            return []
+        lora, routes, probs, adapters = self.request_routes(prompts, mode, route)
+        outs = self.engine.generate(list(prompts), sampling, seeds=seeds, lora=lora)
+        return [
+            EngineOutput(o.text, r, p, o.finish_reason, a)
+            for o, r, p, a in zip(outs, routes, probs, adapters, strict=True)
+        ]
+
+    def option_logprobs(
+        self,
+        prompts: Sequence[str],
+        options: Sequence[Sequence[str]],
+        *,
+        mode: str = "off",
+        batch_size: int = 16,
+    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
+        """See :meth:`Engine.option_logprobs` (vLLM's next-token log-probabilities of the options)."""
+        mode = self.check_mode(mode)
+        option_ids = [self.option_ids(o) for o in options]
+        flat = list(dict.fromkeys(t for ids in option_ids for t in ids))
+        column = {t: j for j, t in enumerate(flat)}
+        lora, routes, probs, _ = self.request_routes(prompts, mode, None)
+        logp = self.engine.next_token_logprobs(list(prompts), flat, lora=lora)
+        scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
+        for k, ids in enumerate(option_ids):
+            scores[:, k] = torch.logsumexp(logp[:, [column[t] for t in ids]], dim=-1)
+        return scores, routes, probs
