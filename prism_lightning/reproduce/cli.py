@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (README: Generation backends)",
+        help="a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (docs/backends.md)",
     )
     ap.add_argument("--run_dir", default=None, help="the run directory (default: runs/reproduce-<preset>)")
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
