@@ -348,3 +348,42 @@ def test_mixed_batch_routing_is_exact_on_the_embedded_model_in_bf16():
     mixed = logits(routes)
     for row, route in enumerate(routes.tolist()):
         assert torch.equal(mixed[row], alone[route][row]), (row, route)
+
+
+def test_prism_k_on_mtbench_keeps_the_first_turns_adapter_on_turn_two(trained, tmp_path):
+    """The paper's rule (a conversation keeps its first turn's route) holds for K-way too: turn 2 runs with
+    the adapter turn 1 chose, by name, whatever the gate would decide on the longer prompt."""
+    from prism_lightning.contexts import ContextLibrary
+    from prism_lightning.engines.hf import HFEngine
+    from prism_lightning.eval import benchmarks as B
+    from prism_lightning.eval import scoring as S
+    from prism_lightning.eval.conditions import Condition
+    from prism_lightning.eval.scorers import ScoringContext, mtbench_rows
+    from prism_lightning.eval.settings import EvalSettings
+    from prism_lightning.testing import write_small_mtbench
+
+    module, *_ = trained
+    routed = load_checkpoint(export_checkpoint(module, tmp_path / "ckpt", personas=PERSONAS), device="cpu")
+    calls = []
+
+    class RecordingEngine(HFEngine):  # the real engine; it only notes the routes it was asked for
+        def generate(self, prompts, sampling, **kwargs):
+            outs = super().generate(prompts, sampling, **kwargs)
+            calls.append((kwargs.get("mode"), kwargs.get("route"), [o.adapter for o in outs]))
+            return outs
+
+    engine = RecordingEngine.from_routed(routed)
+    files = write_small_mtbench(
+        tmp_path, turns=lambda qid, cat: [f"What is {qid} times seven?", "Now a poem."]
+    )
+    items = B.load_mtbench(files[1], references=files[3])
+    for r in items:
+        r["group"] = r["category"]
+    settings = EvalSettings(mtbench_max_new_tokens=4, judge_mode="generate", judge_max_new_tokens=2)
+    ctx = ScoringContext(engine, engine, ContextLibrary.builtin(), settings, "tiny",
+                         S.load_judge_prompts(files[5]))  # fmt: skip
+    rows = mtbench_rows(ctx, Condition("prism_k"), items)
+    (mode1, route1, adapters1), (mode2, route2, adapters2) = calls[0], calls[1]
+    assert mode1 == mode2 == "gated_k" and route1 is None
+    assert route2 == [a or False for a in adapters1] and adapters2 == adapters1
+    assert [r["adapter"] for r in rows] == adapters1

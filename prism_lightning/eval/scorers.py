@@ -68,6 +68,7 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
     placement = getattr(cond, "placement", "system")
     answers: list[list[str]] = [[] for _ in items]
     routes: list[bool | None] = [None] * len(items)
+    adapters: list[str | None] = [None] * len(items)  # K-way: the adapter the first turn ran with
     probs: list[float | None] = [None] * len(items)
     # answers: both turns; every row samples at its category's temperature, all rows in one batch
     sampling = []
@@ -92,6 +93,8 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
         route = None
         if turn > 0 and cond.mode == "gated":  # the first turn's decision holds
             route = [bool(routes[i]) for i in todo]
+        elif turn > 0 and cond.mode == "gated_k":  # ... and for K-way, the first turn's adapter
+            route = [adapters[i] or False for i in todo]
         outs = eng.generate(
             prompts,
             [sampling[i] for i in todo],
@@ -103,7 +106,7 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
         for i, o in zip(todo, outs, strict=True):
             answers[i].append(o.text)
             if turn == 0:
-                routes[i], probs[i] = o.route, o.gate_prob
+                routes[i], probs[i], adapters[i] = o.route, o.gate_prob, o.adapter
     # judging: every turn of every row
     jobs = [(i, t) for i, r in enumerate(items) for t in (1, 2) if len(r["turns"]) >= t]
     judged = [S.mtbench_judge_messages(ctx.judge_prompts, items[i], answers[i], t) for i, t in jobs]
@@ -142,6 +145,7 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
                 "judge_raw": [raw.get((i, t), "")[:2000] for t in (1, 2) if len(r["turns"]) >= t],
                 "judge_prompt": [judged[j][0] for j, job in enumerate(jobs) if job[0] == i],
                 "route": routes[i],
+                **({"adapter": adapters[i]} if cond.mode == "gated_k" else {}),
                 "gate_prob": probs[i],
                 "values": turn_ratings,
             }
