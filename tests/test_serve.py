@@ -58,8 +58,9 @@ def running_server(
         "OMP_NUM_THREADS": "2",
         **(env or {}),
     }
+    device = [] if "vllm" in extra else ["--device", "cpu"]  # vLLM places the model itself
     cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-           "--device", "cpu", "--default_max_tokens", "8", *extra]  # fmt: skip
+           *device, "--default_max_tokens", "8", *extra]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
