@@ -23,6 +23,7 @@ import torch
 
 from prism_lightning.errors import ConfigError
 from prism_lightning.generation import Sampling
+from prism_lightning.model.route_rule import RouteSpec
 
 __all__ = ["MODES", "Engine", "EngineOutput"]
 
@@ -40,7 +41,7 @@ class EngineOutput:
 
 class Engine:
     """A model (plain, or a PRISM checkpoint) behind the protocol. Subclasses implement
-    :meth:`generate` and :meth:`option_logprobs`, and say whether they hold an adapter."""
+    :meth:`_generate` and :meth:`_option_logprobs`, and say whether they hold an adapter."""
 
     backend = "engine"
 
@@ -82,13 +83,17 @@ class Engine:
         *,
         mode: str = "off",
         seeds: Sequence[int] | None = None,
-        route: Sequence[bool] | None = None,
+        route: Sequence[RouteSpec] | None = None,
         batch_size: int = 8,
     ) -> list[EngineOutput]:
         """Generate for chat-formatted prompts (one sampling config, or one per row). ``seeds``: one per
         row, so a row does not depend on its batch. ``route`` forces per-row routes (multi-turn: the
-        first turn's route holds) while the gate's probability is still recorded."""
-        raise NotImplementedError
+        first turn's route holds; K-way: an adapter's name) while the gate's probability is still
+        recorded. ``batch_size`` bounds the hf engine's batches; vLLM schedules its own."""
+        mode = self.check_mode(mode)
+        if not prompts:
+            return []
+        return self._generate(list(prompts), sampling, mode, seeds, route, batch_size)
 
     def option_logprobs(
         self,
@@ -101,6 +106,23 @@ class Engine:
         """Log-probability of each option as the next token after each prompt. An option is a list of
         spellings; its score is the logsumexp over those that are one token. Returns
         ([n, n_options] log-probs, per-row route, per-row gate probability)."""
+        return self._option_logprobs(list(prompts), options, self.check_mode(mode), batch_size)
+
+    # -- what an engine implements (``mode`` already checked, ``prompts`` a non-empty list for generate) --
+    def _generate(
+        self,
+        prompts: list[str],
+        sampling: Sampling,
+        mode: str,
+        seeds: Sequence[int] | None,
+        route: Sequence[RouteSpec] | None,
+        batch_size: int,
+    ) -> list[EngineOutput]:
+        raise NotImplementedError
+
+    def _option_logprobs(
+        self, prompts: list[str], options: Sequence[Sequence[str]], mode: str, batch_size: int
+    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
         raise NotImplementedError
 
     # -- tokens ------------------------------------------------------------------------------------

@@ -6,12 +6,10 @@ base model (adapter layers skipped).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from prism_lightning.engines.base import Engine, EngineOutput
-from prism_lightning.generation import Sampling, generate, left_pad
+from prism_lightning.generation import generate, left_pad
 from prism_lightning.model.route_rule import adapter_prob
 
 __all__ = ["HFEngine"]
@@ -50,20 +48,8 @@ class HFEngine(Engine):
         return isinstance(self.controller, KWayRoutingController)
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[str],
-        sampling: Sampling,
-        *,
-        mode: str = "off",
-        seeds: Sequence[int] | None = None,
-        route: Sequence[bool] | None = None,
-        batch_size: int = 8,
-    ) -> list[EngineOutput]:
-        """See :meth:`Engine.generate`; rows run in length-sorted batches of ``batch_size``."""
-        mode = self.check_mode(mode)
-        if not prompts:
-            return []
+    def _generate(self, prompts, sampling, mode, seeds, route, batch_size) -> list[EngineOutput]:
+        """Rows run in length-sorted batches of ``batch_size``."""
         if self.controller is None:
             outs = generate(self.model, self.tokenizer, prompts, sampling, batch_size=batch_size, seeds=seeds)
             return [EngineOutput(o.text, None, None, o.finish_reason) for o in outs]
@@ -93,17 +79,10 @@ class HFEngine(Engine):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def option_logprobs(
-        self,
-        prompts: Sequence[str],
-        options: Sequence[Sequence[str]],
-        *,
-        mode: str = "off",
-        batch_size: int = 16,
+    def _option_logprobs(
+        self, prompts, options, mode, batch_size
     ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
-        """See :meth:`Engine.option_logprobs`: one forward per batch (length-sorted, left-padded, only
-        the last position's logits)."""
-        mode = self.check_mode(mode)
+        """One forward per batch (length-sorted, left-padded, only the last position's logits)."""
         n = len(prompts)
         option_ids = [self.option_ids(o) for o in options]
         rows = [list(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]

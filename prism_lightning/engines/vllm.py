@@ -23,7 +23,6 @@ from prism_lightning.backbone import BackboneConfig, meta_model
 from prism_lightning.engines.base import Engine, EngineOutput
 from prism_lightning.engines.settings import GenerationConfig
 from prism_lightning.engines.vllm_core import VLLMCore, get_engine
-from prism_lightning.generation import Sampling
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 
 __all__ = ["VLLMEngine"]
@@ -116,42 +115,24 @@ class VLLMEngine(Engine):
         adapters = [self.adapter_names[int(r) - 1] if kway and r else None for r in decided]
         return lora, [bool(r) for r in decided], probs, adapters
 
-    def generate(
-        self,
-        prompts: Sequence[str],
-        sampling: Sampling,
-        *,
-        mode: str = "off",
-        seeds: Sequence[int] | None = None,
-        route: Sequence[RouteSpec] | None = None,
-        batch_size: int = 8,
-    ) -> list[EngineOutput]:
-        """See :meth:`Engine.generate`; vLLM schedules the batch itself (``batch_size`` is unused)."""
-        mode = self.check_mode(mode)
-        if not prompts:
-            return []
+    def _generate(self, prompts, sampling, mode, seeds, route, batch_size) -> list[EngineOutput]:
+        """vLLM schedules the batch itself (``batch_size`` is unused)."""
         lora, routes, probs, adapters = self.request_routes(prompts, mode, route)
-        outs = self.engine.generate(list(prompts), sampling, seeds=seeds, lora=lora)
+        outs = self.engine.generate(prompts, sampling, seeds=seeds, lora=lora)
         return [
             EngineOutput(o.text, r, p, o.finish_reason, a)
             for o, r, p, a in zip(outs, routes, probs, adapters, strict=True)
         ]
 
-    def option_logprobs(
-        self,
-        prompts: Sequence[str],
-        options: Sequence[Sequence[str]],
-        *,
-        mode: str = "off",
-        batch_size: int = 16,
+    def _option_logprobs(
+        self, prompts, options, mode, batch_size
     ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
-        """See :meth:`Engine.option_logprobs` (vLLM's next-token log-probabilities of the options)."""
-        mode = self.check_mode(mode)
+        """vLLM's next-token log-probabilities of the options (``batch_size`` is unused)."""
         option_ids = [self.option_ids(o) for o in options]
         flat = list(dict.fromkeys(t for ids in option_ids for t in ids))
         column = {t: j for j, t in enumerate(flat)}
         lora, routes, probs, _ = self.request_routes(prompts, mode, None)
-        logp = self.engine.next_token_logprobs(list(prompts), flat, lora=lora)
+        logp = self.engine.next_token_logprobs(prompts, flat, lora=lora)
         scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
         for k, ids in enumerate(option_ids):
             scores[:, k] = torch.logsumexp(logp[:, [column[t] for t in ids]], dim=-1)
