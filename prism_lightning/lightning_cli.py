@@ -25,7 +25,7 @@ from prism_lightning.callbacks import EXPORT_FROM, PrismExport
 from prism_lightning.config_files import with_default_config
 from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import ConfigError
-from prism_lightning.files import check_output_dir
+from prism_lightning.files import atomic_write_json, check_output_dir
 from prism_lightning.model.checks import check_against_model
 from prism_lightning.model.module import PrismModule
 
@@ -89,6 +89,14 @@ class PrismCLI(LightningCLI):
             help="after fit, route a few queries with the exported checkpoint",
         )
         parser.add_argument(
+            "--heldout_check",
+            type=int,
+            default=0,
+            help="after fit, write this many fresh queries per context and report the exported gate's "
+            "AUROC and the verifier pass rates of base / context / adapter / routed answers on them "
+            "(needs data.bootstrap.verifier: program; 0: off)",
+        )
+        parser.add_argument(
             "--predict_output",
             type=str | None,
             default=None,
@@ -109,6 +117,8 @@ class PrismCLI(LightningCLI):
                 f"--export_from must be one of {', '.join(EXPORT_FROM)}, got {cfg.get('export_from')!r}."
             )
         check_command_options(self.subcommand, cfg)
+        if int(cfg.get("heldout_check") or 0) < 0:
+            raise ConfigError(f"--heldout_check must be >= 0 (0: off), got {cfg.heldout_check}.")
         check_command_paths(self.subcommand, cfg)
 
     def before_fit(self) -> None:
@@ -116,6 +126,11 @@ class PrismCLI(LightningCLI):
         cfg = self._section()
         # Everything that can be checked without the weights, before the bootstrap's long work.
         check_against_model(dict(self.model.hparams), self.model.backbone_config)
+        if cfg.heldout_check and "program" not in dm.bootstrap.verifier:
+            raise ConfigError(
+                "--heldout_check needs data.bootstrap.verifier: program (a checkable verifier; a small "
+                "model's self-judgments would make its labels noise)."
+            )
         if self.model.adapter_groups is not None:  # K-way: every bootstrap persona in one adapter
             self.model.set_persona_names(dm.persona_names)
         dm.apply_global_batch(self.trainer)  # a global batch the processes cannot split fails here
@@ -161,6 +176,8 @@ class PrismCLI(LightningCLI):
             print(f"logs:                 {self.trainer.logger.save_dir}")
         if self._section().sanity_check:
             self._sanity_check(exporter.exported)
+        if self._section().heldout_check:
+            self._heldout_check(exporter.exported, int(self._section().heldout_check))
 
     def _training_config(self) -> dict:
         keys = ("model", "data", "trainer", "seed_everything")
@@ -187,6 +204,20 @@ class PrismCLI(LightningCLI):
             if key in final:
                 before = f"{start[key]:.4f}" if key in start else "-"
                 print(f"  {key:<22}{before:>11}{final[key]:>12.4f}")
+
+    def _heldout_check(self, checkpoint: Path, per_context: int) -> None:
+        from prism_lightning.engines import open_engine
+        from prism_lightning.eval.heldout import format_report, run_heldout_check
+
+        dm: PrismDataModule = self.datamodule
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = open_engine(checkpoint, device=device)
+        trained_on = [r["query"] for r in dm.bootstrap_rows("queries")]
+        report = run_heldout_check(engine, dm.bootstrap, per_context=per_context, training_queries=trained_on)
+        path = run_paths.heldout_report(dm.run_dir)
+        atomic_write_json(path, {"summary": report.summary, "rows": report.rows})
+        print(format_report(report.summary))
+        print(f"  per-query rows: {path}")
 
     def _sanity_check(self, checkpoint: Path) -> None:
         from prism_lightning.generation import SamplingConfig
@@ -218,6 +249,7 @@ COMMAND_ONLY_OPTIONS = {
     "export_from": ("fit", "last"),
     "validate_before_fit": ("fit", True),
     "sanity_check": ("fit", True),
+    "heldout_check": ("fit", 0),
     "predict_output": ("predict", None),
 }
 

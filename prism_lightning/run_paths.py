@@ -35,6 +35,7 @@ BOOTSTRAP_STAGES: tuple[str, ...] = ("queries", "answers", "verdicts", "teacher"
 LIGHTNING_DIR = "lightning"
 LAST_CKPT = "last.ckpt"
 PREDICTIONS_FILE = "predictions.jsonl"
+HELDOUT_JSON = "heldout.json"
 
 
 def bootstrap_dir(run_dir: str | Path) -> Path:
@@ -55,6 +56,11 @@ def lightning_dir(run_dir: str | Path) -> Path:
 def last_checkpoint(run_dir: str | Path) -> Path:
     """The ``last.ckpt`` a fit of ``run_dir`` resumes from."""
     return lightning_dir(run_dir) / LAST_CKPT
+
+
+def heldout_report(run_dir: str | Path) -> Path:
+    """fit's held-out check (``--heldout_check``): per-query rows and the summary it printed."""
+    return Path(run_dir) / HELDOUT_JSON
 
 
 def predictions_file(run_dir: str | Path) -> Path:

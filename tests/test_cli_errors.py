@@ -126,6 +126,12 @@ CASES = {
     "fit missing context file": ([*FIT, "--data.bootstrap.context_files", "[nope.yaml]"], "nope.yaml"),
     "fit queries 0": ([*FIT, "--data.bootstrap.queries_per_persona", "0"], "queries_per_persona must be >= 1"),  # noqa: E501
     "fit verdict rule": ([*FIT, "--data.bootstrap.verdict_rule", "vote"], "Unknown verdict_rule 'vote'"),
+    "fit heldout_check -1": ([*FIT, "--heldout_check", "-1"], "--heldout_check must be >= 0"),
+    "fit heldout_check self-judged": ([*FIT, "--heldout_check", "8"], "--heldout_check needs data.bootstrap"),
+    "fit query examples missing": (
+        [*FIT, "--data.bootstrap.query_prompt", "examples"],
+        "give fewer than bootstrap.query_examples=3 example_queries",
+    ),
     "fit val_fraction": ([*FIT, "--data.val_fraction", "1.5"], "val_fraction must be in [0, 1)"),
     "fit batch size 0": ([*FIT, "--data.batch_size", "0"], "batch_size must be >= 1"),
     "fit export_from": ([*FIT, "--export_from", "middle"], "--export_from must be one of last, best"),

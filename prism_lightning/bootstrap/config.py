@@ -13,7 +13,7 @@ from prism_lightning.generation import SamplingConfig
 
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
 VERIFIERS: tuple[str, ...] = ("self", "program")
-QUERY_PROMPTS: tuple[str, ...] = ("describe", "persona_text")
+QUERY_PROMPTS: tuple[str, ...] = ("describe", "persona_text", "examples")
 
 
 @dataclass
@@ -30,7 +30,10 @@ class BootstrapConfig:
         placement: where the persona goes: system or user (templates without a system role use user).
         query_prompt: what the query writer is told about a persona: describe (its one-line description
             and expertise) or persona_text (its text at ``persona_length``, as the reference scripts do).
-            Reference contexts always show their text.
+            Reference contexts always show their text. examples: the writer continues a numbered list
+            of ``query_examples`` of the context's ``example_queries`` (a different draw per query);
+            small models stay on topic this way (not in the paper).
+        query_examples: how many of a context's example_queries prime each query (query_prompt: examples).
         query_temperature: sampling temperature of stage 1 (queries).
         query_max_new_tokens: longest query in tokens.
         min_query_chars: shorter queries are dropped.
@@ -69,6 +72,7 @@ class BootstrapConfig:
     persona_length: str = "short"
     placement: str = "system"
     query_prompt: str = "describe"
+    query_examples: int = 3
     query_temperature: float = 0.9
     query_max_new_tokens: int = 200
     min_query_chars: int = 16
@@ -119,6 +123,7 @@ class BootstrapConfig:
         positive = (
             "queries_per_persona",
             "query_max_new_tokens",
+            "query_examples",
             "answer_max_new_tokens",
             "judge_max_new_tokens",
             "teacher_top_k",
@@ -209,4 +214,11 @@ class BootstrapConfig:
         if isinstance(self.personas, list | tuple) and not self.personas:
             names = ", ".join(library.names)
             raise ConfigError(f"bootstrap.personas is empty; give names from: {names}, or all.")
-        library.select(self.personas)
+        selected = library.select(self.personas)
+        if self.query_prompt == "examples":
+            short = [c.name for c in selected if len(c.example_queries) < self.query_examples]
+            if short:
+                raise ConfigError(
+                    f"bootstrap.query_prompt is examples, but {short} give fewer than "
+                    f"bootstrap.query_examples={self.query_examples} example_queries in their context file."
+                )

@@ -6,6 +6,8 @@ that used the old text are recomputed.
 
 from __future__ import annotations
 
+import random
+
 from prism_lightning.contexts import Context
 
 PROMPT_VERSION = 1
@@ -72,6 +74,25 @@ def query_prompt_text(context: Context, index: int, persona_length: str | None =
         f"exceptionally well. Make it {angle}. This is question number {index + 1} of a varied set.\n"
         "Reply with the question only, on a single line, with no numbering, quotes or explanation."
     )
+
+
+def examples_query_prompt(formatter, context: Context, index: int, seed: int, shown: int) -> str:
+    """The query-writing prompt of ``query_prompt: examples``: the writer's reply is primed with a numbered
+    list of ``shown`` of the context's ``example_queries`` (a different draw per row) and it writes the
+    next item. A 135M model asked by instruction mostly writes off-topic text; continuing a list it
+    stays on the kind of question the examples show."""
+    rng = random.Random(f"{seed}:{context.name}:{index}")
+    examples = rng.sample(list(context.example_queries), shown)
+    if context.kind == "reference":
+        ask = (
+            f"Here is {context.description}:\n\n{context.text('long')}\n\n"
+            "List questions that people send to an assistant that has this text at hand."
+        )
+    else:
+        who = f"{context.description}, someone skilled in {context.expertise}"
+        ask = f"List questions that people send to {who}."
+    primed = "".join(f"{k + 1}. {q}\n" for k, q in enumerate(examples))
+    return formatter.prompt(ask) + primed + f"{shown + 1}."
 
 
 JUDGE_TEMPLATE = (

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from prism_lightning.bootstrap.prompts import query_prompt_text
+from prism_lightning.bootstrap.prompts import examples_query_prompt, query_prompt_text
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.contexts import Context
 from prism_lightning.errors import PrismError
 from prism_lightning.generation import SamplingConfig, generate_batch, row_seed, stop_token_ids
 
-DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "not_a_query", "duplicate", "near_duplicate")
+DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "not_a_query", "known", "duplicate", "near_duplicate")
 NEAR_DUP_RATIO = 0.9
 NEAR_DUP_JACCARD = 0.8
 
@@ -65,9 +65,10 @@ def is_near_duplicate(a: str, b: str) -> bool:
 
 
 def filter_queries(
-    rows: Sequence[dict[str, Any]], min_chars: int = 16
+    rows: Sequence[dict[str, Any]], min_chars: int = 16, known: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], list[dict[str, Any]]]:
-    """Clean, length-filter and de-duplicate (across all personas, first occurrence wins).
+    """Clean, length-filter and de-duplicate (across all personas, first occurrence wins). A query equal
+    or near-equal to one of ``known`` (the examples it was shown, or queries used elsewhere) is dropped.
 
     Returns (kept rows with a ``query`` field, drop counts ``{persona: {reason: n}}``, dropped rows
     with their ``reason``).
@@ -75,6 +76,8 @@ def filter_queries(
     kept: list[dict[str, Any]] = []
     kept_norm: list[str] = []
     seen: set[str] = set()
+    known_norm = [normalise(clean_query(q)) for q in known]
+    known_set = set(known_norm)
     drops: dict[str, dict[str, int]] = {}
     dropped: list[dict[str, Any]] = []
     for row in rows:
@@ -87,6 +90,8 @@ def filter_queries(
             reason = "too_short"
         elif query.endswith(":"):  # a heading such as "Here is one example:"
             reason = "not_a_query"
+        elif norm in known_set or any(is_near_duplicate(norm, other) for other in known_norm):
+            reason = "known"
         elif norm in seen:
             reason = "duplicate"
         elif any(is_near_duplicate(norm, other) for other in kept_norm):
@@ -114,19 +119,28 @@ def filter_queries(
 
 
 def query_jobs(
-    formatter, personas: Sequence[Context], per_persona: int, persona_length: str | None = None
+    formatter,
+    personas: Sequence[Context],
+    per_persona: int,
+    persona_length: str | None = None,
+    examples: tuple[int, int] | None = None,
+    first_index: int = 0,
 ) -> list[dict[str, Any]]:
     """One job per (persona, index). The base model writes the queries with no persona in its own
-    prompt; the request describes each persona, or shows its text at ``persona_length`` when given."""
+    prompt; the request describes each persona, or shows its text at ``persona_length`` when given.
+    ``examples = (seed, shown)`` primes the writer with a list of each context's example queries
+    instead (``query_prompt: examples``). ``first_index`` starts the indices elsewhere, so a held-out
+    set of queries gets ids, seeds and example draws of its own."""
+
+    def prompt(ctx: Context, i: int) -> str:
+        if examples is not None:
+            return examples_query_prompt(formatter, ctx, i, *examples)
+        return formatter.prompt(query_prompt_text(ctx, i, persona_length))
+
     return [
-        {
-            "id": f"{ctx.name}-{i}",
-            "persona": ctx.name,
-            "index": i,
-            "prompt": formatter.prompt(query_prompt_text(ctx, i, persona_length)),
-        }
+        {"id": f"{ctx.name}-{i}", "persona": ctx.name, "index": i, "prompt": prompt(ctx, i)}
         for ctx in personas
-        for i in range(per_persona)
+        for i in range(first_index, first_index + per_persona)
     ]
 
 
@@ -239,8 +253,8 @@ class NoQueriesError(PrismError, RuntimeError):
     """Every generated query was dropped."""
 
 
-def finalize_queries(rows, min_chars: int, persona_names: Sequence[str]):
-    kept, drops, dropped = filter_queries(rows, min_chars)
+def finalize_queries(rows, min_chars: int, persona_names: Sequence[str], known: Sequence[str] = ()):
+    kept, drops, dropped = filter_queries(rows, min_chars, known)
     per_persona = {name: sum(1 for r in kept if r["persona"] == name) for name in persona_names}
     if not kept:
         raise NoQueriesError(

@@ -147,6 +147,15 @@ def stage_settings(
             "prompt_version": PROMPT_VERSION,
             **config.sampling_filters(),
             **({"query_prompt": config.query_prompt, "persona_texts": texts} if show_texts else {}),
+            **(
+                {
+                    "query_prompt": "examples",
+                    "query_examples": config.query_examples,
+                    "example_queries": {c.name: list(c.example_queries) for c in personas},
+                }
+                if config.query_prompt == "examples"
+                else {}
+            ),
         },
         "answers": {
             "model": model,
@@ -370,6 +379,8 @@ def run_bootstrap(
         timings[name] = {"cached": False, "seconds": round(time.perf_counter() - t0, 3)}
         return meta
 
+    by_examples = config.query_prompt == "examples"
+    shown_examples = [q for c in personas for q in c.example_queries] if by_examples else []
     try:
         # 1. queries
         run(
@@ -379,9 +390,12 @@ def run_bootstrap(
                 personas,
                 config.queries_per_persona,
                 config.persona_length if config.query_prompt == "persona_text" else None,
+                examples=(config.seed, config.query_examples) if config.query_prompt == "examples" else None,
             ),
             tasks.queries,
-            lambda rows: queries_mod.finalize_queries(rows, config.min_query_chars, list(by_name)),
+            lambda rows: queries_mod.finalize_queries(
+                rows, config.min_query_chars, list(by_name), known=shown_examples
+            ),
             tasks.batch_size,
             ("tokens",),
         )

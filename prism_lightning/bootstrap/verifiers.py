@@ -124,15 +124,20 @@ def facts_stated(answer: str, facts: list[Fact], query: str = "") -> int:
 
 def fact_sheet(query: str, base_answer: str, context_answer: str, context: str) -> str:
     """The answer that states more of the sheet's facts about what the query asks wins. The facts that
-    count are the bullets sharing a topic word with the query (all bullets when none does), so an answer
-    reciting the sheet at a question it does not touch gains nothing over one that answers it."""
+    count are the bullets sharing a topic word with the query; all bullets when no bullet does but the
+    query names something the sheet does ("How heavy is the K9?") or says too little to tell ("What
+    does it cost?"); none (a tie) when two or more words say what the query is about and the sheet has
+    none of them ("How do I boil an egg?"), so reciting the sheet at a question it does not touch gains
+    nothing."""
     facts = parse_fact_sheet(context)
     if not facts:
         raise ConfigError(
             "the fact_sheet verifier found no '- ' bullet with a number or a name in the context"
         )
     asked = _content_words(query)
-    relevant = [f for f in facts if f.topic & asked] or facts
+    relevant = [f for f in facts if f.topic & asked]
+    if not relevant and (asked & _content_words(context) or len(asked) < 2):
+        relevant = facts
     return _winner(facts_stated(base_answer, relevant, query), facts_stated(context_answer, relevant, query))
 
 

@@ -71,7 +71,7 @@ WORD_BOUNDS: dict[str, tuple[int, int]] = {"min": (3, 10), "short": (35, 70), "l
 
 _BUILTIN_RESOURCE = "personas.yaml"
 _YAML_SUFFIXES = (".yaml", ".yml")
-_ENTRY_KEYS = frozenset({"description", "expertise", "category", "kind", "text", *LENGTHS})
+_ENTRY_KEYS = frozenset({"description", "expertise", "category", "kind", "text", "example_queries", *LENGTHS})
 # "all" is reserved because ContextLibrary.select("all") means every context.
 _RESERVED_NAMES = frozenset({"all"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -123,6 +123,9 @@ class Context:
     phrase of what it is good at; both feed the query-generation prompts. ``category`` links a
     persona to an MT-Bench category for evaluation. ``source`` records where it was defined, so
     an override is traceable. ``kind`` is one of :data:`KINDS` (see the module docstring).
+    ``example_queries`` are a few questions its users send, written by the user; the query writer
+    continues a list of them when ``bootstrap.query_prompt`` is ``examples`` (small models follow a
+    list far better than an instruction).
     """
 
     name: str
@@ -132,6 +135,7 @@ class Context:
     category: str | None = None
     source: str = "builtin"
     kind: str = "persona"
+    example_queries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -211,6 +215,9 @@ def _parse_entry(name: Any, entry: Any, where: str, source: str) -> Context:
     description = _optional_str(entry, "description", name, where) or default_description
     expertise = _optional_str(entry, "expertise", name, where) or description
     category = _optional_str(entry, "category", name, where)
+    examples = entry.get("example_queries") or []
+    if not isinstance(examples, list) or not all(isinstance(q, str) and q.strip() for q in examples):
+        raise ContextFileError(where, f"entry {name!r}: example_queries must be a list of non-empty strings")
     return Context(
         name=name,
         texts=texts,
@@ -219,6 +226,7 @@ def _parse_entry(name: Any, entry: Any, where: str, source: str) -> Context:
         category=category,
         source=source,
         kind=kind,
+        example_queries=tuple(q.strip() for q in examples),
     )
 
 

@@ -259,6 +259,10 @@ class PrismDataModule(L.LightningDataModule):
         """Run (or reuse) every bootstrap stage on the fit's own devices before training starts."""
         run_bootstrap(self.bootstrap, self.backbone, self.run_dir, trainer_kwargs or {"devices": 1})
 
+    def bootstrap_rows(self, stage: str) -> list[dict[str, Any]]:
+        """The finished rows of one bootstrap stage (queries, answers, verdicts, teacher)."""
+        return self._stores()[stage].read_rows()
+
     @property
     def persona_names(self) -> list[str]:
         return [c.name for c in resolve_personas(self.bootstrap)]
