@@ -256,7 +256,8 @@ def test_rows_joining_a_running_batch_get_their_lone_answers_and_routes(tiny_rou
         return list(routed.tokenizer(routed.formatter.prompt(turns), add_special_tokens=False)["input_ids"])
 
     cases = [(QUERIES[0], None, greedy), (QUERIES[1], None, sampled), (QUERIES[2], True, greedy),
-             (QUERIES[3], None, greedy), (QUERIES[2], False, sampled), (QUERIES[1], None, greedy)]  # fmt: skip
+             (QUERIES[3], None, greedy), (QUERIES[2], False, sampled),
+             (QUERIES[1], None, greedy)]  # fmt: skip
     rows = [RowSpec(encode([q]), s, seed=5 + i, route=r) for i, (q, r, s) in enumerate(cases)]
     want = [routed.chat([q], route=r, sampling=s, seed=5 + i) for i, (q, r, s) in enumerate(cases)]
     runner = RoutedBatchRunner(routed)
