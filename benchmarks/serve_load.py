@@ -89,6 +89,8 @@ class Server:
                "--log_level", "warning", "--engine", args.engine]  # fmt: skip
         if scheduler is not None:
             cmd += ["--scheduler", scheduler]
+        if args.threshold is not None:
+            cmd += ["--threshold", str(args.threshold)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_ready()
@@ -250,6 +252,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="each phase runs this many times, interleaved")
     p.add_argument("--with-on", action="store_true", help="also measure NAME:on (adapter for every request)")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=None, help="the server's gate threshold")
     p.add_argument("--threads", type=int, default=None, help="OMP threads of the server (default: torch's)")
     p.add_argument("--log", default="serve_load_server.log", help="the server's log file")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
