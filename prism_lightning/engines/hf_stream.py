@@ -1,5 +1,7 @@
-"""The hf engine's streaming path (``serve``, ``chat``): one batch of chat rows through a routed
-model, with every row's route settled in the batch's single prefill, and tokens streamed as they come.
+"""The hf engine's streaming path (``serve``, ``chat``): chat rows through a routed model, with every
+row's route settled in its prefill, and tokens streamed as they come. ``RoutedBatchRunner`` runs one
+batch to its end; ``RoutedRunningBatch`` lets rows join a running batch between decode steps (continuous
+batching), each with its own prefill and route, the controller's per-row mask following the rows.
 
 Routing rule (the paper's): a conversation is routed on its first user turn. A one-turn prompt IS the
 first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
