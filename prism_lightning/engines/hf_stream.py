@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_lightning.engines.running_batch import RunningBatch, StepResult
 from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 from prism_lightning.model.routing import decoder_layers
-from prism_lightning.running_batch import RunningBatch, StepResult
 
 
 @dataclass
