@@ -91,13 +91,13 @@ def check_args(args: argparse.Namespace) -> socket.socket:
     if args.engine == "vllm":
         from prism_lightning.engines.vllm_core import require_vllm
 
-        require_vllm()
-        require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
-        require(args.device is None, "--device is for --engine hf (vLLM places the model itself).")
         require(
             args.scheduler == "continuous",
             "--scheduler static is for --engine hf (vLLM schedules continuously itself).",
         )
+        require_vllm()
+        require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
+        require(args.device is None, "--device is for --engine hf (vLLM places the model itself).")
     require(0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}.")
     require(args.max_batch_size >= 1, f"--max_batch_size must be >= 1, got {args.max_batch_size}.")
     require(args.batch_window_ms >= 0, f"--batch_window_ms must be >= 0, got {args.batch_window_ms}.")
