@@ -1,25 +1,33 @@
-"""Load test of `serve`: N concurrent streaming clients against a localhost server, for a bounded
+"""Load test of `serve`: N concurrent streaming clients against localhost servers, for a bounded
 number of requests and seconds per phase, measured side by side for
 
-* routed: model ``NAME`` (the gate decides each request's route in the batch's prefill), and
-* base:   model ``NAME:off`` on the same engine and server (adapter layers switched off: the base
-          model's compute; the gate still reads layer k in the prefill, which is all routing adds);
+* schedulers (hf engine): ``continuous`` (a request joins the running batch at the next decode step)
+  and ``static`` (each batch runs to its end before the next starts), one server each, both up at once
+  (only the one being measured works);
+* client counts, e.g. ``--clients 8,32``;
+* models: routed ``NAME`` (the gate decides each request's route in its prefill) and base ``NAME:off``
+  (adapter layers switched off: the base model's compute; the gate still reads layer k in the prefill,
+  which is all routing adds); with ``--with-on`` also ``NAME:on``.
 
-and, with ``--with-on``, ``NAME:on`` (adapter on for every request). Phases alternate over
-``--rounds`` so a change in machine load hits both; the table shows medians over rounds and the
-routing overhead as routed / base ratios. Greedy decoding; answers stop at their own length, so
-throughput counts the tokens actually generated (``usage`` of each stream).
+Every phase runs once per round; phases are interleaved (the order reverses every other round) so a
+change in machine load hits all of them. The table pools each phase's requests over the rounds: TTFT
+and latency percentiles over all its requests, throughput as its tokens over its wall time; ratios are
+continuous / static and routed / base. The routed phases record the share of requests the gate routed
+to the adapter. Greedy decoding; answers stop at their own length, so throughput counts the tokens
+actually generated (``usage`` of each stream), and each phase checks its answers against the first
+phase's answers to the same prompts (greedy answers do not depend on the scheduler or the batch).
 
 Examples::
 
     # a trained run
     python benchmarks/serve_load.py --checkpoint checkpoints/default --clients 8 --requests 32
     # no trained run at hand: an untrained adapter + gate on the embedded model (speed does not
-    # depend on what the adapter learned)
-    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --clients 8 --requests 24 \\
-        --max-tokens 32 --rounds 3 --threads 2 --json benchmarks/results/serve_cpu.json
-    # the same on the vLLM engine (adapter as a per-request LoRA, routed by the prefix gate)
-    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --engine vllm ... \\
+    # depend on what the adapter learned); continuous vs static batching at 8 and 32 streams
+    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --schedulers continuous,static \
+        --clients 8,32 --models routed --requests 100 --rounds 2 --max-tokens 16 --threads 2 \
+        --json benchmarks/results/serve_continuous_cpu.json
+    # the vLLM engine (adapter as a per-request LoRA, routed by the prefix gate; it schedules itself)
+    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --engine vllm ... \
         --json benchmarks/results/serve_vllm_cpu.json
 """
 
@@ -31,7 +39,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -73,13 +80,17 @@ def demo_checkpoint(path: Path) -> Path:
 class Server:
     """`python -m prism_lightning serve` in a child process on a free port."""
 
-    def __init__(self, checkpoint: Path, args: argparse.Namespace) -> None:
+    def __init__(self, checkpoint: Path, args: argparse.Namespace, scheduler: str | None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else dict(os.environ)
         env.pop("PRISM_API_KEY", None)  # a loopback server without a key: the clients here send none
-        self.log = Path(args.log)
+        self.log = Path(args.log if scheduler is None else f"{args.log}.{scheduler}")
         cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint),
                "--port", "0", "--served_model_name", "prism", "--max_batch_size", str(args.max_batch_size),
                "--log_level", "warning", "--engine", args.engine]  # fmt: skip
+        if scheduler is not None:
+            cmd += ["--scheduler", scheduler]
+        if args.threshold is not None:
+            cmd += ["--threshold", str(args.threshold)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_ready()
@@ -106,9 +117,9 @@ class Server:
         self.proc.wait(timeout=120)
 
 
-def run_phase(url: str, model: str, args: argparse.Namespace) -> dict:
-    """``args.clients`` threads send streaming requests until ``args.requests`` are done or
-    ``args.seconds`` have passed (requests in flight then finish and count)."""
+def run_phase(url: str, model: str, clients: int, args: argparse.Namespace) -> dict:
+    """``clients`` threads send streaming requests until ``args.requests`` are done or ``args.seconds``
+    have passed (requests in flight then finish and count)."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -129,6 +140,8 @@ def run_phase(url: str, model: str, args: argparse.Namespace) -> dict:
             sent = time.perf_counter()
             first = None
             tokens = 0
+            route = None
+            parts = []
             try:
                 stream = client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
@@ -136,8 +149,12 @@ def run_phase(url: str, model: str, args: argparse.Namespace) -> dict:
                     stream_options={"include_usage": True},
                 )  # fmt: skip
                 for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].delta.content:
-                        first = time.perf_counter()
+                    prism = (chunk.model_extra or {}).get("prism")
+                    if prism is not None and route is None:
+                        route = prism.get("route")
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter()
+                        parts.append(chunk.choices[0].delta.content)
                     if chunk.usage is not None:
                         tokens = chunk.usage.completion_tokens
             except Exception as err:  # counted, not fatal: the table says how many failed
@@ -146,19 +163,28 @@ def run_phase(url: str, model: str, args: argparse.Namespace) -> dict:
                 continue
             done = time.perf_counter()
             with lock:
-                records.append({"latency": done - sent, "ttft": (first or done) - sent, "tokens": tokens})
+                records.append({"latency": done - sent, "ttft": (first or done) - sent, "tokens": tokens,
+                                "route": route, "prompt": k % len(PROMPTS),
+                                "text": "".join(parts)})  # fmt: skip
 
-    threads = [threading.Thread(target=worker) for _ in range(args.clients)]
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return {"wall_s": time.perf_counter() - start, "records": records, "errors": errors}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One phase's numbers over all its rounds."""
+    records = [r for run in runs for r in run["records"]]
+    errors = [e for run in runs for e in run["errors"]]
+    wall = sum(run["wall_s"] for run in runs)
     lat = sorted(r["latency"] for r in records)
     ttft = sorted(r["ttft"] for r in records)
     tokens = sum(r["tokens"] for r in records)
+    routes = [r["route"] for r in records if r["route"] is not None]
     return {
-        "model": model,
         "requests": len(records),
         "errors": len(errors),
         "first_errors": errors[:3],
@@ -170,6 +196,7 @@ def run_phase(url: str, model: str, args: argparse.Namespace) -> dict:
         "latency_p99_s": _pct(lat, 99),
         "ttft_p50_s": _pct(ttft, 50),
         "ttft_p99_s": _pct(ttft, 99),
+        "routed_share": sum(r == "adapter" for r in routes) / len(routes) if routes else None,
     }
 
 
@@ -202,26 +229,50 @@ def machine() -> dict:
     return info
 
 
+def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        sys.exit(f"error: {flag} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--checkpoint", type=Path, help="exported PRISM checkpoint to serve")
     where.add_argument("--demo-checkpoint", type=Path, help="make (once) and serve an untrained checkpoint")
     p.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="the server's engine")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    p.add_argument("--requests", type=int, default=32, help="requests per phase (bound)")
-    p.add_argument("--seconds", type=float, default=120, help="seconds per phase (bound)")
+    p.add_argument("--schedulers", default="continuous", help="hf: continuous,static (one server each)")
+    p.add_argument("--clients", default="8", help="concurrent clients, one or a comma-separated list")
+    p.add_argument("--models", default="routed,base", help="phases: routed, base (NAME:off)")
+    p.add_argument("--requests", type=int, default=32, help="requests per phase and round (bound)")
+    p.add_argument("--seconds", type=float, default=120, help="seconds per phase and round (bound)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="each phase runs this many times, alternating")
+    p.add_argument("--rounds", type=int, default=2, help="each phase runs this many times, interleaved")
     p.add_argument("--with-on", action="store_true", help="also measure NAME:on (adapter for every request)")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=None, help="the server's gate threshold")
     p.add_argument("--threads", type=int, default=None, help="OMP threads of the server (default: torch's)")
     p.add_argument("--log", default="serve_load_server.log", help="the server's log file")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
-    for name in ("clients", "requests", "max_tokens", "rounds", "max_batch_size"):
+    try:
+        clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        sys.exit(f"error: --clients takes numbers, e.g. 8 or 8,32; got {args.clients!r}")
+    schedulers = _names(args.schedulers, ("continuous", "static"), "--schedulers")
+    if args.engine == "vllm" and schedulers != ["continuous"]:
+        sys.exit("error: --schedulers is for --engine hf (vLLM schedules continuously itself)")
+    models = {"routed": "prism", "base": "prism:off"}
+    models = {m: models[m] for m in _names(args.models, tuple(models), "--models")}
+    if args.with_on:
+        models["on"] = "prism:on"
+    for name in ("requests", "max_tokens", "rounds", "max_batch_size"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be >= 1")
+    if min(clients) < 1:
+        sys.exit("error: --clients must be >= 1")
     if args.seconds <= 0:
         sys.exit("error: --seconds must be > 0")
     if args.checkpoint is not None and not (args.checkpoint / "prism.json").exists():
@@ -229,38 +280,74 @@ def main() -> None:
     checkpoint = args.checkpoint or demo_checkpoint(args.demo_checkpoint)
 
     info = machine()
-    server = Server(checkpoint, args)
-    phases = {"routed": "prism", "base": "prism:off"} | ({"adapter on": "prism:on"} if args.with_on else {})
-    runs: dict[str, list[dict]] = {name: [] for name in phases}
+    loads = [os.getloadavg()]
+    servers = {s: Server(checkpoint, args, s if args.engine == "hf" else None) for s in schedulers}
+    phases = [(s, c, m) for c in clients for m in models for s in schedulers]
+    runs: dict[tuple, list[dict]] = {phase: [] for phase in phases}
     try:
-        warm_up = argparse.Namespace(**{**vars(args), "requests": args.clients})
-        run_phase(server.url, "prism", warm_up)
+        for server in servers.values():  # warm up: first calls allocate and compile
+            run_phase(server.url, "prism", max(clients), argparse.Namespace(**{**vars(args), "requests": 8}))
+        started = time.perf_counter()
         for r in range(args.rounds):
-            order = list(phases) if r % 2 == 0 else list(reversed(phases))
-            for name in order:
-                result = run_phase(server.url, phases[name], args)
-                runs[name].append(result)
-                print(f"round {r + 1} {name:<10} {result['requests']} requests, "
-                      f"{result['tokens_per_s']:.1f} tok/s, p50 {result['latency_p50_s']:.2f} s",
-                      flush=True)  # fmt: skip
+            for phase in phases if r % 2 == 0 else phases[::-1]:
+                sched, n, model = phase
+                result = run_phase(servers[sched].url, models[model], n, args)
+                runs[phase].append(result)
+                loads.append(os.getloadavg())
+                tokens = sum(x["tokens"] for x in result["records"])
+                done = len(result["records"])
+                rate = tokens / result["wall_s"]
+                print(f"round {r + 1} {sched:<10} {n:>3} clients {model:<6} {done} requests, {rate:.1f} tok/s"
+                      f", load {loads[-1][0]:.1f}", flush=True)  # fmt: skip
+        elapsed = time.perf_counter() - started
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
-    summary = {name: {m: statistics.median(x[m] for x in rs) for m in METRICS} for name, rs in runs.items()}
-    ratios = {m: summary["routed"][m] / summary["base"][m] for m in METRICS}
-    print(f"\n{args.clients} clients, {args.requests} requests or {args.seconds:g} s per phase, "
-          f"max_tokens {args.max_tokens}, {args.engine} engine, median of {args.rounds} rounds "
-          f"({info['cpu']}, {info['cpu_count']} cores)")  # fmt: skip
-    print(f"{'':<12}" + "".join(f"{m:>16}" for m in METRICS))
+    # greedy answers must not depend on the scheduler or on the batch: compare with the first phase's
+    reference: dict[tuple, str] = {}
+    for (_, _, model), rs in runs.items():
+        for rec in (x for run in rs for x in run["records"]):
+            reference.setdefault((model, rec["prompt"]), rec["text"])
+    summary = {}
+    for phase, rs in runs.items():
+        sched, n, model = phase
+        row = pooled(rs)
+        texts = [(rec["prompt"], rec["text"]) for run in rs for rec in run["records"]]
+        row["answers_differing_from_first_phase"] = sum(t != reference[(model, k)] for k, t in texts)
+        summary[f"{sched}/{n}/{model}"] = row
+    ratios = {}
+    if {"continuous", "static"} <= set(schedulers):
+        for n in clients:
+            for model in models:
+                cont, stat = summary[f"continuous/{n}/{model}"], summary[f"static/{n}/{model}"]
+                ratios[f"continuous/static {n} {model}"] = {m: cont[m] / stat[m] for m in METRICS}
+    if {"routed", "base"} <= set(models):
+        for s in schedulers:
+            for n in clients:
+                routed, base = summary[f"{s}/{n}/routed"], summary[f"{s}/{n}/base"]
+                ratios[f"routed/base {s} {n}"] = {m: routed[m] / base[m] for m in METRICS}
+    low, high = min(x[0] for x in loads), max(x[0] for x in loads)
+    print(f"\n{args.requests} requests or {args.seconds:g} s per phase and round, max_tokens "
+          f"{args.max_tokens}, {args.engine} engine, {args.rounds} interleaved rounds pooled ({info['cpu']}, "
+          f"{info['cpu_count']} cores, load average {low:.1f}-{high:.1f})")  # fmt: skip
+    cols = [*METRICS, "routed_share"]
+    print(f"{'':<26}" + "".join(f"{m:>15}" for m in cols))
     for name, row in summary.items():
-        print(f"{name:<12}" + "".join(f"{row[m]:>16.3f}" for m in METRICS))
-    print(f"{'routed/base':<12}" + "".join(f"{ratios[m]:>16.3f}" for m in METRICS))
+        cells = (f"{row[m]:>15.3f}" if row[m] is not None else f"{'-':>15}" for m in cols)
+        print(f"{name:<26}" + "".join(cells))
+    for name, row in ratios.items():
+        print(f"{name:<26}" + "".join(f"{row[m]:>15.3f}" for m in METRICS))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        out = {"machine": info, "settings": settings, "summary": summary, "routed_over_base": ratios,
-               "runs": runs}  # fmt: skip
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        info["load_average_after_each_phase"] = loads[1:]
+        info["measured_s"] = elapsed
+        raw = {f"{s}/{n}/{m}": [{k: v for k, v in run.items() if k != "records"} | {"records": [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "text"}
+            for rec in run["records"]]} for run in rs] for (s, n, m), rs in runs.items()}  # fmt: skip
+        out = {"machine": info, "settings": settings, "summary": summary, "ratios": ratios, "runs": raw}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")  # per-request records: 0.1 ms is plenty
         print(f"wrote {args.json}")
 
 

@@ -235,6 +235,40 @@ def test_a_client_leaving_mid_stream_stalls_no_one(server):
     assert time.time() - started < 30
 
 
+def test_a_short_request_joins_a_running_long_one_and_finishes_first(server):
+    """Continuous batching, as a user sees it: a short request sent while a long generation streams gets
+    its first token, and its whole answer, before the long one ends; both answers equal their lone ones."""
+    long_body = {"model": NAME, "messages": [{"role": "user", "content": "Count from 1 to 1000, one number "
+                 "per line."}], "max_tokens": 120, "temperature": 0}  # fmt: skip
+    short_body = {"model": NAME, "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 8,
+                  "temperature": 0.8, "seed": 3}  # fmt: skip
+
+    def streamed(body, times: dict | None = None) -> str:
+        parts = []
+        for chunk in server.client.chat.completions.create(**body, stream=True):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                if times is not None:
+                    times.setdefault("first", time.perf_counter())
+                parts.append(piece)
+        if times is not None:
+            times["done"] = time.perf_counter()
+        return "".join(parts)
+
+    long_alone, short_alone = streamed(long_body), streamed(short_body)
+    long_times: dict = {}
+    with ThreadPoolExecutor(1) as pool:
+        long_text = pool.submit(streamed, long_body, long_times)
+        deadline = time.time() + 60
+        while "first" not in long_times and time.time() < deadline:  # the long one is decoding
+            time.sleep(0.01)
+        short_times: dict = {}
+        short_text = streamed(short_body, short_times)
+        assert long_text.result(timeout=120) == long_alone
+    assert short_text == short_alone
+    assert long_times["first"] < short_times["first"] < short_times["done"] < long_times["done"]
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits(server):
     """Last in this module: it stops the shared server."""
     result = {}
@@ -271,6 +305,8 @@ def test_bad_cli_input_is_one_error_line(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(checkpoint), "--port", port], "cannot listen on 127.0.0.1:" + port),
         (["--checkpoint", str(checkpoint), "--port", "70000"], "--port must be in 0..65535"),
         (["--checkpoint", str(checkpoint), "--threshold", "1.5"], "--threshold must be in (0, 1)"),
+        (["--checkpoint", str(checkpoint), "--engine", "vllm", "--scheduler", "static"],
+         "--scheduler static is for --engine hf"),  # fmt: skip
     ]
     try:
         for argv, message in cases:

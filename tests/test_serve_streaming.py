@@ -239,3 +239,62 @@ def test_k_way_model_names_and_one_routed_batch_for_a_k_way_checkpoint(tiny_mode
     assert [r.gate_prob for r in routes] == pytest.approx([w.gate_prob for w in want], abs=1e-5)
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
     assert routes[1].adapter == "code" and routes[2].adapter is None
+
+
+def test_rows_joining_a_running_batch_get_their_lone_answers_and_routes(tiny_routed):
+    """Continuous batching: rows admitted while others decode (one, then two at once, one more after a
+    row has left) each get the tokens and the route they get alone; a row dropped mid-way leaves the
+    others unchanged, and the batch empties when the last row ends."""
+    from prism_lightning.engines.hf_stream import RoutedBatchRunner, RoutedRunningBatch, RowSpec
+
+    routed = tiny_routed
+    probs = sorted(routed.gate_probs(QUERIES))
+    routed.threshold = (probs[1] + probs[2]) / 2  # the gate splits these prompts two and two
+    greedy, sampled = SamplingConfig(max_new_tokens=9), SamplingConfig(max_new_tokens=7, temperature=0.9)
+
+    def encode(turns):
+        return list(routed.tokenizer(routed.formatter.prompt(turns), add_special_tokens=False)["input_ids"])
+
+    cases = [(QUERIES[0], None, greedy), (QUERIES[1], None, sampled), (QUERIES[2], True, greedy),
+             (QUERIES[3], None, greedy), (QUERIES[2], False, sampled),
+             (QUERIES[1], None, greedy)]  # fmt: skip
+    rows = [RowSpec(encode([q]), s, seed=5 + i, route=r) for i, (q, r, s) in enumerate(cases)]
+    want = [routed.chat([q], route=r, sampling=s, seed=5 + i) for i, (q, r, s) in enumerate(cases)]
+    runner = RoutedBatchRunner(routed)
+    batch = RoutedRunningBatch(runner)
+    got: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+    routes: dict[int, bool] = {}
+    ends: dict[int, str] = {}
+
+    def book(result):
+        tokens, finished = result
+        for key, token in tokens.items():
+            got[key].append(token)
+        ends.update(finished)
+
+    def admit(keys):
+        def heard(rs):
+            routes.update(zip(keys, (r.route for r in rs), strict=True))
+
+        book(batch.admit(keys, [rows[k] for k in keys], heard))
+
+    try:
+        admit([0])
+        book(batch.step())
+        admit([1, 2])  # two newcomers of different lengths in one prefill
+        book(batch.step())
+        book(batch.step())
+        admit([3])
+        book(batch.step())
+        batch.drop([3])  # e.g. its client left
+        admit([4, 5])
+        while len(batch):
+            book(batch.step())
+    finally:
+        runner.close()
+    assert 3 not in ends
+    for key in (0, 1, 2, 4, 5):
+        assert got[key] == want[key].token_ids, key
+        assert routes[key] == want[key].route, key
+    assert got[3] == want[3].token_ids[: len(got[3])]
+    assert {routes[k] for k in (0, 1, 3, 5)} == {True, False}  # gate-decided routes differ in the batch

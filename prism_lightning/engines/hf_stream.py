@@ -1,5 +1,7 @@
-"""The hf engine's streaming path (``serve``, ``chat``): one batch of chat rows through a routed
-model, with every row's route settled in the batch's single prefill, and tokens streamed as they come.
+"""The hf engine's streaming path (``serve``, ``chat``): chat rows through a routed model, with every
+row's route settled in its prefill, and tokens streamed as they come. ``RoutedBatchRunner`` runs one
+batch to its end; ``RoutedRunningBatch`` lets rows join a running batch between decode steps (continuous
+batching), each with its own prefill and route, the controller's per-row mask following the rows.
 
 Routing rule (the paper's): a conversation is routed on its first user turn. A one-turn prompt IS the
 first-turn prompt, so the gate decides inside the prefill itself (single-pass routing). A longer
@@ -13,11 +15,12 @@ placed after the controller's own gate hook reports every row's route as soon as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from prism_lightning.engines.running_batch import RunningBatch, StepResult
 from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 from prism_lightning.model.routing import decoder_layers
@@ -78,18 +81,7 @@ class RoutedBatchRunner:
         if not rows:
             return [], []
         routed, ctl = self.routed, self.controller
-        first = self._first_turn_probs(rows)
-        forced = forced_routes([row.route for row in rows], self.adapter_names if self.kway else None)
-        # a conversation's first turn decides its route (K-way ``:on``: which adapter)
-        todo = [i for i, p in enumerate(first) if p is not None and forced[i] in (None, -1)]
-        if todo:
-            probs = torch.stack([first[i] for i in todo]).double()
-            decided = decide_routes(
-                probs, len(todo), threshold=routed.threshold, kway=self.kway, forced=[forced[i] for i in todo]
-            ).tolist()
-            for i, route in zip(todo, decided, strict=True):
-                forced[i] = route
-        self._first_probs = [None if p is None else float(adapter_prob(p[None])[0]) for p in first]
+        forced = self._known_routes(rows)
         self._on_route = on_route
         self._routes = []
         old_mode, old_threshold = ctl.mode, ctl.threshold
@@ -112,6 +104,28 @@ class RoutedBatchRunner:
             ctl.mode, ctl.threshold = old_mode, old_threshold
             self._on_route, self._pending = None, False
         return outs, self._routes
+
+    def _known_routes(self, rows: Sequence[RowSpec]) -> list:
+        """Each row's route where it is known before the prefill (forced, or decided by a conversation's
+        first turn), None where the prefill's gate decides; also keeps the first turns' probabilities
+        for the route reports."""
+        first = self._first_turn_probs(rows)
+        forced = forced_routes([row.route for row in rows], self.adapter_names if self.kway else None)
+        # a conversation's first turn decides its route (K-way ``:on``: which adapter)
+        todo = [i for i, p in enumerate(first) if p is not None and forced[i] in (None, -1)]
+        if todo:
+            probs = torch.stack([first[i] for i in todo]).double()
+            decided = decide_routes(
+                probs,
+                len(todo),
+                threshold=self.routed.threshold,
+                kway=self.kway,
+                forced=[forced[i] for i in todo],
+            ).tolist()
+            for i, route in zip(todo, decided, strict=True):
+                forced[i] = route
+        self._first_probs = [None if p is None else float(adapter_prob(p[None])[0]) for p in first]
+        return forced
 
     def _first_turn_probs(self, rows: Sequence[RowSpec]) -> list[torch.Tensor | None]:
         """The gate's probabilities of the first user turn (a scalar, or (K+1,) for K-way) for the rows
@@ -143,3 +157,78 @@ class RoutedBatchRunner:
         ]
         if self._on_route is not None:
             self._on_route(self._routes)
+
+
+class RoutedRunningBatch:
+    """Continuous batching on a routed model: rows join the running batch between decode steps, each
+    with its route settled in its own prefill (single-pass routing, the newcomers' gate pass only) and
+    kept while it runs; the controller's per-row mask follows the batch as rows join and leave."""
+
+    def __init__(self, runner: RoutedBatchRunner) -> None:
+        self.runner = runner
+        self.batch = RunningBatch(runner.routed.model, runner.routed.tokenizer)
+        self._route_of: dict[Hashable, int] = {}  # each running row's route (K-way: its route number)
+        self._mask_version = -1  # the batch layout the controller's mask was set for
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @property
+    def can_admit(self) -> bool:
+        return self.batch.can_admit
+
+    @torch.no_grad()
+    def admit(
+        self, keys: Sequence[Hashable], rows: Sequence[RowSpec], on_route: RouteCallback | None = None
+    ) -> StepResult:
+        """Prefill ``rows`` (named by ``keys``) and add them to the running batch; ``on_route`` hears
+        their routes as soon as the gate has decided them, before their first tokens."""
+        runner, ctl = self.runner, self.runner.controller
+        forced = runner._known_routes(rows)
+        old_mode, old_threshold = ctl.mode, ctl.threshold
+        ctl.mode, ctl.threshold = "gated", runner.routed.threshold
+        ctl.arm(decide=True, force=forced)
+        runner._on_route, runner._routes, runner._pending = on_route, [], True
+        try:
+            tokens, finished = self.batch.admit(
+                keys, [r.prompt_ids for r in rows], [r.sampling for r in rows], [r.seed for r in rows]
+            )
+            decisions = ctl.decision.tolist()
+        finally:
+            ctl.disarm()
+            ctl.mode, ctl.threshold = old_mode, old_threshold
+            runner._on_route, runner._pending = None, False
+            self._mask_version = -1  # the prefill set the mask for the newcomers alone
+        for key, route in zip(keys, decisions, strict=True):
+            if key not in finished:
+                self._route_of[key] = int(route)
+        return tokens, finished
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """One decode step of every running row under its own route."""
+        if self._mask_version != self.batch.version:
+            routes = [self._route_of[key] for key in self.batch.keys]
+            self.runner.controller.set_mask(torch.tensor(routes, device=self.batch.device))
+            self._mask_version = self.batch.version
+        tokens, finished = self.batch.step()
+        for key in finished:
+            del self._route_of[key]
+        if not self.batch:
+            self.runner.controller.reset()
+        return tokens, finished
+
+    def drop(self, keys: Sequence[Hashable]) -> None:
+        """End rows now (their clients left, a stop string matched)."""
+        self.batch.drop(keys)
+        for key in keys:
+            self._route_of.pop(key, None)
+        if not self.batch:
+            self.runner.controller.reset()
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step)."""
+        self.batch.reset()
+        self._route_of.clear()
+        self._mask_version = -1
+        self.runner.controller.reset()

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
     p.add_argument("--max_batch_size", type=int, default=32, help="most requests in one running batch")
     p.add_argument(
+        "--scheduler", default="continuous", choices=("continuous", "static"),
+        help="hf engine: continuous (a waiting request joins the running batch at the next decode step, "
+        "a finished one leaves it at once) or static (each batch runs to its end before the next starts); "
+        "default continuous",
+    )  # fmt: skip
+    p.add_argument(
         "--batch_window_ms", type=float, default=20.0,
         help="how long the first waiting request waits for others to share its batch",
     )  # fmt: skip
@@ -85,6 +91,10 @@ def check_args(args: argparse.Namespace) -> socket.socket:
     if args.engine == "vllm":
         from prism_lightning.engines.vllm_core import require_vllm
 
+        require(
+            args.scheduler == "continuous",
+            "--scheduler static is for --engine hf (vLLM schedules continuously itself).",
+        )
         require_vllm()
         require(not args.merge_weights, "--merge_weights is for --engine hf (vLLM applies the LoRA itself).")
         require(args.device is None, "--device is for --engine hf (vLLM places the model itself).")
@@ -210,6 +220,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             batch_window_s=args.batch_window_ms / 1000,
             max_model_len=args.max_model_len,
+            scheduler=args.scheduler,
         )
     limits = ServeLimits(
         api_key=args.api_key,

@@ -1,16 +1,22 @@
 """The engines behind the server. ``ServeEngine`` renders and checks prompts and queues requests for one
-worker thread; ``HFServeEngine`` is the project's own routed generation behind a dynamic batcher.
+worker thread; ``HFServeEngine`` is the project's own routed generation behind a batch scheduler.
 
-Requests wait in a queue; a worker thread takes the first, collects whatever else arrives within a
-short window (up to ``max_batch_size`` rows) and runs them as one routed batch (one prefill settles every
-row's route). Finished rows leave the batch at once (``generate_batch`` drops them from the KV cache),
-each new token is decoded and pushed to its request's asyncio queue, so answers stream token by token.
-A request whose client went away is ended at the next step instead of decoding to its limit.
+``continuous`` (the default) schedules as vLLM does: a request that arrives while others decode joins
+the running batch at the next step (its own prefill settles its route; its KV cache rows are appended),
+and a row that ends leaves at once, freeing its slot (up to ``max_batch_size`` rows run). ``static``
+is the older policy, kept to measure against: the worker takes the first waiting request, collects what
+else arrives within a short window and runs that batch to its end before taking the next.
+
+Either way the batch window applies when the worker is idle (the first request waits that long for
+company), every new token is decoded and pushed to its request's asyncio queue, so answers stream token
+by token, and a request whose client went away is ended at the next step instead of decoding to its
+limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import secrets
@@ -19,13 +25,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowRoute, RowSpec
+from prism_lightning.engines.hf_stream import RoutedBatchRunner, RoutedRunningBatch, RowRoute, RowSpec
 from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.generation import SamplingConfig
 from prism_lightning.serve.metrics import ServeMetrics
 from prism_lightning.serve.protocol import APIError, ChatRequest
 
 log = logging.getLogger(__name__)
+
+SCHEDULERS = ("continuous", "static")
 
 
 @dataclass
@@ -55,6 +63,9 @@ class Job:
         if event.kind in ("done", "error"):
             self.done = True
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+Running = dict[int, tuple[Job, TextStream]]  # the continuous scheduler's rows: key -> (job, its text)
 
 
 class ServeEngine:
@@ -150,7 +161,7 @@ class ServeEngine:
 
 
 class HFServeEngine(ServeEngine):
-    """Dynamic batching over a ``RoutedModel`` on one worker thread."""
+    """Continuous (or static) batching over a ``RoutedModel`` on one worker thread."""
 
     name = "hf"
 
@@ -161,43 +172,147 @@ class HFServeEngine(ServeEngine):
         max_batch_size: int = 32,
         batch_window_s: float = 0.02,
         max_model_len: int | None = None,
+        scheduler: str = "continuous",
         metrics: ServeMetrics | None = None,
     ) -> None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}.")
         native = int(getattr(routed.model.config, "max_position_embeddings", 0) or 1 << 30)
         context = min(native, max_model_len) if max_model_len else native
         super().__init__(routed.tokenizer, routed.formatter, context_len=context, metrics=metrics)
         self.routed = routed
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
+        self.scheduler = scheduler
         self._runner = RoutedBatchRunner(routed)
         self.adapter_names = self._runner.adapter_names
 
     # -- worker ---------------------------------------------------------------------------------------
     def _work(self) -> None:
+        if self.scheduler == "continuous":
+            self._work_continuous()
+        else:
+            self._work_static()
+
+    def _collect(self, room: int, idle: bool) -> tuple[list[Job], bool]:
+        """Up to ``room`` waiting jobs and whether the stop sign came. ``idle``: block for the first job,
+        then wait ``batch_window_s`` for others; otherwise take only what is already waiting."""
+        jobs: list[Job] = []
         stopping = False
-        while not stopping:
+        if idle:
             first = self._queue.get()
             if first is None:
-                break
-            jobs = [first]
-            deadline = time.perf_counter() + self.batch_window_s
-            while len(jobs) < self.max_batch_size:
-                try:
+                return jobs, True
+            jobs.append(first)
+        deadline = time.perf_counter() + self.batch_window_s
+        while len(jobs) < room:
+            try:
+                if idle:
                     job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                jobs.append(job)
-            self.metrics.waiting.set(self._queue.qsize())
-            for job in jobs:
-                if job.cancelled:
-                    self.metrics.cancelled.inc()
-                    job.emit(Event("done", finish_reason="cancelled"))
-            jobs = [job for job in jobs if not job.cancelled]
+                else:
+                    job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stopping = True
+                break
+            jobs.append(job)
+        self.metrics.waiting.set(self._queue.qsize())
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                self.metrics.cancelled.inc()
+                job.emit(Event("done", finish_reason="cancelled"))
+            else:
+                live.append(job)
+        return live, stopping
+
+    def _work_static(self) -> None:
+        stopping = False
+        while not stopping:
+            jobs, stopping = self._collect(self.max_batch_size, idle=True)
             if jobs:
                 self._run(jobs)
+
+    def _work_continuous(self) -> None:
+        batch = RoutedRunningBatch(self._runner)
+        running: Running = {}
+        keys = itertools.count()
+        stopping = False
+        while running or not stopping:
+            if not stopping and batch.can_admit and len(running) < self.max_batch_size:
+                jobs, stopping = self._collect(self.max_batch_size - len(running), idle=not running)
+                if jobs:
+                    self._admit(batch, running, [(next(keys), job) for job in jobs])
+            if running:
+                self._step(batch, running)
+            self.metrics.running.set(len(running))
+
+    def _admit(self, batch: RoutedRunningBatch, running: Running, new: list[tuple[int, Job]]) -> None:
+        """Prefill the newcomers into the running batch; they hear their routes, then first tokens."""
+        m = self.metrics
+        started = time.perf_counter()
+        m.batch_size.observe(len(new))
+        for key, job in new:
+            m.queue_wait.observe(started - job.arrived)
+            running[key] = (job, TextStream(self.tokenizer, job.stop))
+
+        def on_route(routes: list[RowRoute]) -> None:
+            for (_, job), route in zip(new, routes, strict=True):
+                job.emit(Event("route", route=route))
+
+        try:
+            tokens, finished = batch.admit([k for k, _ in new], [job.row for _, job in new], on_route)
+        except Exception as err:  # one failed prefill must not take the server down
+            self._fail(batch, running, err)
+            return
+        self._deliver(batch, running, tokens, finished)
+
+    def _step(self, batch: RoutedRunningBatch, running: Running) -> None:
+        try:
+            tokens, finished = batch.step()
+        except Exception as err:
+            self._fail(batch, running, err)
+            return
+        self._deliver(batch, running, tokens, finished)
+
+    def _deliver(self, batch: RoutedRunningBatch, running: Running, tokens: dict, finished: dict) -> None:
+        """Stream a step's tokens; end the rows that finished, matched a stop string or lost their client."""
+        m = self.metrics
+        now = time.perf_counter()
+        ended = []
+        for key, token in tokens.items():
+            job, stream = running[key]
+            if job.first_token_at is None:
+                job.first_token_at = now
+                m.ttft.observe(now - job.arrived)
+            delta = stream.add(token)
+            if delta:
+                job.emit(Event("delta", text=delta))
+            if key in finished:
+                continue
+            if stream.stopped:
+                ended.append(key)
+                self._finish(job, stream, "stop")
+            elif job.cancelled:
+                ended.append(key)
+                m.cancelled.inc()
+                job.emit(Event("done", finish_reason="cancelled"))
+        for key, reason in finished.items():
+            job, stream = running.pop(key)
+            self._finish(job, stream, "stop" if stream.stopped else reason)
+        if ended:
+            batch.drop(ended)
+            for key in ended:
+                del running[key]
+
+    def _fail(self, batch: RoutedRunningBatch, running: Running, err: Exception) -> None:
+        log.exception("A step of %d running requests failed", len(running))
+        for job, _ in running.values():
+            if not job.done:
+                job.emit(Event("error", text=f"generation failed: {type(err).__name__}: {err}"))
+        running.clear()
+        batch.reset()
 
     def _run(self, jobs: list[Job]) -> None:
         started = time.perf_counter()

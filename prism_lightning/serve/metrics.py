@@ -47,12 +47,15 @@ class ServeMetrics:
         )
         self.queue_wait = Histogram(
             "prism_queue_wait_seconds",
-            "Request arrival to its batch start",
+            "Request arrival to its prefill (joining the running batch)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "prism_batch_size", "Rows per engine batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "prism_batch_size",
+            "Requests admitted together (rows per prefill)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
         self.running = Gauge("prism_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("prism_requests_waiting", "Requests waiting for a batch", registry=r)
