@@ -21,11 +21,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from prism_lightning.bootstrap.prompts import VERDICT_OPTIONS, judge_prompt
 from prism_lightning.bootstrap.stage import StageTask
-from prism_lightning.generation import SamplingConfig, generate_batch
+from prism_lightning.engines.base import Engine, first_token_ids
+from prism_lightning.generation import SamplingConfig
 
 ORDERS = ("order_persona_first", "order_base_first")
 #: Which letter the persona answer has in each order.
@@ -63,32 +62,8 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 def option_token_ids(tokenizer) -> dict[str, list[int]]:
-    """First token of each surface form of each option (deduplicated; shared first tokens dropped)."""
-    ids: dict[str, list[int]] = {}
-    for option, variants in VERDICT_OPTIONS.items():
-        firsts = []
-        for variant in variants:
-            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if toks:
-                firsts.append(int(toks[0]))
-        ids[option] = list(dict.fromkeys(firsts))
-    counts: dict[int, int] = {}
-    for toks in ids.values():
-        for t in toks:
-            counts[t] = counts.get(t, 0) + 1
-    shared = {t for t, c in counts.items() if c > 1}
-    out = {opt: [t for t in toks if t not in shared] for opt, toks in ids.items()}
-    empty = [opt for opt, toks in out.items() if not toks]
-    if empty:
-        raise ValueError(f"judge tokenizer cannot tell verdict options {empty} apart by their first token")
-    return out
-
-
-def option_logprobs(log_probs: torch.Tensor, option_ids: Mapping[str, Sequence[int]]) -> dict[str, float]:
-    """logsumexp over each option's token variants of a log-softmax vector ``log_probs`` (V,)."""
-    return {
-        opt: float(torch.logsumexp(log_probs[list(toks)].float(), dim=0)) for opt, toks in option_ids.items()
-    }
+    """First token of each surface form of each verdict option (deduplicated; shared first tokens dropped)."""
+    return first_token_ids(tokenizer, VERDICT_OPTIONS)
 
 
 def persona_log_odds(logprobs: Mapping[str, float], order: str) -> float:
@@ -135,18 +110,20 @@ def verdict_jobs(
 
 
 class VerdictTask(StageTask):
-    def __init__(self, judge, max_new_tokens: int, rule: str) -> None:
+    """Both judge orders of each pair on the judge's engine: the greedy free-text verdict and, from the
+    request that starts it, the options' log-probabilities as the first token."""
+
+    def __init__(self, engine: Engine, max_new_tokens: int, rule: str) -> None:
         super().__init__()
-        self.model = judge.model
-        self.tokenizer = judge.tokenizer
+        self.engine = engine
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        self.option_ids = option_token_ids(judge.tokenizer)
         self.rule = rule
 
     def process(self, jobs):
         prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
-        # One prefill serves both verdicts: the option log-probs are its next-token distribution.
-        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, keep_first_log_probs=True)
+        gens = self.engine.generate(
+            prompts, self.sampling, batch_size=len(prompts), score_options=VERDICT_OPTIONS
+        )
         rows = []
         n = len(jobs)
         for i, job in enumerate(jobs):
@@ -156,8 +133,8 @@ class VerdictTask(StageTask):
                 orders[order] = {
                     "raw": gen.text,
                     "parsed": parse_verdict(gen.text),
-                    "logprobs": option_logprobs(gen.first_log_probs, self.option_ids),
-                    "tokens": len(gen.token_ids),
+                    "logprobs": gen.option_scores,
+                    "tokens": gen.tokens,
                 }
             rows.append(label_row(job, orders, self.rule))
         return rows
