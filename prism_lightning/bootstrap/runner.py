@@ -93,7 +93,7 @@ def stage_settings(
 ) -> dict[str, dict[str, Any]]:
     """The settings that affect each stage (the stage hash covers these plus the upstream hashes)."""
     model = asdict(backbone)
-    judge = asdict(config.judge) if config.judge is not None else model
+    judge = config.judge.identity(config.verdict_rule) if config.judge is not None else model
     texts = {c.name: c.text(config.persona_length) for c in personas}
     show_texts = config.query_prompt == "persona_text"
     references = judge_references(config, personas)
@@ -230,6 +230,8 @@ def run_bootstrap(
     stores = stage_stores(config, backbone_config, run_dir, personas)
     tasks = StageTasks(config, backbone_config, _load_device(trainer_kwargs), keep_engines=keep_engines)
     trainer_kwargs = tasks.trainer_kwargs(trainer_kwargs)
+    if "self" in config.verifier and not _rank0_check(stores["verdicts"]).done:
+        tasks.check_judge()  # an endpoint judge answers (and gives log-probs if the rule needs them)
     timings: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
 

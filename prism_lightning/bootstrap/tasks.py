@@ -1,6 +1,7 @@
 """The runner's task factory: opens the engines the stages run on, once per run and only when a stage
 has work, and builds the four stage tasks on them (queries, answers, teacher: the base model; verdicts:
-the judge, which is the base model unless ``bootstrap.judge`` names another one).
+the judge, which is the base model unless ``bootstrap.judge`` names another local model or an
+OpenAI-compatible endpoint, :class:`~prism_lightning.engines.endpoint.EndpointEngine`).
 
 The engine is picked by ``bootstrap.generation.backend``: ``hf`` (this package's decode loop, under the
 predict Trainers' devices) or ``vllm`` (one vLLM engine per model, driven from one plain CPU process;
@@ -64,21 +65,49 @@ class StageTasks:
         return self._formatter(self.backbone, self.base)
 
     def judge_formatter(self):
+        judge = self.config.judge
+        if judge is not None and judge.is_endpoint:
+            return self._endpoint().formatter
         return self._formatter(self.judge_config, self.judge)
 
     # -- engines -----------------------------------------------------------------------------------
     @property
     def judge_config(self) -> BackboneConfig:
+        """The local model that judges (the base model unless ``bootstrap.judge`` names another)."""
         judge = self.config.judge
-        return self.backbone if judge is None or judge == self.backbone else judge
+        if judge is None or judge.is_endpoint or judge.backbone() == self.backbone:
+            return self.backbone
+        return judge.backbone()
 
     def base(self) -> Engine:
         return self._open(self.backbone, timed=True)
 
     def judge(self) -> Engine:
+        judge = self.config.judge
+        if judge is not None and judge.is_endpoint:
+            return self._endpoint()
         if self.judge_config is self.backbone:
             return self.base()
         return self._open(self.judge_config, timed=False)
+
+    def check_judge(self) -> None:
+        """Before any stage runs: an endpoint judge answers one small request, and returns
+        log-probabilities when the logprob rule needs them (else one clear error, before long work)."""
+        judge = self.config.judge
+        if judge is not None and judge.is_endpoint:
+            self._endpoint().probe(logprobs=self.config.verdict_rule == "logprob")
+
+    def _endpoint(self) -> Engine:
+        from prism_lightning.engines.endpoint import EndpointEngine
+
+        judge = self.config.judge
+        if "endpoint" not in self._engines:
+            self._engines["endpoint"] = EndpointEngine(
+                judge.base_url, judge.model, api_key=judge.api_key(), timeout=judge.timeout,
+                concurrency=judge.concurrency,
+            )  # fmt: skip
+            self.loaded.append(f"{judge.model} at {judge.base_url} (endpoint)")
+        return self._engines["endpoint"]
 
     def _open(self, backbone: BackboneConfig, timed: bool) -> Engine:
         if backbone.model not in self._engines:

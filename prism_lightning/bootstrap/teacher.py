@@ -2,9 +2,10 @@
 
 For each distill row: prompt ids = ``formatter.prompt(query, persona_text, placement)`` (tokenized
 without added special tokens), response ids = :func:`response_token_ids` of the persona answer
-(answer tokens + the chat end-of-turn token, truncated). One no-grad forward of the adapter-free base
-model over prompt + response; the logits at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those
-predicting the n response tokens) are reduced to their top-k.
+(answer tokens + the chat end-of-turn token, truncated). One pass of the adapter-free base model over
+prompt + response on its engine (:meth:`~prism_lightning.engines.base.Engine.prompt_topk`); the
+distributions at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those predicting the n response
+tokens) are reduced to their top-k (hf: logits; vLLM: log-probabilities).
 
 Row: ``{"id", "persona", "n_tokens", "prompt_tokens", "top_k", "tensor_file"}``; the tensors live in
 safetensors files in the stage directory under keys ``"<id>.values"`` (float16, (n, k)),

@@ -121,8 +121,10 @@ class VerdictTask(StageTask):
 
     def process(self, jobs):
         prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
+        # a local engine scores the options in the same prefill (free); an endpoint only for the logprob rule
+        scored = self.rule == "logprob" or self.engine.free_option_scores
         gens = self.engine.generate(
-            prompts, self.sampling, batch_size=len(prompts), score_options=VERDICT_OPTIONS
+            prompts, self.sampling, batch_size=len(prompts), score_options=VERDICT_OPTIONS if scored else None
         )
         rows = []
         n = len(jobs)
@@ -142,8 +144,12 @@ class VerdictTask(StageTask):
 
 def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], rule: str) -> dict[str, Any]:
     pf, bf = orders["order_persona_first"], orders["order_base_first"]
-    score, lp_label = logprob_verdict(pf["logprobs"], bf["logprobs"])
     strict = strict_verdict(pf["parsed"], bf["parsed"])
+    score: float | None = None
+    lp_label: int | None = None
+    if pf["logprobs"] is not None and bf["logprobs"] is not None:  # an endpoint under strict: none
+        score, lp_label = logprob_verdict(pf["logprobs"], bf["logprobs"])
+        score = score if math.isfinite(score) else 0.0
     return {
         "id": job["id"],
         "persona": job["persona"],
@@ -151,7 +157,7 @@ def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], r
         "order_persona_first": dict(pf),
         "order_base_first": dict(bf),
         "strict_label": strict,
-        "logprob_score": score if math.isfinite(score) else 0.0,
+        "logprob_score": score,
         "logprob_label": lp_label,
         "gate_target": strict if rule == "strict" else lp_label,
         "judge_tokens": int(pf.get("tokens", 0)) + int(bf.get("tokens", 0)),
@@ -186,11 +192,10 @@ def finalize_verdicts(rows, rule: str):
             order: {v: sum(1 for r in rows if r[order]["parsed"] == v) for v in ("A", "B", "TIE")}
             for order in ORDERS
         },
-        "split": {
-            "strict": split_counts(rows, "strict_label"),
-            "logprob": split_counts(rows, "logprob_label"),
-        },
+        "split": {"strict": split_counts(rows, "strict_label")},
     }
+    if all(r["logprob_label"] is not None for r in rows):  # an endpoint judging by text gives none
+        stats["split"]["logprob"] = split_counts(rows, "logprob_label")
     return rows, stats
 
 

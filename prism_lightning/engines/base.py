@@ -1,9 +1,10 @@
-"""The engine protocol: what evaluation, studies and (next) the bootstrap and ``serve`` ask of a model,
-whichever engine runs it. Two implementations: :class:`~prism_lightning.engines.hf.HFEngine` (this
+"""The engine protocol: what evaluation, studies, the bootstrap's stages and (next) ``serve`` ask of a model,
+whichever engine runs it. Two local implementations: :class:`~prism_lightning.engines.hf.HFEngine` (this
 package's decode loop, routing decided inside the prefill) and
 :class:`~prism_lightning.engines.vllm.VLLMEngine` (vLLM; the prefix gate routes each request before it
 enters the engine). Both take the same arguments and return the same rows, so a scorer written once runs
-on either.
+on either. :class:`~prism_lightning.engines.endpoint.EndpointEngine` puts an OpenAI-compatible server
+behind the generating part of it (a bootstrap judge).
 
 What the bootstrap's stages need is part of it: per-row seeds, stopping at the first line break
 (queries), the verdict options' log-probabilities at the first generated position of the same request
@@ -73,21 +74,22 @@ def option_scores(
     """Each option's log-probability: logsumexp of ``logprobs`` over the option's token ids;
     ``logprobs`` is indexed by token id, or holds one value per token of ``columns``."""
     where = {int(t): j for j, t in enumerate(columns)} if columns is not None else None
-    return {
-        opt: float(
-            torch.logsumexp(
-                logprobs[[where[t] for t in toks] if where is not None else list(toks)].float(), dim=0
-            )
-        )
-        for opt, toks in option_ids.items()
-    }
+    out = {}
+    for opt, toks in option_ids.items():
+        index = [where[t] for t in toks] if where is not None else list(toks)
+        out[opt] = float(torch.logsumexp(logprobs[index].float(), dim=0))
+    return out
 
 
 class Engine:
     """A model (plain, or a PRISM checkpoint) behind the protocol. Subclasses implement
-    :meth:`_generate` and :meth:`_option_logprobs`, and say whether they hold an adapter."""
+    :meth:`_generate`, :meth:`_option_logprobs` and :meth:`_prompt_topk`, and say whether they hold an
+    adapter."""
 
     backend = "engine"
+    #: The options' first-token scores come from the prefill that starts the row, at no extra cost (an
+    #: endpoint needs a second request per row, so a caller asks for them only when it needs them).
+    free_option_scores = True
 
     def __init__(self, model, tokenizer, formatter, *, name: str = "model") -> None:
         self.model = model  # the judge-size rule counts its parameters (vLLM: a meta-device copy)
