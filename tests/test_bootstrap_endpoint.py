@@ -183,3 +183,71 @@ def test_cli_bootstrap_with_an_endpoint_as_judge(judge_server, tiny_model_dir, t
     closed = ["--data.bootstrap.judge.base_url", "http://127.0.0.1:9/v1"]
     _one_error_line(_bootstrap(work, *_endpoint_args(judge_server.url, "strict"), *closed), "cannot reach")
     assert sorted(p.name for p in boot.iterdir() if (p / "DONE").exists()) == done
+
+
+# --- the logprob rule against an endpoint that returns log-probabilities (vLLM's own OpenAI server) ------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """vLLM's OpenAI-compatible server on the embedded SmolLM2 (CPU build), on a free port."""
+    pytest.importorskip("vllm")
+    import socket
+    import time
+    import urllib.request
+
+    from prism_lightning.backbone import load_model_config
+
+    source, _ = load_model_config("smollm2-135m-instruct")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", source,
+           "--served-model-name", "smol", "--port", str(port), "--max-model-len", "2048",
+           "--dtype", "float32", "--enforce-eager", "--max-logprobs", "20"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if urllib.request.urlopen(f"{url}/v1/models", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, log.read_text()[-5000:]
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.second_tier
+def test_cli_logprob_rule_on_an_endpoint_with_logprobs(vllm_server, tiny_model_dir, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_FIT_YAML.format(model=tiny_model_dir))
+    args = [f"--data.bootstrap.judge.base_url={vllm_server}/v1", "--data.bootstrap.judge.model=smol",
+            "--data.bootstrap.verdict_rule=logprob"]  # fmt: skip
+    result = _bootstrap(tmp_path, *args, key=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    boot = tmp_path / "runs/tiny/bootstrap"
+    verdicts_dir = next(boot.glob("verdicts-*"))
+    meta = json.loads((verdicts_dir / "meta.json").read_text())
+    assert meta["settings"]["judge"] == {
+        "base_url": f"{vllm_server}/v1",
+        "model": "smol",
+        "option_scores": True,
+    }
+    rows = [json.loads(line) for line in (verdicts_dir / "rows.jsonl").read_text().splitlines()]
+    assert rows and all(r["gate_target"] == r["logprob_label"] for r in rows)
+    for r in rows:
+        for order in ("order_persona_first", "order_base_first"):
+            scores = r[order]["logprobs"]
+            assert set(scores) == {"A", "B", "TIE"} and all(v <= 0 for v in scores.values())
+        assert isinstance(r["logprob_score"], float)
+    summary = json.loads((boot / "summary.json").read_text())
+    assert "logprob" in summary["verdicts"]["split"]
