@@ -87,6 +87,55 @@ def test_option_scores_from_an_endpoints_top_tokens():
     assert none == {"A": -7.0, "B": -7.0, "TIE": -7.0}  # below the least returned log-probability
 
 
+def test_an_endpoint_failing_mid_stage_loses_no_finished_rows(tiny_model_dir, tmp_path):
+    """A server that breaks after a few requests (a stand-in that answers "A", since the failure has to come
+    in the middle of the verdict stage): one PrismError, the finished batches stay, the rerun resumes."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prism_lightning.bootstrap import run_bootstrap
+    from prism_lightning.errors import PrismError
+
+    budget = {"requests": 5}  # the probe + one batch of two pairs in two orders
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            budget["requests"] -= 1
+            ok = budget["requests"] >= 0
+            answer = {"choices": [{"message": {"content": "A"}, "finish_reason": "stop"}]}
+            body = (
+                {**answer, "usage": {"completion_tokens": 1}} if ok else {"error": {"message": "overloaded"}}
+            )
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = {"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "m"}
+        config = tiny_bootstrap_config(verdict_rule="strict", judge=judge)
+        backbone, trainer = BackboneConfig(model=str(tiny_model_dir)), {"accelerator": "cpu"}
+        with pytest.raises(PrismError, match="HTTP 503: overloaded"):
+            run_bootstrap(config, backbone, tmp_path / "run", trainer)
+        shard = next((tmp_path / "run/bootstrap").glob("verdicts-*/shard-0.jsonl"))
+        assert len(shard.read_text().splitlines()) == 2  # the first batch
+        budget["requests"] = 10**6
+        resumed = run_bootstrap(config, backbone, tmp_path / "run", trainer)
+    finally:
+        server.shutdown()
+    stages = resumed.summary["stages"]
+    assert stages["queries"]["cached"] and stages["answers"]["cached"]
+    assert stages["verdicts"]["resumed_rows"] == 2
+    assert len(resumed.rows("verdicts")) == len(resumed.rows("answers"))
+    assert all(r["order_persona_first"]["parsed"] == "A" for r in resumed.rows("verdicts"))
+
+
 # --- through the real CLI against a real `serve` -------------------------------------------------------
 
 

@@ -3,13 +3,14 @@ this package's own ``serve``) behind the :class:`~prism_lightning.engines.base.E
 stage written once (the bootstrap's judge) runs on it unchanged.
 
 Prompts are chat messages, built by :class:`MessagesFormatter` (the endpoint applies its own chat
-template). Generation is one chat completion per row (``temperature``, ``top_p``, ``max_tokens``,
-``seed``; ``"\\n"`` as stop string for ``stop_at_newline``). Option scores come from a second request
-per row with ``logprobs: true, top_logprobs: N, max_tokens: 1``: each option's log-probability is the
-logsumexp over the returned first tokens that spell it; an option outside the top N gets the N-th
-log-probability (an upper bound). Servers that refuse ``logprobs`` (this package's ``serve``) fail
-:meth:`EndpointEngine.probe` with one clear error. Requests run ``concurrency`` at a time; a refused
-key, an unreachable server or a timeout is a :class:`EndpointError` (one ``error:`` line, exit 2).
+template). Generation is one chat completion per row (``temperature``, ``top_p``, ``max_tokens``, a
+sampled row's ``seed`` cut to 31 bits to fit any server's integer field, ``"\\n"`` as stop string for
+``stop_at_newline``). Option scores come from a second request per row with ``logprobs: true,
+top_logprobs: N, max_tokens: 1``: each option's log-probability is the logsumexp over the returned first
+tokens that spell it; an option outside the top N gets the N-th log-probability (an upper bound).
+Servers that refuse ``logprobs`` (this package's ``serve``) fail :meth:`EndpointEngine.probe` with one
+clear error. Requests run ``concurrency`` at a time; a refused key, an unreachable server, a timeout or
+an error status is an :class:`EndpointError` (one ``error:`` line, exit 2).
 
 Only the standard library talks HTTP here (``urllib``). The API key is read from the environment
 variable the caller names and is kept in memory only.
