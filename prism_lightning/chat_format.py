@@ -93,7 +93,11 @@ class ChatFormatter:
         context: str | None = None,
         placement: str = "system",
         replies: Sequence[str] = (),
+        reply_start: str = "",
     ) -> str:
-        """The prompt string with the generation prompt appended (ready for the assistant's next turn)."""
+        """The prompt string with the generation prompt appended (ready for the assistant's next turn),
+        then ``reply_start``: text the reply is primed to start with (the judge's "Verdict:")."""
         msgs = self.messages(turns, context, placement, replies)
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return (
+            self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + reply_start
+        )

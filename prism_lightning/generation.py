@@ -171,6 +171,7 @@ def generate(
     progress: bool = False,
     desc: str = "generate",
     stop_ids: Sequence[int] | None = None,
+    keep_first_log_probs: bool = False,
 ) -> list[Generation]:
     """Generate for any number of prompts in batches of ``batch_size``, returned in input order.
 
@@ -179,6 +180,7 @@ def generate(
     batch holds similar lengths and wastes little padding (and the longest batch runs first, so
     memory problems show at once). Without ``seeds``, sampling draws one seed per prompt from
     torch's global generator, in input order, so results still do not depend on ``batch_size``.
+    ``stop_ids`` and ``keep_first_log_probs`` as in :func:`generate_batch`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -205,6 +207,7 @@ def generate(
                 [seeds[i] for i in chunk],
                 stops,
                 None,
+                keep_first_log_probs,
             )
             for i, out in zip(chunk, outs, strict=True):
                 results[i] = out

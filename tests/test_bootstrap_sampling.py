@@ -8,7 +8,7 @@ import pytest
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import stage_stores
 from prism_lightning.bootstrap.queries import query_jobs
-from prism_lightning.bootstrap.runner import _HFStageTasks, _Models
+from prism_lightning.bootstrap.tasks import StageTasks
 from prism_lightning.contexts import ContextLibrary
 from prism_lightning.errors import ConfigError
 from prism_lightning.testing import tiny_bootstrap_config
@@ -58,7 +58,7 @@ def test_top_k_one_samples_what_greedy_picks(tiny_model_dir, tiny_backbone):
     jobs = query_jobs(tiny_backbone.formatter, ContextLibrary.builtin().select(["math", "coding"]), 3)
 
     def raw_queries(config):
-        tasks = _HFStageTasks(config, _Models(bb, None, "cpu"))
+        tasks = StageTasks(config, bb, device="cpu")
         assert tasks.answers().sampling == config.answer_sampling()
         return [row["raw"] for row in tasks.queries().process(jobs)]
 

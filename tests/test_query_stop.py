@@ -3,12 +3,11 @@ tokenizer merges punctuation and the break into one token ("?\\n", ":\\n", ".\\n
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from prism_lightning.bootstrap.queries import QueryTask, finalize_queries, first_line, line_break_token_ids
+from prism_lightning.engines.hf import HFEngine
 from prism_lightning.generation import SamplingConfig
 from prism_lightning.testing import build_tiny_model, build_tiny_tokenizer
 
@@ -74,8 +73,8 @@ def _run_stage(tokenizer, **task_kwargs) -> list[dict]:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     handle = model.register_forward_hook(_Script(tokenizer, tokenizer.eos_token_id), with_kwargs=True)
     try:
-        backbone = SimpleNamespace(model=model, tokenizer=tokenizer)
-        task = QueryTask(backbone, SamplingConfig(max_new_tokens=40), seed=0, **task_kwargs)
+        engine = HFEngine(model, tokenizer, None)
+        task = QueryTask(engine, SamplingConfig(max_new_tokens=40), seed=0, **task_kwargs)
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": "Write one question."}], tokenize=False, add_generation_prompt=True
         )

@@ -123,6 +123,7 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
     from prism_lightning.backbone import BackboneConfig
     from prism_lightning.bootstrap import answers, queries, teacher, verdicts
     from prism_lightning.bootstrap.runner import run_bootstrap, stage_stores
+    from prism_lightning.engines.hf import HFEngine
     from prism_lightning.generation import SamplingConfig
     from prism_lightning.testing import tiny_bootstrap_config
 
@@ -142,16 +143,17 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
     assert len(rows["verdicts"]) == len(rows["answers"])
     # the same stages on hf (one job each) give rows of the same schema
     bb = hf_backbone
+    hf = HFEngine.from_backbone(bb)
     q_job = queries.query_jobs(bb.formatter, result.personas[:1], 1)
-    hf_q = queries.QueryTask(bb, SamplingConfig(max_new_tokens=4, temperature=0.9), 0).process(q_job)
+    hf_q = queries.QueryTask(hf, SamplingConfig(max_new_tokens=4, temperature=0.9), 0).process(q_job)
     vq = result.stages["queries"].read_shards()
     assert _key_shape(hf_q[0]) == _key_shape(next(iter(vq.values())))
     by_name = {c.name: c for c in result.personas}
     a_job = answers.answer_jobs(bb.formatter, rows["queries"][:1], by_name, "short", "system")
-    hf_a = answers.AnswerTask(bb, SamplingConfig(max_new_tokens=4, temperature=0.7), 0).process(a_job)
+    hf_a = answers.AnswerTask(hf, SamplingConfig(max_new_tokens=4, temperature=0.7), 0).process(a_job)
     assert _key_shape(hf_a[0]) == _key_shape(rows["answers"][0])
     v_job = verdicts.verdict_jobs(bb.formatter, rows["answers"][:1])
-    hf_v = verdicts.VerdictTask(bb, 4, "logprob").process(v_job)
+    hf_v = verdicts.VerdictTask(hf, 4, "logprob").process(v_job)
     assert _key_shape(hf_v[0]) == _key_shape(rows["verdicts"][0])
     for order in verdicts.ORDERS:
         assert sorted(hf_v[0][order]["logprobs"]) == sorted(rows["verdicts"][0][order]["logprobs"])
@@ -166,7 +168,7 @@ def test_bootstrap_stages_on_vllm(base_engine, hf_backbone, tmp_path):
     if rows["teacher"]:
         t_job = teacher.teacher_jobs(bb.formatter, distill[:1], {r["id"]: r for r in rows["answers"]},
                                      by_name, "short", "system")  # fmt: skip
-        hf_t = teacher.TeacherTask(bb, config.teacher_top_k, config.max_response_tokens).process(t_job)
+        hf_t = teacher.TeacherTask(hf, config.teacher_top_k, config.max_response_tokens).process(t_job)
         hf_t[0].pop("_tensors")
         ours_t = rows["teacher"][0]
         assert set(ours_t) - {"tensor_file"} == set(hf_t[0])

@@ -33,7 +33,9 @@ verdicts::
      "gate_target": 0|1, "judge_tokens": int}
 
   In ``order_persona_first`` the persona answer is Assistant A; in ``order_base_first`` it is B.
-  ``gate_target`` = the label of ``BootstrapConfig.verdict_rule`` (1 = distill, 0 = retain).
+  ``gate_target`` = the label of ``BootstrapConfig.verdict_rule`` (1 = distill, 0 = retain). An endpoint
+  judge under the strict rule gives no option scores: ``logprobs``, ``logprob_score`` and ``logprob_label``
+  are null.
 
 teacher (distill rows only)::
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.engines.base import Engine
 from prism_lightning.errors import PrismError
-from prism_lightning.generation import SamplingConfig, generate_batch, row_seed
+from prism_lightning.generation import SamplingConfig, row_seed
 
 
 class DegenerateAnswersError(PrismError, RuntimeError):
@@ -39,10 +40,11 @@ def answer_jobs(
 
 
 class AnswerTask(StageTask):
-    def __init__(self, backbone, sampling: SamplingConfig, seed: int) -> None:
+    """Each job's no-persona and persona answers on an engine, in one batch of 2 x jobs rows."""
+
+    def __init__(self, engine: Engine, sampling: SamplingConfig, seed: int) -> None:
         super().__init__()
-        self.model = backbone.model
-        self.tokenizer = backbone.tokenizer
+        self.engine = engine
         self.sampling = sampling
         self.seed = seed
 
@@ -51,7 +53,7 @@ class AnswerTask(StageTask):
         seeds = [row_seed(self.seed, f"answers:{j['id']}:base") for j in jobs] + [
             row_seed(self.seed, f"answers:{j['id']}:persona") for j in jobs
         ]
-        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, seeds=seeds)
+        gens = self.engine.generate(prompts, self.sampling, seeds=seeds, batch_size=len(prompts))
         return answer_rows(jobs, gens[: len(jobs)], gens[len(jobs) :])
 
 
@@ -82,7 +84,7 @@ def finalize_answers(rows):
 
 
 def answer_rows(jobs: Sequence[Mapping[str, Any]], base: Sequence, persona: Sequence) -> list[dict]:
-    """The answers stage's rows from each job's no-persona and persona generations (either backend)."""
+    """The answers stage's rows from each job's no-persona and persona generations (any engine)."""
     return [
         {
             "id": job["id"],

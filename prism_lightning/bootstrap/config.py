@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
@@ -14,6 +16,112 @@ from prism_lightning.generation import SamplingConfig
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
 VERIFIERS: tuple[str, ...] = ("self", "program")
 QUERY_PROMPTS: tuple[str, ...] = ("describe", "persona_text", "examples")
+
+
+@dataclass
+class JudgeConfig:
+    """The judge of stage 3 when it is not the base model (config key ``data.bootstrap.judge``): another
+    local model (``{model: ...}``, the backbone keys) or an OpenAI-compatible endpoint (``{base_url: ...,
+    model: ...}``, the endpoint keys); one or the other, never both.
+
+    Args:
+        model: a local model (a Hugging Face id, a local directory or an embedded name), or with
+            ``base_url`` the model name the endpoint serves.
+        base_url: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; null: a local model.
+        api_key_env: with ``base_url``: the name of the environment variable that holds the API key (the
+            key itself never goes into a config file, a hash or a log); null: no key is sent.
+        timeout: with ``base_url``: seconds one request may take.
+        concurrency: with ``base_url``: requests in flight at once.
+        dtype: a local judge's dtype (as ``backbone.dtype``).
+        trust_remote_code: a local judge may run its repository's own code.
+        base_system_prompt: a local judge's no-persona system prompt (as ``backbone.base_system_prompt``).
+        attn_implementation: a local judge's attention implementation.
+    """
+
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    concurrency: int = 8
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    base_system_prompt: str | None = None
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            where = "the model name the endpoint serves" if self.base_url else "a local model"
+            raise ConfigError(f"bootstrap.judge.model is missing: give {where}.")
+        local = [f.name for f in fields(BackboneConfig) if f.name != "model"]
+        remote = ("api_key_env", "timeout", "concurrency")
+        if self.base_url is not None:
+            if not str(self.base_url).startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"bootstrap.judge.base_url must start with http:// or https://, got {self.base_url!r}."
+                )
+            mixed = [k for k in local if getattr(self, k) != getattr(BackboneConfig, k)]
+            if mixed:
+                raise ConfigError(
+                    f"bootstrap.judge sets base_url (an endpoint) and {', '.join(mixed)} (a local model's "
+                    "keys): a judge is one or the other."
+                )
+            if float(self.timeout) <= 0 or int(self.concurrency) < 1:
+                raise ConfigError("bootstrap.judge.timeout must be > 0 and bootstrap.judge.concurrency >= 1.")
+        else:
+            defaults = {f.name: f.default for f in fields(JudgeConfig)}
+            mixed = [k for k in remote if getattr(self, k) != defaults[k]]
+            if mixed:
+                raise ConfigError(
+                    f"bootstrap.judge sets {', '.join(mixed)}, which only an endpoint takes: add base_url, "
+                    "or drop them for a local judge."
+                )
+            self.backbone()  # a bad dtype fails here
+
+    @classmethod
+    def from_value(cls, value: Any) -> JudgeConfig | None:
+        """A judge from YAML/kwargs (a mapping), a :class:`BackboneConfig` (a local model), or null."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, BackboneConfig):
+            return cls(**asdict(value))
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                keys = ", ".join(f.name for f in fields(cls))
+                raise ConfigError(f"unknown bootstrap.judge key(s) {', '.join(unknown)}; valid keys: {keys}.")
+            return cls(**value)
+        raise ConfigError(
+            "bootstrap.judge must be a mapping ({model: ...} or {base_url: ..., model: ...}), "
+            f"got {value!r}."
+        )
+
+    @property
+    def is_endpoint(self) -> bool:
+        return self.base_url is not None
+
+    def backbone(self) -> BackboneConfig:
+        """A local judge as the backbone it loads."""
+        return BackboneConfig(**{f.name: getattr(self, f.name) for f in fields(BackboneConfig)})
+
+    def api_key(self) -> str | None:
+        """The endpoint's API key from the environment (None without ``api_key_env``)."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"bootstrap.judge.api_key_env names ${self.api_key_env}, which is not set: export the "
+                "endpoint's API key under that name."
+            )
+        return key
+
+    def identity(self, rule: str) -> dict[str, Any]:
+        """What of the judge enters the verdict stage's hash: a local judge's backbone keys (as before
+        endpoints existed); an endpoint's URL and model (never the key), and whether its rows hold option
+        scores (asked for under the logprob rule only, so its judgments serve one rule)."""
+        if not self.is_endpoint:
+            return asdict(self.backbone())
+        return {"base_url": self.base_url, "model": self.model, "option_scores": rule == "logprob"}
 
 
 @dataclass
@@ -45,7 +153,9 @@ class BootstrapConfig:
         repetition_penalty: stages 1 and 2 penalise tokens already in the prompt or answer (1: off).
             The paper's reference inherits these three from the model's ``generation_config.json``
             (Qwen2.5: 0.8, 20, 1.05); the 7B configs set them so.
-        judge: a different judging model ({model: ...}); null judges with the base model.
+        judge: a different judge: another local model ({model: ...}) or an OpenAI-compatible endpoint
+            ({base_url: ..., model: ..., api_key_env: NAME}), see :class:`JudgeConfig`; null judges with
+            the base model.
         judge_max_new_tokens: length of the free-text verdict.
         judge_sees_reference: the judge is shown a reference context's document (at ``persona_length``)
             when it compares that context's answers; personas are judged on the question alone (the paper).
@@ -82,7 +192,7 @@ class BootstrapConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    judge: BackboneConfig | None = None
+    judge: JudgeConfig | None = None
     judge_max_new_tokens: int = 8
     judge_sees_reference: bool = True
     verdict_rule: str = "logprob"
@@ -136,8 +246,7 @@ class BootstrapConfig:
         for name in ("query_temperature", "answer_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bootstrap.{name} must be >= 0, got {getattr(self, name)}.")
-        if isinstance(self.judge, dict):  # plain dicts from YAML / kwargs
-            self.judge = BackboneConfig(**self.judge)
+        self.judge = JudgeConfig.from_value(self.judge)  # plain dicts from YAML / kwargs
         if isinstance(self.verifier, str):
             self.verifier = [v.strip() for v in self.verifier.split(",") if v.strip()]
         self.verifier = list(self.verifier)

@@ -132,7 +132,10 @@ def judge_prompt_text(question: str, answer_a: str, answer_b: str, reference: st
     return head + JUDGE_REFERENCE.format(reference=reference) + "[User Question]" + rest
 
 
-def judge_prompt(formatter, question: str, answer_a: str, answer_b: str, reference: str | None = None) -> str:
+def judge_prompt(formatter, question: str, answer_a: str, answer_b: str, reference: str | None = None):
     """The full judge prompt: the judge's chat format with no persona, reply primed for the verdict; with
-    ``reference``, the document a reference context gave the model is shown to the judge."""
-    return formatter.prompt(judge_prompt_text(question, answer_a, answer_b, reference)) + JUDGE_PRIMER
+    ``reference``, the document a reference context gave the model is shown to the judge. A local judge's
+    formatter gives a string; an endpoint's gives chat messages (without the primer, see
+    :class:`~prism_lightning.engines.endpoint.MessagesFormatter`)."""
+    text = judge_prompt_text(question, answer_a, answer_b, reference)
+    return formatter.prompt(text, reply_start=JUDGE_PRIMER)

@@ -8,20 +8,21 @@ Shard row (one per generation): ``{"id": "<persona>-<i>", "persona", "index", "r
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from prism_lightning.bootstrap.prompts import examples_query_prompt, query_prompt_text
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.engines.base import Engine
+from prism_lightning.engines.line_break import line_break_token_ids
 from prism_lightning.errors import PrismError
-from prism_lightning.generation import SamplingConfig, generate_batch, row_seed, stop_token_ids
+from prism_lightning.generation import SamplingConfig, row_seed
+
+__all__ = ["QueryTask", "finalize_queries", "first_line", "line_break_token_ids", "query_jobs", "query_rows"]
 
 DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "not_a_query", "known", "duplicate", "near_duplicate")
 NEAR_DUP_RATIO = 0.9
@@ -144,98 +145,40 @@ def query_jobs(
     ]
 
 
-def line_break_token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Vocabulary tokens whose text holds a line break: (those with nothing but whitespace before the
-    first break, those with text before it). Qwen2.5 and Llama 3 have many of the second kind
-    ("?\n", ":\n", ".\n"): the text before their break belongs to the query's first line."""
-    ids = range(len(tokenizer))
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    leading: list[int] = []
-    merged: list[int] = []
-    for i, text in zip(ids, texts, strict=True):
-        if "\n" in text:
-            (merged if text.split("\n", 1)[0].strip() else leading).append(i)
-    return leading, merged
-
-
 def first_line(tokenizer, token_ids: Sequence[int]) -> str:
     """The generated text up to (not including) its first line break, whichever token carried it."""
     return tokenizer.decode(list(token_ids), skip_special_tokens=True).split("\n", 1)[0].strip()
 
 
-class _StopAfterLineBreak:
-    """While active, a decode step whose input token holds a line break after other text (a merged
-    token such as "?\n", just sampled) puts all of that row's next-token mass on a stop token.
-
-    The generation engine drops the token that stops a row, so stopping *on* "?\n" would lose the
-    "?". Instead the row keeps that token and ends one step later, on ``stop_id``. The prefill (the
-    forward of each batch, several tokens per row) is left alone: its last token is the prompt's.
-    """
-
-    def __init__(self, model, merged_ids: Sequence[int], stop_id: int) -> None:
-        self.model = model
-        self.merged = torch.tensor(sorted(set(merged_ids)), dtype=torch.long)
-        self.stop_id = int(stop_id)
-        self._handle = None
-
-    def __enter__(self) -> _StopAfterLineBreak:
-        self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def _hook(self, module, args, kwargs, output):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None or input_ids.shape[1] != 1:  # a prefill (every batch has its own)
-            return None
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        hit = torch.isin(input_ids[:, -1], self.merged.to(input_ids.device))
-        forced = torch.full_like(logits[0, -1], float("-inf"))
-        forced[self.stop_id] = 0.0
-        logits[:, -1] = torch.where(hit[:, None], forced, logits[:, -1])
-        return None
-
-
 class QueryTask(StageTask):
-    """Generates the raw queries; with ``stop_at_newline`` a row ends at its first line break and keeps
-    the text before it (see :class:`_StopAfterLineBreak` for tokens that hold both)."""
+    """Generates the raw queries on an engine; with ``stop_at_newline`` a row ends at its first line
+    break and keeps the text before it (:mod:`~prism_lightning.engines.line_break`)."""
 
-    def __init__(self, backbone, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True
+    ) -> None:
         super().__init__()
-        self.model = backbone.model
-        self.tokenizer = backbone.tokenizer
+        self.engine = engine
         self.sampling = sampling
         self.seed = seed
         self.stop_at_newline = stop_at_newline
-        self.stop_ids = None
-        self._merged_line_breaks: list[int] = []
-        if stop_at_newline:
-            leading, self._merged_line_breaks = line_break_token_ids(backbone.tokenizer)
-            # A token with only whitespace before its break can stop the row at once: nothing is lost.
-            self.stop_ids = list(dict.fromkeys(stop_token_ids(backbone.tokenizer, backbone.model) + leading))
-
-    def _line_break_guard(self):
-        if not (self._merged_line_breaks and self.stop_ids):
-            return contextlib.nullcontext()
-        return _StopAfterLineBreak(self.model, self._merged_line_breaks, self.stop_ids[0])
 
     def process(self, jobs):
         seeds = [row_seed(self.seed, f"queries:{job['id']}") for job in jobs]
-        prompts = [j["prompt"] for j in jobs]
-        with self._line_break_guard():
-            gens = generate_batch(
-                self.model, self.tokenizer, prompts, self.sampling, seeds=seeds, stop_ids=self.stop_ids
-            )
-        return query_rows(jobs, gens, self.tokenizer, self.stop_at_newline)
+        gens = self.engine.generate(
+            [j["prompt"] for j in jobs],
+            self.sampling,
+            seeds=seeds,
+            batch_size=len(jobs),
+            stop_at_newline=self.stop_at_newline,
+        )
+        return query_rows(jobs, gens, self.engine.tokenizer, self.stop_at_newline)
 
 
 def query_rows(
     jobs: Sequence[Mapping[str, Any]], gens: Sequence, tokenizer, stop_at_newline: bool
 ) -> list[dict]:
-    """The queries stage's raw rows, one schema whichever backend generated them."""
+    """The queries stage's raw rows, one schema whichever engine generated them."""
     return [
         {
             "id": job["id"],

@@ -4,14 +4,14 @@ Each stage is a :class:`~prism_lightning.bootstrap.store.StageStore` keyed by it
 upstream stages. A finished stage is read from disk (no Trainer, no model) once its files match the
 content hashes in its meta.json; one that does not (a truncated, garbled or missing file, or rows
 computed from other upstream rows) is deleted together with the stages after it and recomputed, with
-one warning line per deleted directory. The backbone (and the judge, when it is another model) is
-loaded lazily, once, only when some stage has work to do, and is freed at the end.
+one warning line per deleted directory. The engines (the base model's, and the judge's when it is
+another model; :class:`~prism_lightning.bootstrap.tasks.StageTasks`) open lazily, once, only when some
+stage has work to do, and are freed at the end.
 :func:`run_bootstrap` writes ``<run_dir>/bootstrap/summary.json``.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from prism_lightning import run_paths
-from prism_lightning.backbone import Backbone, BackboneConfig
+from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import answers as answers_mod
 from prism_lightning.bootstrap import queries as queries_mod
 from prism_lightning.bootstrap import teacher as teacher_mod
@@ -39,6 +39,7 @@ from prism_lightning.bootstrap.store import (
     stage_hash,
 )
 from prism_lightning.bootstrap.summary import STAGES, build_summary
+from prism_lightning.bootstrap.tasks import StageTasks
 from prism_lightning.contexts import Context, ContextLibrary
 from prism_lightning.files import atomic_write_json, read_written_jsonl
 
@@ -61,37 +62,6 @@ class BootstrapResult:
 
     def rows(self, stage: str) -> list[dict[str, Any]]:
         return self.stages[stage].read_rows()
-
-
-class _Models:
-    """Loads the base model (and a distinct judge) on first use, once per run."""
-
-    def __init__(self, base: BackboneConfig, judge: BackboneConfig | None, device: str) -> None:
-        self.base_config, self.judge_config, self.device = base, judge, device
-        self._base: Backbone | None = None
-        self._judge: Backbone | None = None
-        self.loaded: list[str] = []
-
-    def base(self) -> Backbone:
-        if self._base is None:
-            start = time.perf_counter()
-            self._base = self.base_config.load(self.device)
-            self.loaded.append(f"{self.base_config.model} ({time.perf_counter() - start:.1f} s)")
-        return self._base
-
-    def judge(self) -> Backbone:
-        if self.judge_config is None or self.judge_config == self.base_config:
-            return self.base()
-        if self._judge is None:
-            self._judge = self.judge_config.load(self.device)
-            self.loaded.append(self.judge_config.model)
-        return self._judge
-
-    def close(self) -> None:
-        self._base = self._judge = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _load_device(trainer_kwargs: dict[str, Any]) -> str:
@@ -123,7 +93,7 @@ def stage_settings(
 ) -> dict[str, dict[str, Any]]:
     """The settings that affect each stage (the stage hash covers these plus the upstream hashes)."""
     model = asdict(backbone)
-    judge = asdict(config.judge) if config.judge is not None else model
+    judge = config.judge.identity(config.verdict_rule) if config.judge is not None else model
     texts = {c.name: c.text(config.persona_length) for c in personas}
     show_texts = config.query_prompt == "persona_text"
     references = judge_references(config, personas)
@@ -246,52 +216,6 @@ def _rank0_check(store: StageStore) -> StageCheck:
     return check
 
 
-class _HFStageTasks:
-    """The runner's task factory for the hf backend: this package's decode loop on the loaded models."""
-
-    def __init__(self, config: BootstrapConfig, models: _Models) -> None:
-        self.config, self.models = config, models
-        self.batch_size = config.batch_size
-        self.loaded = models.loaded
-
-    def trainer_kwargs(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
-        return trainer_kwargs
-
-    def formatter(self):
-        return self.models.base().formatter
-
-    def judge_formatter(self):
-        return self.models.judge().formatter
-
-    def queries(self):
-        c = self.config
-        return queries_mod.QueryTask(
-            self.models.base(),
-            c.query_sampling(),
-            c.seed,
-            stop_at_newline=c.query_stop_at_newline,
-        )
-
-    def answers(self):
-        c = self.config
-        return answers_mod.AnswerTask(
-            self.models.base(),
-            c.answer_sampling(),
-            c.seed,
-        )
-
-    def verdicts(self):
-        c = self.config
-        return verdicts_mod.VerdictTask(self.models.judge(), c.judge_max_new_tokens, c.verdict_rule)
-
-    def teacher(self):
-        c = self.config
-        return teacher_mod.TeacherTask(self.models.base(), c.teacher_top_k, c.max_response_tokens)
-
-    def close(self) -> None:
-        self.models.close()
-
-
 def run_bootstrap(
     config: BootstrapConfig,
     backbone_config: BackboneConfig,
@@ -313,13 +237,10 @@ def run_bootstrap(
     personas = resolve_personas(config)
     by_name = {c.name: c for c in personas}
     stores = stage_stores(config, backbone_config, run_dir, personas)
-    if config.generation.backend == "vllm":
-        from prism_lightning.bootstrap.vllm_tasks import VLLMStageTasks
-
-        tasks = VLLMStageTasks(config, backbone_config, keep_engines=keep_engines)
-    else:
-        tasks = _HFStageTasks(config, _Models(backbone_config, config.judge, _load_device(trainer_kwargs)))
+    tasks = StageTasks(config, backbone_config, _load_device(trainer_kwargs), keep_engines=keep_engines)
     trainer_kwargs = tasks.trainer_kwargs(trainer_kwargs)
+    if "self" in config.verifier and not _rank0_check(stores["verdicts"]).done:
+        tasks.check_judge()  # an endpoint judge answers (and gives log-probs if the rule needs them)
     timings: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
 

@@ -2,9 +2,10 @@
 
 For each distill row: prompt ids = ``formatter.prompt(query, persona_text, placement)`` (tokenized
 without added special tokens), response ids = :func:`response_token_ids` of the persona answer
-(answer tokens + the chat end-of-turn token, truncated). One no-grad forward of the adapter-free base
-model over prompt + response; the logits at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those
-predicting the n response tokens) are reduced to their top-k.
+(answer tokens + the chat end-of-turn token, truncated). One pass of the adapter-free base model over
+prompt + response on its engine (:meth:`~prism_lightning.engines.base.Engine.prompt_topk`); the
+distributions at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those predicting the n response
+tokens) are reduced to their top-k (hf: logits; vLLM: log-probabilities).
 
 Row: ``{"id", "persona", "n_tokens", "prompt_tokens", "top_k", "tensor_file"}``; the tensors live in
 safetensors files in the stage directory under keys ``"<id>.values"`` (float16, (n, k)),
@@ -21,8 +22,22 @@ import torch
 
 from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
 from prism_lightning.contexts import Context
+from prism_lightning.engines.base import Engine
+from prism_lightning.engines.hf import topk_over_response
 from prism_lightning.errors import PrismError
 from prism_lightning.generation import END_OF_TURN_TOKENS
+
+__all__ = [
+    "TeacherTask",
+    "end_of_turn_id",
+    "finalize_teacher",
+    "load_teacher_targets",
+    "prompt_token_ids",
+    "response_token_ids",
+    "teacher_jobs",
+    "teacher_row",
+    "topk_over_response",
+]
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -78,39 +93,30 @@ def teacher_jobs(
     ]
 
 
-@torch.no_grad()
-def topk_over_response(model, prompt_ids: list[int], response_ids: list[int], k: int):
-    """(values fp16 (n, k), indices int32 (n, k)) of the logits predicting each response token."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + response_ids], dtype=torch.long, device=device)
-    n = len(response_ids)
-    try:
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1]
-    except TypeError:
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
-    values, indices = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
-    return values.to(torch.float16).cpu(), indices.to(torch.int32).cpu()
-
-
 class TeacherTask(StageTask):
-    def __init__(self, backbone, top_k: int, max_response_tokens: int) -> None:
+    """The teacher's top-k over each distill row's response, on the base model's engine (adapter off)."""
+
+    def __init__(self, engine: Engine, top_k: int, max_response_tokens: int) -> None:
         super().__init__()
-        self.model = backbone.model
-        self.tokenizer = backbone.tokenizer
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.top_k = top_k
         self.max_response_tokens = max_response_tokens
-        self.eot = end_of_turn_id(backbone.tokenizer)
+        self.eot = end_of_turn_id(engine.tokenizer)
 
     def process(self, jobs):
-        rows = []
-        for job in jobs:  # one row per forward: the logits of a whole response are large (n x vocab)
-            prompt_ids = prompt_token_ids(self.tokenizer, job["prompt"])
-            response_ids = response_token_ids(
-                self.tokenizer, job["response"], self.max_response_tokens, self.eot
+        pairs = [
+            (
+                prompt_token_ids(self.tokenizer, job["prompt"]),
+                response_token_ids(self.tokenizer, job["response"], self.max_response_tokens, self.eot),
             )
-            values, indices = topk_over_response(self.model, prompt_ids, response_ids, self.top_k)
-            rows.append(teacher_row(job, prompt_ids, response_ids, values, indices))
-        return rows
+            for job in jobs
+        ]
+        tops = self.engine.prompt_topk(pairs, self.top_k)
+        return [
+            teacher_row(job, prompt_ids, response_ids, values, indices)
+            for job, (prompt_ids, response_ids), (values, indices) in zip(jobs, pairs, tops, strict=True)
+        ]
 
 
 def teacher_row(
@@ -120,7 +126,7 @@ def teacher_row(
     values: torch.Tensor,
     indices: torch.Tensor,
 ) -> dict:
-    """One teacher row with its tensors, in the format training reads whichever backend made it."""
+    """One teacher row with its tensors, in the format training reads whichever engine made it."""
     return {
         "id": job["id"],
         "persona": job["persona"],

@@ -21,11 +21,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from prism_lightning.bootstrap.prompts import VERDICT_OPTIONS, judge_prompt
 from prism_lightning.bootstrap.stage import StageTask
-from prism_lightning.generation import SamplingConfig, generate_batch
+from prism_lightning.engines.base import Engine, first_token_ids
+from prism_lightning.generation import SamplingConfig
 
 ORDERS = ("order_persona_first", "order_base_first")
 #: Which letter the persona answer has in each order.
@@ -63,32 +62,8 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 def option_token_ids(tokenizer) -> dict[str, list[int]]:
-    """First token of each surface form of each option (deduplicated; shared first tokens dropped)."""
-    ids: dict[str, list[int]] = {}
-    for option, variants in VERDICT_OPTIONS.items():
-        firsts = []
-        for variant in variants:
-            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if toks:
-                firsts.append(int(toks[0]))
-        ids[option] = list(dict.fromkeys(firsts))
-    counts: dict[int, int] = {}
-    for toks in ids.values():
-        for t in toks:
-            counts[t] = counts.get(t, 0) + 1
-    shared = {t for t, c in counts.items() if c > 1}
-    out = {opt: [t for t in toks if t not in shared] for opt, toks in ids.items()}
-    empty = [opt for opt, toks in out.items() if not toks]
-    if empty:
-        raise ValueError(f"judge tokenizer cannot tell verdict options {empty} apart by their first token")
-    return out
-
-
-def option_logprobs(log_probs: torch.Tensor, option_ids: Mapping[str, Sequence[int]]) -> dict[str, float]:
-    """logsumexp over each option's token variants of a log-softmax vector ``log_probs`` (V,)."""
-    return {
-        opt: float(torch.logsumexp(log_probs[list(toks)].float(), dim=0)) for opt, toks in option_ids.items()
-    }
+    """First token of each surface form of each verdict option (deduplicated; shared first tokens dropped)."""
+    return first_token_ids(tokenizer, VERDICT_OPTIONS)
 
 
 def persona_log_odds(logprobs: Mapping[str, float], order: str) -> float:
@@ -135,18 +110,22 @@ def verdict_jobs(
 
 
 class VerdictTask(StageTask):
-    def __init__(self, judge, max_new_tokens: int, rule: str) -> None:
+    """Both judge orders of each pair on the judge's engine: the greedy free-text verdict and, from the
+    request that starts it, the options' log-probabilities as the first token."""
+
+    def __init__(self, engine: Engine, max_new_tokens: int, rule: str) -> None:
         super().__init__()
-        self.model = judge.model
-        self.tokenizer = judge.tokenizer
+        self.engine = engine
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        self.option_ids = option_token_ids(judge.tokenizer)
         self.rule = rule
 
     def process(self, jobs):
         prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
-        # One prefill serves both verdicts: the option log-probs are its next-token distribution.
-        gens = generate_batch(self.model, self.tokenizer, prompts, self.sampling, keep_first_log_probs=True)
+        # a local engine scores the options in the same prefill (free); an endpoint only for the logprob rule
+        scored = self.rule == "logprob" or self.engine.free_option_scores
+        gens = self.engine.generate(
+            prompts, self.sampling, batch_size=len(prompts), score_options=VERDICT_OPTIONS if scored else None
+        )
         rows = []
         n = len(jobs)
         for i, job in enumerate(jobs):
@@ -156,8 +135,8 @@ class VerdictTask(StageTask):
                 orders[order] = {
                     "raw": gen.text,
                     "parsed": parse_verdict(gen.text),
-                    "logprobs": option_logprobs(gen.first_log_probs, self.option_ids),
-                    "tokens": len(gen.token_ids),
+                    "logprobs": gen.option_scores,
+                    "tokens": gen.tokens,
                 }
             rows.append(label_row(job, orders, self.rule))
         return rows
@@ -165,8 +144,12 @@ class VerdictTask(StageTask):
 
 def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], rule: str) -> dict[str, Any]:
     pf, bf = orders["order_persona_first"], orders["order_base_first"]
-    score, lp_label = logprob_verdict(pf["logprobs"], bf["logprobs"])
     strict = strict_verdict(pf["parsed"], bf["parsed"])
+    score: float | None = None
+    lp_label: int | None = None
+    if pf["logprobs"] is not None and bf["logprobs"] is not None:  # an endpoint under strict: none
+        score, lp_label = logprob_verdict(pf["logprobs"], bf["logprobs"])
+        score = score if math.isfinite(score) else 0.0
     return {
         "id": job["id"],
         "persona": job["persona"],
@@ -174,7 +157,7 @@ def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], r
         "order_persona_first": dict(pf),
         "order_base_first": dict(bf),
         "strict_label": strict,
-        "logprob_score": score if math.isfinite(score) else 0.0,
+        "logprob_score": score,
         "logprob_label": lp_label,
         "gate_target": strict if rule == "strict" else lp_label,
         "judge_tokens": int(pf.get("tokens", 0)) + int(bf.get("tokens", 0)),
@@ -209,11 +192,10 @@ def finalize_verdicts(rows, rule: str):
             order: {v: sum(1 for r in rows if r[order]["parsed"] == v) for v in ("A", "B", "TIE")}
             for order in ORDERS
         },
-        "split": {
-            "strict": split_counts(rows, "strict_label"),
-            "logprob": split_counts(rows, "logprob_label"),
-        },
+        "split": {"strict": split_counts(rows, "strict_label")},
     }
+    if all(r["logprob_label"] is not None for r in rows):  # an endpoint judging by text gives none
+        stats["split"]["logprob"] = split_counts(rows, "logprob_label")
     return rows, stats
 
 

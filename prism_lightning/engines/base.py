@@ -1,13 +1,16 @@
-"""The engine protocol: what evaluation, studies and (next) the bootstrap and ``serve`` ask of a model,
-whichever engine runs it. Two implementations: :class:`~prism_lightning.engines.hf.HFEngine` (this
+"""The engine protocol: what evaluation, studies, the bootstrap's stages and (next) ``serve`` ask of a model,
+whichever engine runs it. Two local implementations: :class:`~prism_lightning.engines.hf.HFEngine` (this
 package's decode loop, routing decided inside the prefill) and
 :class:`~prism_lightning.engines.vllm.VLLMEngine` (vLLM; the prefix gate routes each request before it
 enters the engine). Both take the same arguments and return the same rows, so a scorer written once runs
-on either.
+on either. :class:`~prism_lightning.engines.endpoint.EndpointEngine` puts an OpenAI-compatible server
+behind the generating part of it (a bootstrap judge).
 
-Not in the protocol yet: streaming (the hf engine's :mod:`~prism_lightning.engines.hf_stream`, which
-``serve`` and ``chat`` use, and ``serve``'s vLLM step loop) and the teacher's prompt top-k (the
-bootstrap's hf task and :meth:`~prism_lightning.engines.vllm_core.VLLMCore.prompt_topk`).
+What the bootstrap's stages need is part of it: per-row seeds, stopping at the first line break
+(queries), the verdict options' log-probabilities at the first generated position of the same request
+(the judge), and the top-k of the prompt's own positions over a response (teacher targets). Not in the
+protocol yet: streaming (the hf engine's :mod:`~prism_lightning.engines.hf_stream`, which ``serve`` and
+``chat`` use, and ``serve``'s vLLM step loop).
 
 ``mode`` says how a PRISM checkpoint's adapter runs: ``off`` (the untouched base model), ``on``,
 ``gated`` (the gate decides per row) or ``gated_k`` (``gated`` on a K-way checkpoint: none or one of its
@@ -16,8 +19,8 @@ adapters per row). Routes follow :mod:`prism_lightning.model.route_rule`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +28,7 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.generation import Sampling
 from prism_lightning.model.route_rule import RouteSpec
 
-__all__ = ["MODES", "Engine", "EngineOutput"]
+__all__ = ["MODES", "Engine", "EngineOutput", "first_token_ids", "option_scores"]
 
 MODES: tuple[str, ...] = ("off", "on", "gated", "gated_k")
 
@@ -37,13 +40,56 @@ class EngineOutput:
     gate_prob: float | None = None
     finish_reason: str = "length"
     adapter: str | None = None  # K-way: the adapter the row ran with (None: the base model)
+    token_ids: list[int] = field(default_factory=list)  # generated ids, the stopping token excluded
+    tokens: int = 0  # generated tokens (an endpoint reports the count without the ids)
+    option_scores: dict[str, float] | None = None  # ``score_options``: log-prob of each as first token
+
+
+def first_token_ids(tokenizer, options: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    """The first token of each spelling of each option (deduplicated); a first token two options share
+    is dropped, since it cannot tell them apart."""
+    ids: dict[str, list[int]] = {}
+    for option, variants in options.items():
+        firsts = []
+        for variant in variants:
+            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if toks:
+                firsts.append(int(toks[0]))
+        ids[option] = list(dict.fromkeys(firsts))
+    counts: dict[int, int] = {}
+    for toks in ids.values():
+        for t in toks:
+            counts[t] = counts.get(t, 0) + 1
+    shared = {t for t, c in counts.items() if c > 1}
+    out = {opt: [t for t in toks if t not in shared] for opt, toks in ids.items()}
+    empty = [opt for opt, toks in out.items() if not toks]
+    if empty:
+        raise ValueError(f"the tokenizer cannot tell options {empty} apart by their first token")
+    return out
+
+
+def option_scores(
+    logprobs: torch.Tensor, option_ids: Mapping[str, Sequence[int]], columns: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Each option's log-probability: logsumexp of ``logprobs`` over the option's token ids;
+    ``logprobs`` is indexed by token id, or holds one value per token of ``columns``."""
+    where = {int(t): j for j, t in enumerate(columns)} if columns is not None else None
+    out = {}
+    for opt, toks in option_ids.items():
+        index = [where[t] for t in toks] if where is not None else list(toks)
+        out[opt] = float(torch.logsumexp(logprobs[index].float(), dim=0))
+    return out
 
 
 class Engine:
     """A model (plain, or a PRISM checkpoint) behind the protocol. Subclasses implement
-    :meth:`_generate` and :meth:`_option_logprobs`, and say whether they hold an adapter."""
+    :meth:`_generate`, :meth:`_option_logprobs` and :meth:`_prompt_topk`, and say whether they hold an
+    adapter."""
 
     backend = "engine"
+    #: The options' first-token scores come from the prefill that starts the row, at no extra cost (an
+    #: endpoint needs a second request per row, so a caller asks for them only when it needs them).
+    free_option_scores = True
 
     def __init__(self, model, tokenizer, formatter, *, name: str = "model") -> None:
         self.model = model  # the judge-size rule counts its parameters (vLLM: a meta-device copy)
@@ -85,15 +131,25 @@ class Engine:
         seeds: Sequence[int] | None = None,
         route: Sequence[RouteSpec] | None = None,
         batch_size: int = 8,
+        stop_at_newline: bool = False,
+        score_options: Mapping[str, Sequence[str]] | None = None,
     ) -> list[EngineOutput]:
         """Generate for chat-formatted prompts (one sampling config, or one per row). ``seeds``: one per
         row, so a row does not depend on its batch. ``route`` forces per-row routes (multi-turn: the
         first turn's route holds; K-way: an adapter's name) while the gate's probability is still
-        recorded. ``batch_size`` bounds the hf engine's batches; vLLM schedules its own."""
+        recorded. ``batch_size`` bounds the hf engine's batches; vLLM schedules its own.
+
+        ``stop_at_newline``: a row ends at its first line break (:mod:`~prism_lightning.engines.line_break`;
+        ``token_ids`` may end with a token that holds the break after other text, so cut the decoded ids
+        at the first break). ``score_options`` (option name -> spellings): each row's
+        ``option_scores`` holds each option's log-probability as the first generated token, from the
+        request that starts the row (:func:`first_token_ids` picks the tokens), e.g. a judge's verdict."""
         mode = self.check_mode(mode)
         if not prompts:
             return []
-        return self._generate(list(prompts), sampling, mode, seeds, route, batch_size)
+        return self._generate(
+            list(prompts), sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+        )
 
     def option_logprobs(
         self,
@@ -108,6 +164,17 @@ class Engine:
         ([n, n_options] log-probs, per-row route, per-row gate probability)."""
         return self._option_logprobs(list(prompts), options, self.check_mode(mode), batch_size)
 
+    def prompt_topk(
+        self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], k: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each (prompt ids, response ids): the top-k (values fp16 (n, k), indices int32 (n, k)) of
+        the base model's (adapter off) distribution predicting each of the n response tokens, from one
+        pass over prompt + response (a teacher's targets). The hf engine's values are logits, vLLM's
+        log-probabilities: one constant per token apart, which a renormalised softmax removes."""
+        if not sequences:
+            return []
+        return self._prompt_topk([(list(p), list(r)) for p, r in sequences], int(k))
+
     # -- what an engine implements (``mode`` already checked, ``prompts`` a non-empty list for generate) --
     def _generate(
         self,
@@ -117,12 +184,19 @@ class Engine:
         seeds: Sequence[int] | None,
         route: Sequence[RouteSpec] | None,
         batch_size: int,
+        stop_at_newline: bool,
+        score_options: Mapping[str, Sequence[str]] | None,
     ) -> list[EngineOutput]:
         raise NotImplementedError
 
     def _option_logprobs(
         self, prompts: list[str], options: Sequence[Sequence[str]], mode: str, batch_size: int
     ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
+        raise NotImplementedError
+
+    def _prompt_topk(
+        self, sequences: list[tuple[list[int], list[int]]], k: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
     # -- tokens ------------------------------------------------------------------------------------

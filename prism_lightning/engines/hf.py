@@ -6,17 +6,34 @@ base model (adapter layers skipped).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from prism_lightning.engines.base import Engine, EngineOutput
-from prism_lightning.generation import generate, left_pad
+from prism_lightning.engines.base import Engine, EngineOutput, first_token_ids, option_scores
+from prism_lightning.engines.line_break import StopAfterLineBreak, line_break_token_ids
+from prism_lightning.generation import generate, left_pad, stop_token_ids
 from prism_lightning.model.route_rule import adapter_prob
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "topk_over_response"]
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def topk_over_response(model, prompt_ids: list[int], response_ids: list[int], k: int):
+    """(values fp16 (n, k), indices int32 (n, k)) of the logits predicting each response token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + response_ids], dtype=torch.long, device=device)
+    n = len(response_ids)
+    try:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1]
+    except TypeError:
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1]
+    values, indices = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+    return values.to(torch.float16).cpu(), indices.to(torch.int32).cpu()
 
 
 class HFEngine(Engine):
@@ -28,6 +45,7 @@ class HFEngine(Engine):
     def __init__(self, model, tokenizer, formatter, controller=None, *, name: str = "model") -> None:
         super().__init__(model, tokenizer, formatter, name=name)
         self.controller = controller
+        self._line_breaks: tuple[list[int], list[int]] | None = None
 
     @classmethod
     def from_backbone(cls, bb) -> HFEngine:
@@ -48,34 +66,59 @@ class HFEngine(Engine):
         return isinstance(self.controller, KWayRoutingController)
 
     # -- generation ------------------------------------------------------------------------------
-    def _generate(self, prompts, sampling, mode, seeds, route, batch_size) -> list[EngineOutput]:
+    def _generate(
+        self, prompts, sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+    ) -> list[EngineOutput]:
         """Rows run in length-sorted batches of ``batch_size``."""
-        if self.controller is None:
-            outs = generate(self.model, self.tokenizer, prompts, sampling, batch_size=batch_size, seeds=seeds)
-            return [EngineOutput(o.text, None, None, o.finish_reason) for o in outs]
-        from prism_lightning.model.inference import routed_generate
+        stop_ids, guard = self._line_stop() if stop_at_newline else (None, contextlib.nullcontext())
+        scored = first_token_ids(self.tokenizer, score_options) if score_options else None
+        kwargs = {"batch_size": batch_size, "seeds": seeds, "stop_ids": stop_ids}
+        kwargs["keep_first_log_probs"] = scored is not None
+        with guard:
+            if self.controller is None:
+                outs = generate(self.model, self.tokenizer, prompts, sampling, **kwargs)
+            else:
+                from prism_lightning.model.inference import routed_generate
 
-        outs = routed_generate(
-            self.model,
-            self.tokenizer,
-            self.controller,
-            prompts,
-            mode=mode,
-            sampling=sampling,
-            batch_size=batch_size,
-            seeds=seeds,
-            route=list(route) if route is not None else None,
-        )
-        return [
-            EngineOutput(
-                o.text,
-                o.route if mode != "off" or route is not None else False,
-                o.gate_prob if o.gate_prob == o.gate_prob else None,
-                o.finish_reason,
-                o.adapter,
+                forced = list(route) if route is not None else None
+                outs = routed_generate(
+                    self.model, self.tokenizer, self.controller, prompts, mode=mode, sampling=sampling,
+                    route=forced, **kwargs,
+                )  # fmt: skip
+        results = []
+        for o in outs:
+            scores = option_scores(o.first_log_probs, scored) if scored is not None else None
+            row = EngineOutput(
+                o.text, None, None, o.finish_reason, None, o.token_ids, len(o.token_ids), scores
             )
-            for o in outs
-        ]
+            if self.controller is not None:
+                row.route = o.route if mode != "off" or route is not None else False
+                row.gate_prob = o.gate_prob if o.gate_prob == o.gate_prob else None
+                row.adapter = o.adapter
+            results.append(row)
+        return results
+
+    def _line_stop(self):
+        """(stop ids, forward-hook guard) of the line-break rule on this model."""
+        if self._line_breaks is None:
+            self._line_breaks = line_break_token_ids(self.tokenizer)
+        leading, merged = self._line_breaks
+        # a token with only whitespace before its break stops the row at once: nothing is lost
+        stop_ids = list(dict.fromkeys(stop_token_ids(self.tokenizer, self.model) + leading))
+        if not (merged and stop_ids):
+            return stop_ids, contextlib.nullcontext()
+        return stop_ids, StopAfterLineBreak(self.model, merged, stop_ids[0])
+
+    def _prompt_topk(self, sequences, k) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward per row: the logits of a whole response are large (n x vocab)."""
+        ctl = self.controller
+        if ctl is not None:
+            ctl.set_mask(0.0)
+        try:
+            return [topk_over_response(self.model, p, r, k) for p, r in sequences]
+        finally:
+            if ctl is not None:
+                ctl.reset()
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()

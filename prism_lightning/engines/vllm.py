@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from prism_lightning.backbone import BackboneConfig, meta_model
-from prism_lightning.engines.base import Engine, EngineOutput
+from prism_lightning.engines.base import Engine, EngineOutput, first_token_ids, option_scores
 from prism_lightning.engines.settings import GenerationConfig
 from prism_lightning.engines.vllm_core import VLLMCore, get_engine
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
@@ -53,6 +53,7 @@ class VLLMEngine(Engine):
         self.loras = [engine.lora_request(d) for d in dirs]  # route j -> self.loras[j - 1]
         self.prefix_gate = prefix_gate
         self.generation_identity = {"backend": "vllm", "dtype": engine.dtype}
+        self._leading_line_breaks: list[int] | None = None
 
     @classmethod
     def from_backbone_config(cls, backbone: BackboneConfig, generation: GenerationConfig) -> VLLMEngine:
@@ -115,12 +116,36 @@ class VLLMEngine(Engine):
         adapters = [self.adapter_names[int(r) - 1] if kway and r else None for r in decided]
         return lora, [bool(r) for r in decided], probs, adapters
 
-    def _generate(self, prompts, sampling, mode, seeds, route, batch_size) -> list[EngineOutput]:
-        """vLLM schedules the batch itself (``batch_size`` is unused)."""
+    def _generate(
+        self, prompts, sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+    ) -> list[EngineOutput]:
+        """vLLM schedules the batch itself (``batch_size`` is unused). The line-break rule: tokens with
+        only whitespace before a break stop the row (the hf engine's stop ids); a merged one (``"?\\n"``)
+        stops it through the ``"\\n"`` stop string, the token kept, as hf keeps it. Option scores come
+        from ``logprob_token_ids`` at the first generated position of the row's own request."""
         lora, routes, probs, adapters = self.request_routes(prompts, mode, route)
-        outs = self.engine.generate(prompts, sampling, seeds=seeds, lora=lora)
+        kwargs: dict[str, Any] = {"seeds": seeds, "lora": lora}
+        if stop_at_newline:
+            if self._leading_line_breaks is None:
+                from prism_lightning.engines.line_break import line_break_token_ids
+
+                self._leading_line_breaks = line_break_token_ids(self.tokenizer)[0]
+            kwargs["stop_ids"] = list(dict.fromkeys(self.engine.stop_ids + self._leading_line_breaks))
+            kwargs["stop_strings"] = ["\n"]
+        scored = first_token_ids(self.tokenizer, score_options) if score_options else None
+        flat = [t for toks in scored.values() for t in toks] if scored else None
+        outs = self.engine.generate(prompts, sampling, score_ids=flat, **kwargs)
         return [
-            EngineOutput(o.text, r, p, o.finish_reason, a)
+            EngineOutput(
+                o.text,
+                r,
+                p,
+                o.finish_reason,
+                a,
+                o.token_ids,
+                len(o.token_ids),
+                option_scores(o.first_log_probs, scored, flat) if scored else None,
+            )  # fmt: skip
             for o, r, p, a in zip(outs, routes, probs, adapters, strict=True)
         ]
 
@@ -137,3 +162,7 @@ class VLLMEngine(Engine):
         for k, ids in enumerate(option_ids):
             scores[:, k] = torch.logsumexp(logp[:, [column[t] for t in ids]], dim=-1)
         return scores, routes, probs
+
+    def _prompt_topk(self, sequences, k) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """vLLM's ``prompt_logprobs`` over prompt + response (the base model: no LoRA request)."""
+        return self.engine.prompt_topk(sequences, min(k, len(self.tokenizer)))

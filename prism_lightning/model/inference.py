@@ -37,6 +37,7 @@ class RoutedGeneration:
     prompt_tokens: int = 0
     adapter: str | None = None  # K-way: the adapter that ran (None: the base model)
     gate_probs: list[float] | None = None  # K-way: P(none), P(adapter 1..K)
+    first_log_probs: torch.Tensor | None = None  # the prefill's next-token log-softmax, when asked for
 
 
 def _tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -61,12 +62,15 @@ def routed_generate(
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
     route: Sequence[RouteSpec] | bool | str | None = None,
+    stop_ids: Sequence[int] | None = None,
+    keep_first_log_probs: bool = False,
 ) -> list[RoutedGeneration]:
     """Generate for chat-formatted prompts with per-sequence routing decided in each prefill.
 
     Prompts run in length-sorted batches (longest first) through ``generate_batch``; before each
     prefill the controller is armed, so the gate reads layer k's last-prompt-token state in that same
-    forward and sets the mask for the layers above it and for every decode step.
+    forward and sets the mask for the layers above it and for every decode step. ``stop_ids`` and
+    ``keep_first_log_probs`` go to ``generate_batch``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -96,6 +100,8 @@ def routed_generate(
                 sampling,
                 seeds=[seeds[i] for i in chunk] if seeds is not None else None,
                 on_rows_kept=controller.select,
+                stop_ids=stop_ids,
+                keep_first_log_probs=keep_first_log_probs,
             )
             controller.disarm()
             probs = controller.probs
@@ -111,6 +117,7 @@ def routed_generate(
                     token_ids=out.token_ids,
                     finish_reason=out.finish_reason,
                     prompt_tokens=out.prompt_tokens,
+                    first_log_probs=out.first_log_probs,
                 )
     finally:
         controller.disarm()
@@ -133,6 +140,7 @@ def _kway_results(controller: KWayRoutingController, chunk, outs, results) -> No
             prompt_tokens=out.prompt_tokens,
             adapter=controller.route_name(route),
             gate_probs=probs[j].tolist() if probs is not None else None,
+            first_log_probs=out.first_log_probs,
         )
 
 
