@@ -21,10 +21,21 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.eval import scoring as S
 from prism_lightning.run_paths import RunPaths
 
-__all__ = ["PAPER_NUMBERS_FILE", "Comparison", "RunPaths", "compare", "format_table", "paper_numbers"]
+__all__ = [
+    "PAPER_NUMBERS_FILE",
+    "Comparison",
+    "RunPaths",
+    "compare",
+    "format_table",
+    "paper_model_id",
+    "paper_numbers",
+    "same_model",
+]
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 CI_RESAMPLES = 1000
+#: The difference column of a row whose paper number was measured on another model than this run's.
+DIFFERENT_MODEL = "different model (no verdict)"
 
 
 @dataclass
@@ -40,14 +51,35 @@ class Comparison:
     value: float | None = None
     lo: float | None = None
     hi: float | None = None
+    comparable: bool = True  # this run's base model is the model the paper's number was measured on
+
+
+def _paper_entry(model: str) -> dict:
+    models = yaml.safe_load(PAPER_NUMBERS_FILE.read_text(encoding="utf-8"))["models"]
+    if model not in models:
+        raise ConfigError(f"no published numbers for {model!r}; known: {', '.join(models)}.")
+    return models[model]
 
 
 def paper_numbers(model: str) -> list[dict]:
     """The published numbers of ``model`` (a key of ``paper_numbers.yaml``)."""
-    models = yaml.safe_load(PAPER_NUMBERS_FILE.read_text(encoding="utf-8"))["models"]
-    if model not in models:
-        raise ConfigError(f"no published numbers for {model!r}; known: {', '.join(models)}.")
-    return list(models[model]["numbers"])
+    return list(_paper_entry(model)["numbers"])
+
+
+def paper_model_id(model: str) -> str:
+    """The hub id of the model whose numbers ``model`` (a key of ``paper_numbers.yaml``) holds."""
+    return str(_paper_entry(model)["model"])
+
+
+def _model_name(name: str) -> str:
+    return name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def same_model(run_model: str, paper_model: str) -> bool:
+    """Whether a run of ``run_model`` (a hub id, a local directory or an embedded name) measures the
+    paper's ``paper_model`` (a hub id): the same last path component, ignoring case, so a local copy in a
+    directory named after the model counts; an embedded small model never does."""
+    return _model_name(run_model) == _model_name(paper_model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,8 +234,11 @@ def _difference(n: dict, got: tuple, digits: int) -> str:
     return f"{diff:+.{digits}f}" + (" (paper inside CI)" if covered else "")
 
 
-def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
-    """Every published number of ``paper_model`` beside this run's."""
+def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Comparison]:
+    """Every published number of ``paper_model`` beside this run's. A verdict (the difference, "paper
+    inside CI", inside a range, the sign) is given only when ``run_model``, this run's base model, is the
+    model the paper measured; otherwise the row says "different model" and judges nothing."""
+    comparable = same_model(run_model, paper_model_id(paper_model))
     out = []
     for n in paper_numbers(paper_model):
         digits = _digits(n["metric"])
@@ -214,7 +249,7 @@ def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
         else:
             mean, lo, hi = got
             ours = f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
-            diff = _difference(n, got, digits)
+            diff = _difference(n, got, digits) if comparable else DIFFERENT_MODEL
         out.append(
             Comparison(
                 label=n["label"],
@@ -226,6 +261,7 @@ def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
                 value=None if got is None else got[0],
                 lo=None if got is None else got[1],
                 hi=None if got is None else got[2],
+                comparable=comparable,
             )
         )
     return out
