@@ -115,5 +115,7 @@ def test_every_number_names_its_table_or_figure_and_model(run_root, model):
         for r in rows:
             assert r.source in table
     qwen = {r.metric: r.source for r in compare(RunPaths(run_root), "qwen2.5-7b", QWEN)}
-    assert "Qwen2.5-7B-Instruct" in qwen["eval:prism:overall"] and "main results table" in qwen["eval:prism:overall"]
-    assert qwen["correlation:pearson"].startswith("Figure 4") and "Qwen2.5-7B-Instruct" in qwen["routing:mmlu"]
+    main = qwen["eval:prism:overall"]
+    assert "Qwen2.5-7B-Instruct" in main and "main results table" in main
+    assert qwen["correlation:pearson"].startswith("Figure 4")
+    assert "Qwen2.5-7B-Instruct" in qwen["routing:mmlu"]
