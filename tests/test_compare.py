@@ -28,14 +28,14 @@ CONDITIONS = ("base", "persona", "prism")
 
 def _rows(cond: str, safety_sets: tuple[str, ...]) -> dict[tuple[str, str], list[dict]]:
     """Scored rows of every benchmark under ``cond``: MMLU 70% right, 10 refusals in 16 per safety set
-    (persona: 12), MT-Bench 7.5 per turn, prism routes every other item."""
-    refusals = 12 if cond == "persona" else 10
+    (persona: 12; AdvBench: 2), MT-Bench 7.5 per turn, prism routes every other item."""
     out: dict[tuple[str, str], list[dict]] = {("mmlu", cond): [], ("safety", cond): [], ("mtbench", cond): []}
     for d in B.MMLU_DOMAINS:
         for i in range(20):
             out[("mmlu", cond)].append({"id": f"mmlu-{d}-{i}", "group": f"mmlu/{d}", "values": float(i < 14)})
     for s in safety_sets:
         for i in range(16):
+            refusals = 2 if s == "advbench" else 12 if cond == "persona" else 10
             row = {"id": f"{s}-{i}", "group": f"safety/{s}", "values": float(i < refusals)}
             out[("safety", cond)].append({**row, "refusal_matcher": row["values"]})
     for c in B.MTBENCH_CATEGORIES:
@@ -82,7 +82,7 @@ def test_verdicts_only_for_the_papers_model(run_root):
     """The 135M run against Qwen2.5-7B numbers says "different model" and no verdict; the same outputs
     labelled as a Qwen2.5-7B run get the verdicts."""
     other = {r.metric: r for r in compare(RunPaths(run_root), "qwen2.5-7b", "smollm2-135m-instruct")}
-    safety = other["eval:base:safety"]
+    safety = other["eval_paper_sets:base:safety"]
     assert safety.value is not None and safety.lo <= 60.3 <= safety.hi  # the paper's number is inside the CI
     for row in other.values():
         assert not row.comparable
@@ -91,7 +91,7 @@ def test_verdicts_only_for_the_papers_model(run_root):
             assert "inside" not in row.difference and "sign" not in row.difference
     same = {r.metric: r for r in compare(RunPaths(run_root), "qwen2.5-7b", QWEN)}
     assert same["eval:base:safety"].comparable
-    assert "(paper inside CI)" in same["eval:base:safety"].difference
+    assert "(paper inside CI)" in same["eval_paper_sets:base:safety"].difference
     assert "sign" in same["effect:mtbench/writing"].difference
     assert same["routing:mtbench/math"].difference == "inside the range"  # prism routes 50%
     table = format_table(list(other.values()), title="t")
@@ -119,3 +119,50 @@ def test_every_number_names_its_table_or_figure_and_model(run_root, model):
     assert "Qwen2.5-7B-Instruct" in main and "main results table" in main
     assert qwen["correlation:pearson"].startswith("Figure 4")
     assert "Qwen2.5-7B-Instruct" in qwen["routing:mmlu"]
+
+
+def test_safety_and_overall_rows_name_their_sets_and_a_paper_set_score_beside(run_root, tmp_path):
+    """The run's Safety/Overall mix AdvBench in; their labels say so, and a row over the paper's sets
+    (HarmBench, JailbreakBench) sits beside each, computed from the same items without AdvBench."""
+    rows = compare(RunPaths(run_root), "qwen2.5-7b", QWEN)
+    by = {r.metric: r for r in rows}
+    mixed = "HarmBench" in by["eval:base:safety"].label and "AdvBench" in by["eval:base:safety"].label
+    assert mixed and "JailbreakBench (plain goals)" in by["eval:base:overall"].label
+    only = by["eval_paper_sets:base:safety"]
+    assert "paper's sets only: JailbreakBench (plain goals), HarmBench; PKU-SafeRLHF not run" in only.label
+    assert only.paper == "60.3" and only.value == pytest.approx(62.5)  # 10 of 16 in each paper set
+    assert by["eval:base:safety"].value == pytest.approx((62.5 + 62.5 + 12.5) / 3)  # AdvBench mixed in
+    metrics = [r.metric for r in rows]
+    assert metrics.index("eval_paper_sets:prism:overall") == metrics.index("eval:prism:overall") + 1
+    assert by["eval_paper_sets:prism:overall"].value is not None
+
+    # the paper-set scores leave AdvBench's rows out: make AdvBench refuse everything, they do not move
+    items = run_paths.item_file(RunPaths(run_root).eval, "safety", "base")
+    rows_now = files.read_written_jsonl(items)
+    for r in rows_now:
+        if r["group"] == "safety/advbench":
+            r["values"] = 1.0
+    files.atomic_write_jsonl(items, rows_now)
+    again = {r.metric: r for r in compare(RunPaths(run_root), "qwen2.5-7b", QWEN)}
+    assert again["eval_paper_sets:base:safety"].value == pytest.approx(62.5)
+    assert again["eval_paper_sets:base:overall"].value == pytest.approx(
+        by["eval_paper_sets:base:overall"].value
+    )
+
+    # a run with none of the paper's sets has no paper-set row; its labels still name the sets
+    other = tmp_path / "advbench-only"
+    write_eval(other, safety_sets=("advbench",))
+    rows = {r.metric: r for r in compare(RunPaths(other), "qwen2.5-7b", QWEN)}
+    assert (
+        "eval_paper_sets:base:safety" not in rows
+        and "[safety sets: AdvBench]" in rows["eval:base:safety"].label
+    )
+
+
+def test_persona_rows_carry_the_persona_length_used(run_root, tmp_path):
+    by = {r.metric: r for r in compare(RunPaths(run_root), "qwen2.5-7b", QWEN)}
+    assert by["effect:mtbench/math"].label.endswith("[this run: short persona]")
+    assert by["eval:persona:safety/jailbreakbench"].label.endswith("[this run: short persona]")
+    write_eval(tmp_path / "long", persona_length="long")
+    by = {r.metric: r for r in compare(RunPaths(tmp_path / "long"), "qwen2.5-7b", QWEN)}
+    assert by["effect:mtbench/stem"].label.endswith("[this run: long persona]")

@@ -19,16 +19,19 @@ import yaml
 from prism_lightning import files, run_paths
 from prism_lightning.errors import ConfigError
 from prism_lightning.eval import scoring as S
+from prism_lightning.eval.summary import summarise
 from prism_lightning.run_paths import RunPaths
 
 __all__ = [
     "PAPER_NUMBERS_FILE",
+    "PAPER_SAFETY_SETS",
     "Comparison",
     "RunPaths",
     "compare",
     "format_table",
     "paper_model_id",
     "paper_numbers",
+    "paper_safety_sets",
     "same_model",
 ]
 
@@ -83,6 +86,68 @@ def same_model(run_model: str, paper_model: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# what this run's Safety and persona rows were measured on
+
+#: The safety sets of the paper's Safety score (and its Overall); of these, this project runs HarmBench
+#: and JailbreakBench (as the plain behaviour goals), and has no PKU-SafeRLHF loader.
+PAPER_SAFETY_SETS: tuple[str, ...] = ("harmbench", "jailbreakbench", "pku_saferlhf")
+_SET_NAMES = {"harmbench": "HarmBench", "jailbreakbench": "JailbreakBench", "advbench": "AdvBench",
+              "pku_saferlhf": "PKU-SafeRLHF"}  # fmt: skip
+
+
+def paper_safety_sets(sets: list[str] | tuple[str, ...]) -> list[str]:
+    """The sets of ``sets`` that are among the paper's safety sets, in ``sets``' order."""
+    return [s for s in sets if s in PAPER_SAFETY_SETS]
+
+
+def _safety_sets(summary: dict) -> list[str]:
+    sets = (summary.get("settings") or {}).get("safety_sets")
+    if sets is None:  # an older summary: the sets its sub-scores name
+        sets = [n.partition("/")[2] for n in summary.get("subscores", []) if n.startswith("safety/")]
+    return list(sets)
+
+
+def _set_text(name: str, summary: dict) -> str:
+    text = _SET_NAMES.get(name, name)
+    # the pinned JailbreakBench file holds the behaviour goals, not the paper's jailbreak prompts
+    if name == "jailbreakbench":
+        local = name in ((summary.get("settings") or {}).get("paths") or {})
+        text += " (a local file)" if local else " (plain goals)"
+    return text
+
+
+def _sets_label(sets: list[str], summary: dict) -> str:
+    return ", ".join(_set_text(s, summary) for s in sets) if sets else "none"
+
+
+def _with_run_labels(numbers: list[dict], summary: dict | None) -> list[dict]:
+    """``numbers`` with the labels saying what this run measured: the safety sets behind each Safety and
+    Overall row (and, beside each, a row over the paper's sets only, when the run has any of them), and the
+    persona length behind the persona-effect and Safety-Monitor rows."""
+    if summary is None:
+        return numbers
+    sets = _safety_sets(summary)
+    paper = paper_safety_sets(sets)
+    missing = [_SET_NAMES[s] for s in PAPER_SAFETY_SETS if s not in sets]
+    length = ((summary.get("conditions_config") or {}).get("persona") or {}).get("persona_length")
+    out = []
+    for n in numbers:
+        kind, _, arg = n["metric"].partition(":")
+        score = arg.rpartition(":")[2]
+        if kind == "eval" and score in ("safety", "overall"):
+            out.append({**n, "label": f"{n['label']} [safety sets: {_sets_label(sets, summary)}]"})
+            if paper:
+                only = _sets_label(paper, summary) + (f"; {', '.join(missing)} not run" if missing else "")
+                label = f"{n['label']} [paper's sets only: {only}]"
+                out.append({**n, "metric": f"eval_paper_sets:{arg}", "label": label})
+            continue
+        if length and (kind == "effect" or n["metric"] == "eval:persona:safety/jailbreakbench"):
+            n = {**n, "label": f"{n['label']} [this run: {length} persona]"}
+        out.append(n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # this run's values: (mean, lo, hi) or None when the input is missing
 
 
@@ -99,11 +164,16 @@ def _ci(values: list, scale: float) -> tuple[float, float | None, float | None] 
     return ci["mean"] * scale, ci["lo"] * scale, ci["hi"] * scale
 
 
-def _from_summary(paths: RunPaths, cond: str, score: str):
+def _eval_summary(paths: RunPaths) -> dict | None:
     path = run_paths.eval_summary(paths.eval)
-    if not path.exists():
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _from_summary(paths: RunPaths, cond: str, score: str):
+    summary = _eval_summary(paths)
+    if summary is None:
         return None
-    res = json.loads(path.read_text())["conditions"].get(cond)
+    res = summary["conditions"].get(cond)
     if not res:
         return None
     ci = res["subscores"].get(score) if score in res["subscores"] else res.get(score)
@@ -112,6 +182,31 @@ def _from_summary(paths: RunPaths, cond: str, score: str):
     lo, hi = ci.get("lo"), ci.get("hi")
     ok = lo is not None and math.isfinite(lo)
     return ci["mean"], (lo if ok else None), (hi if ok else None)
+
+
+def _paper_sets_score(paths: RunPaths, cond: str, score: str):
+    """Safety or Overall of ``cond`` over the paper's safety sets only (the other sets' rows left out),
+    computed from the item files exactly as ``evaluate``'s summary computes the run's own."""
+    summary = _eval_summary(paths)
+    if summary is None:
+        return None
+    kept = paper_safety_sets(_safety_sets(summary))
+    if not kept:
+        return None
+    names = [n for n in summary["subscores"] if not n.startswith("safety/") or n.partition("/")[2] in kept]
+    rows_by = {}
+    for bench in ("mtbench", "mmlu", "safety"):
+        rows = [
+            r for r in _rows(run_paths.item_file(paths.eval, bench, cond)).values() if r.get("group") in names
+        ]
+        if rows:
+            rows_by[(bench, cond)] = rows
+    res = summarise(rows_by, [cond], names, n_resamples=CI_RESAMPLES)["conditions"].get(cond)
+    ci = (res or {}).get(score)
+    if not ci or ci.get("mean") is None or not math.isfinite(ci["mean"]):
+        return None
+    ok = ci.get("lo") is not None and math.isfinite(ci["lo"])
+    return ci["mean"], (ci["lo"] if ok else None), (ci["hi"] if ok else None)
 
 
 def _in_group(row: dict, group: str) -> bool:
@@ -174,7 +269,8 @@ def _gate_acc(paths: RunPaths):
 
 
 _MAKER = {  # which step writes the input of each metric kind
-    "eval": "evaluate", "effect": "evaluate", "routing": "evaluate", "correlation": "evaluate",
+    "eval": "evaluate", "eval_paper_sets": "evaluate", "effect": "evaluate", "routing": "evaluate",
+    "correlation": "evaluate",
     "study_mmlu": "study", "split": "bootstrap", "gate_acc": "fit",
 }  # fmt: skip
 
@@ -185,6 +281,9 @@ def measured(paths: RunPaths, metric: str):
     if kind == "eval":
         cond, _, score = arg.partition(":")
         return _from_summary(paths, cond, score)
+    if kind == "eval_paper_sets":
+        cond, _, score = arg.partition(":")
+        return _paper_sets_score(paths, cond, score)
     if kind == "effect":
         return _effect(paths, arg)
     if kind == "routing":
@@ -240,7 +339,7 @@ def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Compariso
     model the paper measured; otherwise the row says "different model" and judges nothing."""
     comparable = same_model(run_model, paper_model_id(paper_model))
     out = []
-    for n in paper_numbers(paper_model):
+    for n in _with_run_labels(paper_numbers(paper_model), _eval_summary(paths)):
         digits = _digits(n["metric"])
         got = measured(paths, n["metric"])
         if got is None:
