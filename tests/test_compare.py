@@ -166,3 +166,27 @@ def test_persona_rows_carry_the_persona_length_used(run_root, tmp_path):
     write_eval(tmp_path / "long", persona_length="long")
     by = {r.metric: r for r in compare(RunPaths(tmp_path / "long"), "qwen2.5-7b", QWEN)}
     assert by["effect:mtbench/stem"].label.endswith("[this run: long persona]")
+
+
+def test_gate_accuracy_is_the_exported_gates_on_the_test_split(run_root):
+    """prism.json as fit's export writes it: the test split's score (with a CI) is the table's, labelled
+    as such; an older checkpoint without one gives the last validation accuracy, labelled as that."""
+    paths = RunPaths(run_root)
+    paths.checkpoint.mkdir(parents=True)
+    metrics = {
+        "after_fit": {"val/gate_acc": 0.9},
+        "test": {"rows": 60, "distill": 28, "retain": 32, "split": "test", "gate": "exported",
+                 "gate_acc": {"mean": 0.7, "lo": 0.6, "hi": 0.8}, "gate_auroc": None},
+    }  # fmt: skip
+    prism = paths.checkpoint / run_paths.PRISM_JSON
+    files.atomic_write_json(prism, {"training_config": {"metrics": metrics}})
+    row = {r.metric: r for r in compare(paths, "qwen2.5-7b", QWEN)}["gate_acc"]
+    assert (row.value, row.lo, row.hi) == pytest.approx((70.0, 60.0, 80.0))
+    assert (
+        row.label.endswith("[exported gate, held-out test split of 60 rows]")
+        and row.difference == "inside the range"
+    )
+    del metrics["test"]
+    files.atomic_write_json(prism, {"training_config": {"metrics": metrics}})
+    row = {r.metric: r for r in compare(paths, "qwen2.5-7b", QWEN)}["gate_acc"]
+    assert row.value == pytest.approx(90.0) and row.lo is None and "no test split" in row.label

@@ -239,8 +239,11 @@ def _correlation(paths: RunPaths, which: str):
     path = run_paths.eval_summary(paths.eval)
     if not path.exists():
         return None
-    v = json.loads(path.read_text()).get("correlation", {}).get(which)
-    return None if v is None or not math.isfinite(v) else (v, None, None)
+    corr = json.loads(path.read_text()).get("correlation", {})
+    v, lo, hi = corr.get(which), corr.get(f"{which}_lo"), corr.get(f"{which}_hi")  # CI: over categories
+    if v is None or not math.isfinite(v):
+        return None
+    return (v, lo, hi) if lo is not None else (v, None, None)
 
 
 def _study_mmlu(paths: RunPaths, length: str):
@@ -259,13 +262,35 @@ def _distill_share(paths: RunPaths):
     return _ci([1.0] * d + [0.0] * r, 100.0)
 
 
-def _gate_acc(paths: RunPaths):
+def _fit_metrics(paths: RunPaths) -> dict | None:
     path = paths.checkpoint / run_paths.PRISM_JSON
     if not path.exists():
         return None
-    metrics = (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}
+    return (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}
+
+
+def _gate_acc(paths: RunPaths):
+    """The exported gate's accuracy on the test split, with its CI; a checkpoint without a test split
+    gives the last epoch's validation accuracy (rows the gate was selected on), without a CI."""
+    metrics = _fit_metrics(paths)
+    if metrics is None:
+        return None
+    test = (metrics.get("test") or {}).get("gate_acc")
+    if test is not None:
+        return 100.0 * test["mean"], 100.0 * test["lo"], 100.0 * test["hi"]
     acc = (metrics.get("after_fit") or {}).get("val/gate_acc")
     return None if acc is None else (100.0 * float(acc), None, None)
+
+
+def _gate_label(paths: RunPaths) -> str | None:
+    """What this run's gate accuracy was measured on, for the row's label."""
+    metrics = _fit_metrics(paths)
+    if metrics is None:
+        return None
+    test = metrics.get("test") or {}
+    if test.get("gate_acc") is not None:
+        return f"exported gate, held-out test split of {test['rows']} rows"
+    return "last epoch, on the validation rows the gate was selected on (no test split)"
 
 
 _MAKER = {  # which step writes the input of each metric kind
@@ -339,7 +364,10 @@ def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Compariso
     model the paper measured; otherwise the row says "different model" and judges nothing."""
     comparable = same_model(run_model, paper_model_id(paper_model))
     out = []
+    gate_label = _gate_label(paths)
     for n in _with_run_labels(paper_numbers(paper_model), _eval_summary(paths)):
+        if n["metric"] == "gate_acc" and gate_label:
+            n = {**n, "label": f"{n['label']} [{gate_label}]"}
         digits = _digits(n["metric"])
         got = measured(paths, n["metric"])
         if got is None:
