@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     def datamodule():
         dm = PrismDataModule(
             run_dir=args.run_dir, backbone=BackboneConfig(model="smollm2-135m-instruct"),
-            val_fraction=args.val_fraction, seed=args.seed,
+            val_fraction=args.val_fraction, test_fraction=0.0, seed=args.seed,  # scored on val: no test split
         )  # fmt: skip
         dm.setup("fit")
         return dm

@@ -43,6 +43,7 @@ class PrismExport(Callback):
         self.metrics_before: dict[str, float] = {}
         self.exported: Path | None = None
         self.exported_from: dict[str, Any] = {}
+        self.test_scores: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.export_from == "best":
@@ -71,6 +72,7 @@ class PrismExport(Callback):
         }
         if self.export_from == "best":
             self._load_best(trainer, pl_module)
+        self.test_scores = self._score_on_test_split(trainer, pl_module)
         out = self.resolve_dir(trainer)
         # A sharded module holds only this rank's shards: every rank gathers, rank 0 writes.
         state = trainable_state_dict(pl_module) if is_sharded(pl_module) else None
@@ -78,6 +80,8 @@ class PrismExport(Callback):
             dm = trainer.datamodule
             training = dict(self.training_config or pl_module.training_config())
             training["metrics"] = {"before_fit": self.metrics_before, "after_fit": after}
+            if self.test_scores is not None:
+                training["metrics"]["test"] = self.test_scores
             training["exported_from"] = self.exported_from
             training["plan"] = dict(getattr(pl_module, "plan", {}))
             export_checkpoint(
@@ -90,6 +94,22 @@ class PrismExport(Callback):
             )
         trainer.strategy.barrier("prism_export")
         self.exported = out
+
+    def _score_on_test_split(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        """The gate about to be exported on the data module's test split; None without one. The gate's
+        early stopping puts its best gate back in its own ``on_fit_end``, which runs first when it comes
+        before this callback in the list (fit's CLI appends this one last). Every rank runs the same
+        rows: a sharded model's layers gather across ranks."""
+        from prism_lightning.model.gate_eval import gate_scores, held_out_gate_probs
+
+        dm = trainer.datamodule
+        if not getattr(dm, "test_set", None) or getattr(pl_module, "gate", None) is None:
+            return None
+        probs, targets = held_out_gate_probs(pl_module, dm.test_dataloader())
+        scores = gate_scores(probs, targets, float(pl_module.hparams.threshold))
+        scores["split"] = "test"
+        scores["gate"] = "exported"
+        return scores
 
     def _load_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")

@@ -27,6 +27,7 @@ from prism_lightning.data import PrismDataModule
 from prism_lightning.errors import ConfigError
 from prism_lightning.files import atomic_write_json, check_output_dir
 from prism_lightning.model.checks import check_against_model
+from prism_lightning.model.gate_eval import format_test_scores
 from prism_lightning.model.module import PrismModule
 
 SANITY_QUERIES = (
@@ -164,6 +165,8 @@ class PrismCLI(LightningCLI):
             return
         dm: PrismDataModule = self.datamodule
         self._print_metrics(exporter.metrics_before, _val_metrics(self.trainer))
+        if exporter.test_scores is not None:
+            print(format_test_scores(exporter.test_scores))
         src = exporter.exported_from
         weights = f"{src['weights']} (after {src.get('epochs')} epochs, step {src.get('global_step')})"
         print(f"\nexported checkpoint:  {exporter.exported}  <- {weights} weights; --export_from last|best")

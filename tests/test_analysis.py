@@ -71,7 +71,6 @@ def test_bootstrap_frames_match_the_stage_files(analysis_inputs):
     _drawn(F.length_histograms(lengths))
 
 
-
 def test_a_damaged_stage_is_a_missing_input_not_a_figure(analysis_inputs, tmp_path):
     import shutil
 
@@ -84,6 +83,7 @@ def test_a_damaged_stage_is_a_missing_input_not_a_figure(analysis_inputs, tmp_pa
         L.stage_rows(run, "verdicts")
     assert len(L.stage_rows(run, "queries")) > 0  # the intact stages still load
 
+
 def test_training_curves_from_wandb_offline_files(analysis_inputs):
     curves = L.training_curves(analysis_inputs.run_dir)
     assert set(curves["source"]) == {"wandb"} and curves["run"].nunique() == 1
@@ -93,7 +93,9 @@ def test_training_curves_from_wandb_offline_files(analysis_inputs):
     assert curves["value"].notna().all()
     # the last logged validation KL is the exported "after_fit" metric
     fit = L.fit_metrics(analysis_inputs.checkpoint)
-    assert set(fit["when"]) == {"before_fit", "after_fit"}
+    assert set(fit["when"]) == {"before_fit", "after_fit"}  # the test split's scores are apart:
+    test = L.fit_test_scores(analysis_inputs.checkpoint)
+    assert test["rows"] >= 1 and test["gate_acc"]["lo"] <= test["gate_acc"]["mean"] <= test["gate_acc"]["hi"]
     after = fit[(fit["when"] == "after_fit") & (fit["metric"] == "val/kl")]["value"].item()
     val_kl = curves[curves["metric"] == "val/kl"].sort_values("step")["value"].to_numpy()
     assert after == pytest.approx(val_kl[-1], rel=1e-4)

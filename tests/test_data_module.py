@@ -8,7 +8,8 @@ import torch
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.bootstrap import run_bootstrap
 from prism_lightning.bootstrap.teacher import load_teacher_targets
-from prism_lightning.data import EmptySplitError, PrismDataModule, stratified_split
+from prism_lightning.data import EmptySplitError, PrismDataModule, stratified_split, three_way_split
+from prism_lightning.errors import ConfigError
 from prism_lightning.testing import tiny_bootstrap_config
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
@@ -37,7 +38,8 @@ def test_batches_match_the_schema(tiny_run, tiny_backbone):
     targets = load_teacher_targets(result.stage_dirs["teacher"], result.rows("teacher"))
     tok, fmt = tiny_backbone.tokenizer, tiny_backbone.formatter
     seen = 0
-    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+    assert len(dm.test_set) > 0  # the default test split
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         for batch in loader:
             b, t = batch["input_ids"].shape
             r, k = batch["teacher_values"].shape[1:]
@@ -69,8 +71,9 @@ def test_batches_match_the_schema(tiny_run, tiny_backbone):
     assert seen == len(verdicts)
     counts = dm.class_counts
     labels = [r["gate_target"] for r in verdicts.values()]
-    assert counts["distill"] + dm.split_summary["val"]["distill"] == sum(labels)
-    assert counts["retain"] + dm.split_summary["val"]["retain"] == len(labels) - sum(labels)
+    held = {k: dm.split_summary["val"][k] + dm.split_summary["test"][k] for k in ("distill", "retain")}
+    assert counts["distill"] + held["distill"] == sum(labels)
+    assert counts["retain"] + held["retain"] == len(labels) - sum(labels)
 
 
 def test_stratified_split():
@@ -83,6 +86,27 @@ def test_stratified_split():
     assert sorted(labels_of(val_small, [1, 1, 0, 0, 0])) == [0, 1]
     train_one, val_one = stratified_split([1, 0, 0], 0.5, seed=0)
     assert 0 in train_one  # a single-row class stays in train
+
+
+def test_three_way_split_keeps_the_validation_rows_and_takes_test_rows_from_train():
+    labels = [1] * 10 + [0] * 30
+    train, val = stratified_split(labels, 0.2, seed=3)
+    train3, val3, test3 = three_way_split(labels, 0.2, 0.1, seed=3)
+    assert val3 == val  # the validation split (what early stopping selects on) is unchanged
+    assert sorted(train3 + test3) == train and not set(test3) & set(train3)
+    assert sorted(labels_of(test3, labels)) == [0, 0, 0, 1]  # stratified: 10% of each class
+    assert three_way_split(labels, 0.2, 0.0, seed=3) == (train, val, [])
+    # small classes: a class of >= 3 rows gives one test row; train always keeps one of each class
+    small = [1, 1, 1, 0, 0]
+    train_s, _, test_s = three_way_split(small, 0.2, 0.1, seed=0)
+    assert labels_of(test_s, small) == [1] and sorted(set(labels_of(train_s, small))) == [0, 1]
+
+
+def test_test_fraction_is_checked():
+    with pytest.raises(ConfigError, match="test_fraction must be in"):
+        PrismDataModule(test_fraction=1.0)
+    with pytest.raises(ConfigError, match="val_fraction \\+ data.test_fraction must be < 1"):
+        PrismDataModule(val_fraction=0.6, test_fraction=0.4)
 
 
 def labels_of(idx, labels):
@@ -137,12 +161,23 @@ def test_trainer_fit_from_python_exports_through_the_callback(tiny_run, tmp_path
         max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[export],
     )  # fmt: skip
-    trainer.fit(module, make_dm(result, backbone))
+    dm = make_dm(result, backbone)
+    trainer.fit(module, dm)
     assert export.exported == tmp_path / "ckpt"
     routed = load_checkpoint(export.exported, device="cpu")
     assert routed.meta["personas"] == ["math", "writing"]
     assert routed.meta["training_config"]["exported_from"]["weights"] == "last"
     assert 0.0 <= routed.gate_probs(["What is 2+2?"])[0] <= 1.0
+    # the test-split score in prism.json is the exported gate's, on the test rows' queries
+    test = routed.meta["training_config"]["metrics"]["test"]
+    queries = {r["id"]: r["query"] for r in result.rows("verdicts")}
+    rows = list(dm.test_set)
+    assert test["rows"] == len(rows) >= 1
+    probs = routed.gate_probs([queries[ex["id"]] for ex in rows])
+    right = [
+        (p >= routed.meta["threshold"]) == bool(ex["gate_target"]) for p, ex in zip(probs, rows, strict=True)
+    ]
+    assert test["gate_acc"]["mean"] == pytest.approx(sum(right) / len(rows))
 
 
 def test_export_from_best_needs_a_monitored_checkpoint(tiny_run, tmp_path):

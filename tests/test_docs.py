@@ -166,6 +166,20 @@ def test_default_yaml_sets_no_model_or_data_value_that_the_classes_already_have(
     assert config["model"] == {"backbone": {"model": code["model.backbone.model"]}}
 
 
+def test_every_config_key_the_deviations_name_exists():
+    """Each deviation names the key that switches it; a renamed key must not leave a dead name there."""
+    import inspect
+
+    import lightning.pytorch as pl
+
+    text = (DOCS / "reproducing.md").read_text(encoding="utf-8").split("## Deviations from the paper", 1)[1]
+    named = set(re.findall(r"`((?:model|data|trainer)\.[\w.]+)", text))
+    assert {"data.val_fraction", "model.gate_lr", "trainer.gradient_clip_val"} <= named  # still parsed
+    code = set(_signature_defaults()) | {f"trainer.{p}" for p in inspect.signature(pl.Trainer).parameters}
+    code |= {"data.bootstrap.generation"}  # a nested config of its own (engines.GenerationConfig)
+    assert not sorted(named - code)
+
+
 # --- commands (docs/commands.md) against the CLI ---------------------------------------------------------
 
 

@@ -43,6 +43,10 @@ def test_fit_bootstraps_trains_exports_and_routes(fitted):
     assert meta["bootstrap_summary"]["stages"]["verdicts"]["rows"] > 0
     metrics = meta["training_config"]["metrics"]
     assert "val/kl" in metrics["before_fit"] and "val/kl" in metrics["after_fit"]
+    test = metrics["test"]  # the exported gate on rows neither trained nor selected on (data.test_fraction)
+    assert test["rows"] >= 1 and test["rows"] == test["distill"] + test["retain"]
+    assert test["gate_acc"]["lo"] <= test["gate_acc"]["mean"] <= test["gate_acc"]["hi"]
+    assert f"test split ({test['rows']} rows" in result.stdout
     assert "routed sanity check" in result.stdout
     assert list((work / "runs" / "tiny" / "wandb").glob("offline-run-*"))  # W&B offline without a key
     assert (work / "runs" / "tiny" / "config.yaml").exists()

@@ -37,6 +37,7 @@ __all__ = [
     "eval_items",
     "eval_scores",
     "fit_metrics",
+    "fit_test_scores",
     "gate_predictions",
     "lengths",
     "routing_correlation",
@@ -315,10 +316,18 @@ def fit_metrics(checkpoint: str | Path) -> pd.DataFrame:
     records = [
         {"when": when, "metric": k, "value": float(v)}
         for when, values in metrics.items()
+        if when in ("before_fit", "after_fit")  # the test split's scores: :func:`fit_test_scores`
         for k, v in (values or {}).items()
         if isinstance(v, (int, float))
     ]
     return pd.DataFrame.from_records(records, columns=["when", "metric", "value"])
+
+
+def fit_test_scores(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The exported gate's scores on the test split, from ``prism.json`` (``rows``, ``distill``,
+    ``retain``, ``gate_acc`` and ``gate_auroc`` as ``{mean, lo, hi}``); None for a fit without one."""
+    meta = _checkpoint_meta(checkpoint)
+    return ((meta.get("training_config") or {}).get("metrics") or {}).get("test")
 
 
 def _checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:

@@ -146,6 +146,15 @@ def _fit_table(checkpoint: Path | None) -> list[str]:
     lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for metric, row in wide.iterrows():
         lines.append(f"| {metric} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+    test = L.fit_test_scores(checkpoint)
+    if test and test.get("gate_acc"):
+        ci = {k: test.get(k) for k in ("gate_acc", "gate_auroc")}
+        text = ", ".join(
+            f"{k} {v['mean']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]" for k, v in ci.items() if v is not None
+        )
+        rows = test["rows"]
+        lines += ["", f"The exported gate on the test split ({rows} rows, neither trained nor selected on), "
+                  f"95% bootstrap CI: {text}."]  # fmt: skip
     return ["## Validation metrics before and after fit", "", *lines, ""]
 
 

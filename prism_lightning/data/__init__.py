@@ -6,6 +6,7 @@ from prism_lightning.data.datamodule import (
     PrismExamples,
     collate_examples,
     stratified_split,
+    three_way_split,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "PrismExamples",
     "collate_examples",
     "stratified_split",
+    "three_way_split",
 ]

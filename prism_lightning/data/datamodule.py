@@ -79,18 +79,34 @@ def split_table(verdicts: Sequence[Mapping[str, Any]], key: str = "gate_target")
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, val indices), stratified by label; val gets >= 1 of a class that has >= 2 rows."""
+    train, val, _ = three_way_split(labels, val_fraction, 0.0, seed)
+    return train, val
+
+
+def three_way_split(
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test indices), stratified by label. Val is drawn exactly as :func:`stratified_split`
+    draws it (same rows for the same seed), test from the rows after it, so a test split takes rows from
+    train only: >= 1 of a class that has >= 3 rows, and train keeps >= 1 of every class."""
     rng = random.Random(seed)
     train: list[int] = []
     val: list[int] = []
+    test: list[int] = []
     for label in sorted(set(labels)):
         idx = [i for i, y in enumerate(labels) if y == label]
         rng.shuffle(idx)
         n_val = round(len(idx) * val_fraction) if val_fraction > 0 else 0
         if val_fraction > 0 and len(idx) >= 2:
             n_val = min(max(n_val, 1), len(idx) - 1)
+        n_test = round(len(idx) * test_fraction) if test_fraction > 0 else 0
+        if test_fraction > 0 and len(idx) >= 3:
+            n_test = max(n_test, 1)
+        n_test = max(0, min(n_test, len(idx) - n_val - 1))
         val += idx[:n_val]
-        train += idx[n_val:]
-    return sorted(train), sorted(val)
+        test += idx[n_val : n_val + n_test]
+        train += idx[n_val + n_test :]
+    return sorted(train), sorted(val), sorted(test)
 
 
 def build_example(
@@ -206,7 +222,11 @@ class PrismDataModule(L.LightningDataModule):
             accumulate_grad_batches is derived from it (global / (batch_size x world size), which must
             divide exactly), so the step count does not depend on the number of GPUs. null keeps
             batch_size x trainer.accumulate_grad_batches x world size.
-        val_fraction: held-out share of the rows, stratified by gate target, in [0, 1).
+        val_fraction: held-out share of the rows, stratified by gate target, in [0, 1): the validation
+            split (the gate's early stopping selects on it, so its scores are not the exported gate's).
+        test_fraction: share of the rows held out from training and selection alike, stratified by gate
+            target, in [0, 1): the exported gate is scored there once fit ends (accuracy and AUROC with
+            bootstrap CIs, in prism.json); 0 keeps no test split (``test`` then scores the validation split).
         max_length: longest prompt + response in tokens; longer rows lose response tokens first.
         num_workers: DataLoader workers.
         seed: seed of the train/validation split.
@@ -221,6 +241,7 @@ class PrismDataModule(L.LightningDataModule):
         batch_size: int = 8,
         global_batch_size: int | None = None,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.1,
         max_length: int = 512,
         num_workers: int = 0,
         seed: int = 0,
@@ -228,6 +249,12 @@ class PrismDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+        require(0.0 <= test_fraction < 1.0, f"data.test_fraction must be in [0, 1), got {test_fraction}.")
+        require(
+            val_fraction + test_fraction < 1.0,
+            f"data.val_fraction + data.test_fraction must be < 1 (rows must be left to train on), "
+            f"got {val_fraction} + {test_fraction}.",
+        )
         require(max_length >= 2, f"data.max_length must be >= 2, got {max_length}.")
         require(batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}.")
         require(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}.")
@@ -241,6 +268,7 @@ class PrismDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.max_length = max_length
         self.num_workers = num_workers
         self.seed = seed
@@ -249,6 +277,7 @@ class PrismDataModule(L.LightningDataModule):
         self.formatter = None
         self.train_set: PrismExamples | None = None
         self.val_set: PrismExamples | None = None
+        self.test_set: PrismExamples | None = None
         self.split_summary: dict[str, Any] = {}
         self.distill_per_persona: dict[str, int] = {}  # train split; K-way routing balances its classes
 
@@ -361,18 +390,15 @@ class PrismDataModule(L.LightningDataModule):
                     persona_index=persona_index.get(row["persona"], -1),
                 )
             )
-        train_idx, val_idx = stratified_split(labels, self.val_fraction, self.seed)
+        train_idx, val_idx, test_idx = three_way_split(
+            labels, self.val_fraction, self.test_fraction, self.seed
+        )
         self.train_set = PrismExamples([examples[i] for i in train_idx])
         self.val_set = PrismExamples([examples[i] for i in val_idx])
+        self.test_set = PrismExamples([examples[i] for i in test_idx])
         self.split_summary = {
-            "train": {
-                "distill": sum(labels[i] for i in train_idx),
-                "retain": sum(1 - labels[i] for i in train_idx),
-            },
-            "val": {
-                "distill": sum(labels[i] for i in val_idx),
-                "retain": sum(1 - labels[i] for i in val_idx),
-            },
+            name: {"distill": sum(labels[i] for i in idx), "retain": sum(1 - labels[i] for i in idx)}
+            for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))
         }
         self.distill_per_persona = {name: 0 for name in self.persona_names}
         for i in train_idx:
@@ -411,7 +437,16 @@ class PrismDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """The test split (rows neither trained nor selected on); the validation split when it is empty."""
+        if not self.test_set:
+            return self.val_dataloader()
+        return DataLoader(
+            self.test_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         """Rows {"id", "query"} of ``predict_file`` (JSONL; "prompt" is accepted for "query")."""

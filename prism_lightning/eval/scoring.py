@@ -30,6 +30,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_delta_ci",
     "correlate",
+    "correlation_ci",
     "is_refusal",
     "load_judge_prompts",
     "mmlu_prompt",
@@ -348,6 +349,56 @@ def overall_ci(
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(overall, [alpha, 1.0 - alpha])
     return {"mean": float(np.mean(point)), "lo": float(lo), "hi": float(hi), "n_groups": len(point)}
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties given their mean rank (what Spearman's rho correlates)."""
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    _, inverse = np.unique(a, return_inverse=True)
+    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+
+
+def correlation_ci(
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Bootstrap CIs of Pearson and Spearman over the pairs (resampled with replacement; a resample in
+    which either variable is constant has no coefficient and is left out, ``n_resamples_used`` counts
+    the rest). ``{pearson_lo, pearson_hi, spearman_lo, spearman_hi, n_resamples_used}``; None bounds with
+    fewer than 3 finite pairs."""
+    pairs = np.array(
+        [
+            (float(a), float(b))
+            for a, b in zip(x, y, strict=True)
+            if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
+        ]
+    ).reshape(-1, 2)
+    out: dict = dict.fromkeys(("pearson_lo", "pearson_hi", "spearman_lo", "spearman_hi"))
+    out["n_resamples_used"] = 0
+    if len(pairs) < 3:
+        return out
+    rng = np.random.default_rng(seed)
+    pearson, spearman = [], []
+    for _ in range(n_resamples):
+        xs, ys = pairs[rng.integers(0, len(pairs), size=len(pairs))].T
+        if xs.std() == 0.0 or ys.std() == 0.0:
+            continue
+        pearson.append(float(np.corrcoef(xs, ys)[0, 1]))
+        spearman.append(float(np.corrcoef(_average_ranks(xs), _average_ranks(ys))[0, 1]))
+    if not pearson:
+        return out
+    alpha = (1.0 - confidence) / 2.0
+    for name, values in (("pearson", pearson), ("spearman", spearman)):
+        lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+        out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
+    out["n_resamples_used"] = len(pearson)
+    return out
 
 
 def correlate(x: Sequence[float], y: Sequence[float]) -> dict:

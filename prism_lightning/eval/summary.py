@@ -103,7 +103,7 @@ def summarise(
                 ci = S.overall_ci(sub, scale, n_resamples=n_resamples, seed=seed)
             res[bench] = ci
         out["conditions"][cond] = res
-    out["correlation"] = _correlation(out["conditions"], names)
+    out["correlation"] = _correlation(out["conditions"], names, n_resamples=n_resamples, seed=seed)
     return out
 
 
@@ -114,9 +114,10 @@ def _scaled(res: dict, name: str) -> float | None:
     return v * S.overall_factor(name)
 
 
-def _correlation(conds: dict, names: Sequence[str]) -> dict:
+def _correlation(conds: dict, names: Sequence[str], *, n_resamples: int = 1000, seed: int = 0) -> dict:
     """Across sub-score categories: prism routing rate vs persona effect (persona - base, on the
-    Overall scale, :data:`~prism_lightning.eval.scoring.OVERALL_SCALE`)."""
+    Overall scale, :data:`~prism_lightning.eval.scoring.OVERALL_SCALE`), with bootstrap CIs over the
+    categories."""
     out: dict = {"routing_condition": "prism", "effect": "persona - base"}
     if not all(c in conds for c in ("prism", "persona", "base")):
         out["note"] = "needs the base, persona and prism conditions"
@@ -128,7 +129,9 @@ def _correlation(conds: dict, names: Sequence[str]) -> dict:
         effects[n] = None if p is None or b is None else p - b
         rates[n] = None if r is None else 100.0 * r
     out["routing_rate_pct"], out["persona_effect"] = rates, effects
-    out.update(S.correlate([rates[n] for n in names], [effects[n] for n in names]))
+    x, y = [rates[n] for n in names], [effects[n] for n in names]
+    out.update(S.correlate(x, y))
+    out.update(S.correlation_ci(x, y, n_resamples=n_resamples, seed=seed))
     return out
 
 
@@ -176,12 +179,19 @@ def format_table(summary: dict) -> str:
     text += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
     corr = summary.get("correlation", {})
     if "pearson" in corr:
-        p, s = (("-" if v is None else f"{v:.2f}") for v in (corr.get("pearson"), corr.get("spearman")))
+        p, s = (_with_ci(corr, name) for name in ("pearson", "spearman"))
         text.append(
             f"routing rate vs persona effect across {corr['n']} categories: "
             f"Pearson r = {p}, Spearman rho = {s}"
         )
     return "\n".join(text)
+
+
+def _with_ci(corr: dict, name: str) -> str:
+    value, lo, hi = corr.get(name), corr.get(f"{name}_lo"), corr.get(f"{name}_hi")
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
 
 
 def summary_rows(summary: dict, *, matcher: bool = True) -> list[dict[str, Any]]:

@@ -288,6 +288,15 @@ class PrismModule(L.LightningModule):
         method, so the embeddings are gathered around it)."""
         return features_until_gate(self.model, self.controller, ids, attn, positions)
 
+    def _gate_route_probs_batch(
+        self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) P(route to an adapter) from the current gate (K-way: 1 - P(none)); the gate's train/eval
+        mode is the caller's. A sharded model registers this as an FSDP forward method, so the gate's
+        and the layers' shards are gathered around it."""
+        probs = self.gate.probs(features_until_gate(self.model, self.controller, ids, attn, positions))
+        return 1.0 - probs[:, 0] if probs.dim() == 2 else probs
+
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
         if self.adapter_groups is not None and dm is not None and hasattr(dm, "persona_names"):

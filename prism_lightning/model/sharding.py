@@ -35,7 +35,7 @@ from torch import nn
 
 # Methods of PrismModule that run the network outside ``forward``: FSDP gathers the root's weights
 # around them (see the module docstring).
-FORWARD_METHODS = ("_common_step", "_gate_features_batch")
+FORWARD_METHODS = ("_common_step", "_gate_features_batch", "_gate_route_probs_batch")
 
 
 class PrismFSDPStrategy(ModelParallelStrategy):

@@ -161,8 +161,10 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     print(f"reproduce {preset.name} ({preset.model}, {size}) in {root}: {steps}", flush=True)
     start = time.perf_counter()
     timings = run_steps(plan, announce=lambda line: print(line, flush=True))
-    rows = compare(plan.paths, preset.paper_model)
+    rows = compare(plan.paths, preset.paper_model, preset.model)
     title = f"{preset.name}: paper = {preset.paper_label}; this run = {preset.model}, {size}"
+    if rows and not rows[0].comparable:
+        title += " (a different model from the paper's: no verdicts)"
     table = format_table(rows, title=title)
     print("\n" + table)
     markdown = format_table(rows, title=title, markdown=True)

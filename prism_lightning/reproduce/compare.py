@@ -19,12 +19,26 @@ import yaml
 from prism_lightning import files, run_paths
 from prism_lightning.errors import ConfigError
 from prism_lightning.eval import scoring as S
+from prism_lightning.eval.summary import summarise
 from prism_lightning.run_paths import RunPaths
 
-__all__ = ["PAPER_NUMBERS_FILE", "Comparison", "RunPaths", "compare", "format_table", "paper_numbers"]
+__all__ = [
+    "PAPER_NUMBERS_FILE",
+    "PAPER_SAFETY_SETS",
+    "Comparison",
+    "RunPaths",
+    "compare",
+    "format_table",
+    "paper_model_id",
+    "paper_numbers",
+    "paper_safety_sets",
+    "same_model",
+]
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
 CI_RESAMPLES = 1000
+#: The difference column of a row whose paper number was measured on another model than this run's.
+DIFFERENT_MODEL = "different model (no verdict)"
 
 
 @dataclass
@@ -40,14 +54,97 @@ class Comparison:
     value: float | None = None
     lo: float | None = None
     hi: float | None = None
+    comparable: bool = True  # this run's base model is the model the paper's number was measured on
+
+
+def _paper_entry(model: str) -> dict:
+    models = yaml.safe_load(PAPER_NUMBERS_FILE.read_text(encoding="utf-8"))["models"]
+    if model not in models:
+        raise ConfigError(f"no published numbers for {model!r}; known: {', '.join(models)}.")
+    return models[model]
 
 
 def paper_numbers(model: str) -> list[dict]:
     """The published numbers of ``model`` (a key of ``paper_numbers.yaml``)."""
-    models = yaml.safe_load(PAPER_NUMBERS_FILE.read_text(encoding="utf-8"))["models"]
-    if model not in models:
-        raise ConfigError(f"no published numbers for {model!r}; known: {', '.join(models)}.")
-    return list(models[model]["numbers"])
+    return list(_paper_entry(model)["numbers"])
+
+
+def paper_model_id(model: str) -> str:
+    """The hub id of the model whose numbers ``model`` (a key of ``paper_numbers.yaml``) holds."""
+    return str(_paper_entry(model)["model"])
+
+
+def _model_name(name: str) -> str:
+    return name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def same_model(run_model: str, paper_model: str) -> bool:
+    """Whether a run of ``run_model`` (a hub id, a local directory or an embedded name) measures the
+    paper's ``paper_model`` (a hub id): the same last path component, ignoring case, so a local copy in a
+    directory named after the model counts; an embedded small model never does."""
+    return _model_name(run_model) == _model_name(paper_model)
+
+
+# ------------------------------------------------------------------------------------------------
+# what this run's Safety and persona rows were measured on
+
+#: The safety sets of the paper's Safety score (and its Overall); of these, this project runs HarmBench
+#: and JailbreakBench (as the plain behaviour goals), and has no PKU-SafeRLHF loader.
+PAPER_SAFETY_SETS: tuple[str, ...] = ("harmbench", "jailbreakbench", "pku_saferlhf")
+_SET_NAMES = {"harmbench": "HarmBench", "jailbreakbench": "JailbreakBench", "advbench": "AdvBench",
+              "pku_saferlhf": "PKU-SafeRLHF"}  # fmt: skip
+
+
+def paper_safety_sets(sets: list[str] | tuple[str, ...]) -> list[str]:
+    """The sets of ``sets`` that are among the paper's safety sets, in ``sets``' order."""
+    return [s for s in sets if s in PAPER_SAFETY_SETS]
+
+
+def _safety_sets(summary: dict) -> list[str]:
+    sets = (summary.get("settings") or {}).get("safety_sets")
+    if sets is None:  # an older summary: the sets its sub-scores name
+        sets = [n.partition("/")[2] for n in summary.get("subscores", []) if n.startswith("safety/")]
+    return list(sets)
+
+
+def _set_text(name: str, summary: dict) -> str:
+    text = _SET_NAMES.get(name, name)
+    # the pinned JailbreakBench file holds the behaviour goals, not the paper's jailbreak prompts
+    if name == "jailbreakbench":
+        local = name in ((summary.get("settings") or {}).get("paths") or {})
+        text += " (a local file)" if local else " (plain goals)"
+    return text
+
+
+def _sets_label(sets: list[str], summary: dict) -> str:
+    return ", ".join(_set_text(s, summary) for s in sets) if sets else "none"
+
+
+def _with_run_labels(numbers: list[dict], summary: dict | None) -> list[dict]:
+    """``numbers`` with the labels saying what this run measured: the safety sets behind each Safety and
+    Overall row (and, beside each, a row over the paper's sets only, when the run has any of them), and the
+    persona length behind the persona-effect and Safety-Monitor rows."""
+    if summary is None:
+        return numbers
+    sets = _safety_sets(summary)
+    paper = paper_safety_sets(sets)
+    missing = [_SET_NAMES[s] for s in PAPER_SAFETY_SETS if s not in sets]
+    length = ((summary.get("conditions_config") or {}).get("persona") or {}).get("persona_length")
+    out = []
+    for n in numbers:
+        kind, _, arg = n["metric"].partition(":")
+        score = arg.rpartition(":")[2]
+        if kind == "eval" and score in ("safety", "overall"):
+            out.append({**n, "label": f"{n['label']} [safety sets: {_sets_label(sets, summary)}]"})
+            if paper:
+                only = _sets_label(paper, summary) + (f"; {', '.join(missing)} not run" if missing else "")
+                label = f"{n['label']} [paper's sets only: {only}]"
+                out.append({**n, "metric": f"eval_paper_sets:{arg}", "label": label})
+            continue
+        if length and (kind == "effect" or n["metric"] == "eval:persona:safety/jailbreakbench"):
+            n = {**n, "label": f"{n['label']} [this run: {length} persona]"}
+        out.append(n)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,11 +164,16 @@ def _ci(values: list, scale: float) -> tuple[float, float | None, float | None] 
     return ci["mean"] * scale, ci["lo"] * scale, ci["hi"] * scale
 
 
-def _from_summary(paths: RunPaths, cond: str, score: str):
+def _eval_summary(paths: RunPaths) -> dict | None:
     path = run_paths.eval_summary(paths.eval)
-    if not path.exists():
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _from_summary(paths: RunPaths, cond: str, score: str):
+    summary = _eval_summary(paths)
+    if summary is None:
         return None
-    res = json.loads(path.read_text())["conditions"].get(cond)
+    res = summary["conditions"].get(cond)
     if not res:
         return None
     ci = res["subscores"].get(score) if score in res["subscores"] else res.get(score)
@@ -80,6 +182,31 @@ def _from_summary(paths: RunPaths, cond: str, score: str):
     lo, hi = ci.get("lo"), ci.get("hi")
     ok = lo is not None and math.isfinite(lo)
     return ci["mean"], (lo if ok else None), (hi if ok else None)
+
+
+def _paper_sets_score(paths: RunPaths, cond: str, score: str):
+    """Safety or Overall of ``cond`` over the paper's safety sets only (the other sets' rows left out),
+    computed from the item files exactly as ``evaluate``'s summary computes the run's own."""
+    summary = _eval_summary(paths)
+    if summary is None:
+        return None
+    kept = paper_safety_sets(_safety_sets(summary))
+    if not kept:
+        return None
+    names = [n for n in summary["subscores"] if not n.startswith("safety/") or n.partition("/")[2] in kept]
+    rows_by = {}
+    for bench in ("mtbench", "mmlu", "safety"):
+        rows = [
+            r for r in _rows(run_paths.item_file(paths.eval, bench, cond)).values() if r.get("group") in names
+        ]
+        if rows:
+            rows_by[(bench, cond)] = rows
+    res = summarise(rows_by, [cond], names, n_resamples=CI_RESAMPLES)["conditions"].get(cond)
+    ci = (res or {}).get(score)
+    if not ci or ci.get("mean") is None or not math.isfinite(ci["mean"]):
+        return None
+    ok = ci.get("lo") is not None and math.isfinite(ci["lo"])
+    return ci["mean"], (ci["lo"] if ok else None), (ci["hi"] if ok else None)
 
 
 def _in_group(row: dict, group: str) -> bool:
@@ -112,8 +239,11 @@ def _correlation(paths: RunPaths, which: str):
     path = run_paths.eval_summary(paths.eval)
     if not path.exists():
         return None
-    v = json.loads(path.read_text()).get("correlation", {}).get(which)
-    return None if v is None or not math.isfinite(v) else (v, None, None)
+    corr = json.loads(path.read_text()).get("correlation", {})
+    v, lo, hi = corr.get(which), corr.get(f"{which}_lo"), corr.get(f"{which}_hi")  # CI: over categories
+    if v is None or not math.isfinite(v):
+        return None
+    return (v, lo, hi) if lo is not None else (v, None, None)
 
 
 def _study_mmlu(paths: RunPaths, length: str):
@@ -132,17 +262,40 @@ def _distill_share(paths: RunPaths):
     return _ci([1.0] * d + [0.0] * r, 100.0)
 
 
-def _gate_acc(paths: RunPaths):
+def _fit_metrics(paths: RunPaths) -> dict | None:
     path = paths.checkpoint / run_paths.PRISM_JSON
     if not path.exists():
         return None
-    metrics = (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}
+    return (json.loads(path.read_text()).get("training_config") or {}).get("metrics") or {}
+
+
+def _gate_acc(paths: RunPaths):
+    """The exported gate's accuracy on the test split, with its CI; a checkpoint without a test split
+    gives the last epoch's validation accuracy (rows the gate was selected on), without a CI."""
+    metrics = _fit_metrics(paths)
+    if metrics is None:
+        return None
+    test = (metrics.get("test") or {}).get("gate_acc")
+    if test is not None:
+        return 100.0 * test["mean"], 100.0 * test["lo"], 100.0 * test["hi"]
     acc = (metrics.get("after_fit") or {}).get("val/gate_acc")
     return None if acc is None else (100.0 * float(acc), None, None)
 
 
+def _gate_label(paths: RunPaths) -> str | None:
+    """What this run's gate accuracy was measured on, for the row's label."""
+    metrics = _fit_metrics(paths)
+    if metrics is None:
+        return None
+    test = metrics.get("test") or {}
+    if test.get("gate_acc") is not None:
+        return f"exported gate, held-out test split of {test['rows']} rows"
+    return "last epoch, on the validation rows the gate was selected on (no test split)"
+
+
 _MAKER = {  # which step writes the input of each metric kind
-    "eval": "evaluate", "effect": "evaluate", "routing": "evaluate", "correlation": "evaluate",
+    "eval": "evaluate", "eval_paper_sets": "evaluate", "effect": "evaluate", "routing": "evaluate",
+    "correlation": "evaluate",
     "study_mmlu": "study", "split": "bootstrap", "gate_acc": "fit",
 }  # fmt: skip
 
@@ -153,6 +306,9 @@ def measured(paths: RunPaths, metric: str):
     if kind == "eval":
         cond, _, score = arg.partition(":")
         return _from_summary(paths, cond, score)
+    if kind == "eval_paper_sets":
+        cond, _, score = arg.partition(":")
+        return _paper_sets_score(paths, cond, score)
     if kind == "effect":
         return _effect(paths, arg)
     if kind == "routing":
@@ -202,10 +358,16 @@ def _difference(n: dict, got: tuple, digits: int) -> str:
     return f"{diff:+.{digits}f}" + (" (paper inside CI)" if covered else "")
 
 
-def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
-    """Every published number of ``paper_model`` beside this run's."""
+def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Comparison]:
+    """Every published number of ``paper_model`` beside this run's. A verdict (the difference, "paper
+    inside CI", inside a range, the sign) is given only when ``run_model``, this run's base model, is the
+    model the paper measured; otherwise the row says "different model" and judges nothing."""
+    comparable = same_model(run_model, paper_model_id(paper_model))
     out = []
-    for n in paper_numbers(paper_model):
+    gate_label = _gate_label(paths)
+    for n in _with_run_labels(paper_numbers(paper_model), _eval_summary(paths)):
+        if n["metric"] == "gate_acc" and gate_label:
+            n = {**n, "label": f"{n['label']} [{gate_label}]"}
         digits = _digits(n["metric"])
         got = measured(paths, n["metric"])
         if got is None:
@@ -214,7 +376,7 @@ def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
         else:
             mean, lo, hi = got
             ours = f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
-            diff = _difference(n, got, digits)
+            diff = _difference(n, got, digits) if comparable else DIFFERENT_MODEL
         out.append(
             Comparison(
                 label=n["label"],
@@ -226,6 +388,7 @@ def compare(paths: RunPaths, paper_model: str) -> list[Comparison]:
                 value=None if got is None else got[0],
                 lo=None if got is None else got[1],
                 hi=None if got is None else got[2],
+                comparable=comparable,
             )
         )
     return out
