@@ -90,6 +90,7 @@ def write_heldout_queries(
         [j["prompt"] for j in jobs],
         config.query_sampling(),
         seeds=[row_seed(config.seed, f"heldout-queries:{j['id']}") for j in jobs],
+        stop_at_newline=config.query_stop_at_newline,
     )
     rows = [
         {**{k: j[k] for k in ("id", "persona", "index")}, "raw": o.text.split("\n")[0]}
