@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_config_runs_and_ends_with_the_heldout_check(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     small = {
-        "--data.bootstrap.queries_per_persona": "8",
+        "--data.bootstrap.queries_per_persona": "32",
         "--data.bootstrap.query_max_new_tokens": "24",
-        "--data.bootstrap.answer_max_new_tokens": "16",
-        "--data.bootstrap.batch_size": "8",
+        "--data.bootstrap.answer_max_new_tokens": "40",
+        "--data.bootstrap.batch_size": "16",
         "--trainer.max_epochs": "1",
         "--data.run_dir": str(tmp_path / "run"),
         "--export_dir": str(tmp_path / "ckpt"),
