@@ -37,6 +37,30 @@ def supports_system_role(tokenizer) -> bool:
     return _SENTINEL in rendered
 
 
+def conversation_messages(
+    user_turns: Sequence[str],
+    context: str | None,
+    where: str,
+    replies: Sequence[str] = (),
+    default_system: str | None = None,
+) -> list[dict[str, str]]:
+    """The messages of one conversation once the context's place is settled (``where``: system, user or
+    none): in the system turn, or before the first user turn; ``default_system`` fills the system turn when
+    the context does not. Local templates (:class:`ChatFormatter`) and chat APIs share it."""
+    msgs: list[dict[str, str]] = []
+    if where == "system":
+        msgs.append({"role": "system", "content": context})
+    elif default_system is not None:
+        msgs.append({"role": "system", "content": default_system})
+    for i, user in enumerate(user_turns):
+        if i == 0 and where == "user":
+            user = f"{context}\n\n{user}"
+        msgs.append({"role": "user", "content": user})
+        if i < len(replies):
+            msgs.append({"role": "assistant", "content": replies[i]})
+    return msgs
+
+
 class ChatFormatter:
     """Turns (query, context, placement) into the exact prompt string the model sees."""
 
@@ -74,18 +98,8 @@ class ChatFormatter:
         if len(replies) not in (len(user_turns), len(user_turns) - 1):
             raise ValueError("replies must answer every user turn, or all but the last.")
         where = self.effective_placement(placement) if context else "none"
-        msgs: list[dict[str, str]] = []
-        if where == "system":
-            msgs.append({"role": "system", "content": context})
-        elif self.base_system_prompt is not None and self.supports_system:
-            msgs.append({"role": "system", "content": self.base_system_prompt})
-        for i, user in enumerate(user_turns):
-            if i == 0 and where == "user":
-                user = f"{context}\n\n{user}"
-            msgs.append({"role": "user", "content": user})
-            if i < len(replies):
-                msgs.append({"role": "assistant", "content": replies[i]})
-        return msgs
+        default_system = self.base_system_prompt if self.supports_system else None
+        return conversation_messages(user_turns, context, where, replies, default_system)
 
     def prompt(
         self,

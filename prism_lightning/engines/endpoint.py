@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prism_lightning.chat_format import PLACEMENTS
+from prism_lightning.chat_format import PLACEMENTS, conversation_messages
 from prism_lightning.engines.base import Engine, EngineOutput
 from prism_lightning.errors import ConfigError, PrismError
 from prism_lightning.generation import SamplingConfig
@@ -59,15 +59,7 @@ class MessagesFormatter:
         user_turns = [turns] if isinstance(turns, str) else list(turns)
         if not user_turns:
             raise ValueError("A conversation needs at least one user turn.")
-        where = placement if context else "none"
-        msgs: list[dict[str, str]] = [{"role": "system", "content": context}] if where == "system" else []
-        for i, user in enumerate(user_turns):
-            msgs.append(
-                {"role": "user", "content": f"{context}\n\n{user}" if i == 0 and where == "user" else user}
-            )
-            if i < len(replies):
-                msgs.append({"role": "assistant", "content": replies[i]})
-        return msgs
+        return conversation_messages(user_turns, context, placement if context else "none", replies)
 
     def prompt(
         self,
