@@ -278,26 +278,12 @@ class HFServeEngine(ServeEngine):
 
     def _deliver(self, batch: RoutedRunningBatch, running: Running, tokens: dict, finished: dict) -> None:
         """Stream a step's tokens; end the rows that finished, matched a stop string or lost their client."""
-        m = self.metrics
         now = time.perf_counter()
-        ended = []
-        for key, token in tokens.items():
-            job, stream = running[key]
-            if job.first_token_at is None:
-                job.first_token_at = now
-                m.ttft.observe(now - job.arrived)
-            delta = stream.add(token)
-            if delta:
-                job.emit(Event("delta", text=delta))
-            if key in finished:
-                continue
-            if stream.stopped:
-                ended.append(key)
-                self._finish(job, stream, "stop")
-            elif job.cancelled:
-                ended.append(key)
-                m.cancelled.inc()
-                job.emit(Event("done", finish_reason="cancelled"))
+        ended = [
+            key
+            for key, token in tokens.items()
+            if self._stream_token(*running[key], token, now, engine_finished=key in finished)
+        ]
         for key, reason in finished.items():
             job, stream = running.pop(key)
             self._finish(job, stream, "stop" if stream.stopped else reason)
@@ -305,6 +291,29 @@ class HFServeEngine(ServeEngine):
             batch.drop(ended)
             for key in ended:
                 del running[key]
+
+    def _stream_token(
+        self, job: Job, stream: TextStream, token: int, now: float, *, engine_finished: bool
+    ) -> bool:
+        """Send a request its new token (both schedulers). True when the request ends here although the
+        engine would go on (a stop string matched, or its client went away); a row the engine finished
+        is ended by the caller with the engine's reason."""
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.ttft.observe(now - job.arrived)
+        delta = stream.add(token)
+        if delta:
+            job.emit(Event("delta", text=delta))
+        if engine_finished:
+            return False
+        if stream.stopped:
+            self._finish(job, stream, "stop")
+            return True
+        if job.cancelled:
+            self.metrics.cancelled.inc()
+            job.emit(Event("done", finish_reason="cancelled"))
+            return True
+        return False
 
     def _fail(self, batch: RoutedRunningBatch, running: Running, err: Exception) -> None:
         log.exception("A step of %d running requests failed", len(running))
@@ -329,22 +338,11 @@ class HFServeEngine(ServeEngine):
 
         def on_step(new_tokens: dict[int, int], finished: dict[int, str]) -> list[int]:
             now = time.perf_counter()
-            ended = []
-            for i, token in new_tokens.items():
-                job, stream = jobs[i], streams[i]
-                if job.first_token_at is None:
-                    job.first_token_at = now
-                    m.ttft.observe(now - job.arrived)
-                delta = stream.add(token)
-                if delta:
-                    job.emit(Event("delta", text=delta))
-                if stream.stopped and i not in finished:
-                    ended.append(i)
-                    self._finish(job, stream, "stop")
-                elif job.cancelled and i not in finished:
-                    ended.append(i)
-                    m.cancelled.inc()
-                    job.emit(Event("done", finish_reason="cancelled"))
+            ended = [
+                i
+                for i, token in new_tokens.items()
+                if self._stream_token(jobs[i], streams[i], token, now, engine_finished=i in finished)
+            ]
             for i, reason in finished.items():
                 self._finish(jobs[i], streams[i], "stop" if streams[i].stopped else reason)
             return ended
