@@ -38,7 +38,7 @@ def supports_system_role(tokenizer) -> bool:
 
 
 def conversation_messages(
-    user_turns: Sequence[str],
+    turns: str | Sequence[str],
     context: str | None,
     where: str,
     replies: Sequence[str] = (),
@@ -47,6 +47,11 @@ def conversation_messages(
     """The messages of one conversation once the context's place is settled (``where``: system, user or
     none): in the system turn, or before the first user turn; ``default_system`` fills the system turn when
     the context does not. Local templates (:class:`ChatFormatter`) and chat APIs share it."""
+    user_turns = [turns] if isinstance(turns, str) else list(turns)
+    if not user_turns:
+        raise ValueError("A conversation needs at least one user turn.")
+    if len(replies) not in (len(user_turns), len(user_turns) - 1):
+        raise ValueError("replies must answer every user turn, or all but the last.")
     msgs: list[dict[str, str]] = []
     if where == "system":
         msgs.append({"role": "system", "content": context})
@@ -92,14 +97,9 @@ class ChatFormatter:
         replies: Sequence[str] = (),
     ) -> list[dict[str, str]]:
         """Messages for one conversation; the context goes into the first user turn when placed there."""
-        user_turns = [turns] if isinstance(turns, str) else list(turns)
-        if not user_turns:
-            raise ValueError("A conversation needs at least one user turn.")
-        if len(replies) not in (len(user_turns), len(user_turns) - 1):
-            raise ValueError("replies must answer every user turn, or all but the last.")
         where = self.effective_placement(placement) if context else "none"
         default_system = self.base_system_prompt if self.supports_system else None
-        return conversation_messages(user_turns, context, where, replies, default_system)
+        return conversation_messages(turns, context, where, replies, default_system)
 
     def prompt(
         self,

@@ -56,10 +56,7 @@ class MessagesFormatter:
     ) -> list[dict[str, str]]:
         if placement not in PLACEMENTS:
             raise ValueError(f"Unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}.")
-        user_turns = [turns] if isinstance(turns, str) else list(turns)
-        if not user_turns:
-            raise ValueError("A conversation needs at least one user turn.")
-        return conversation_messages(user_turns, context, placement if context else "none", replies)
+        return conversation_messages(turns, context, placement if context else "none", replies)
 
     def prompt(
         self,
