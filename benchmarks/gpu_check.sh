@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The device command of benchmarks/gpu_check.py (one GPU, <= 8 minutes, no network).
+# The device command of benchmarks/gpu_check.py: one GPU, one call of at most ~6 minutes, no network.
+# A session's device time is ~15 minutes in all, machine start included: this call, and one rerun.
 #
 # Here, first:   benchmarks/prepare_gpu_wheels.sh          (fills the git-ignored carry folder .whl/)
+#                python benchmarks/gpu_check.py --estimate (the step-by-step GPU time estimate, <= 360 s)
 # Device call:   run(command="PRISM_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh",
-#                    carry=[".whl"], timeout_s=600)
-# The report comes back as $OUT/gpu_check-<card>.json (and the log as $OUT/gpu_check.log); copy it to
-# benchmarks/results/ and commit it.
+#                    carry=[".whl"], timeout_s=390)
+# The steps end by 330 s from the Python start (--deadline; a step whose budget does not fit is skipped
+# and recorded so), Python is killed at 350 s, and the report of the finished steps is on disk either way.
+# The report comes back as $OUT/gpu_check-<card>.json (and the log as $OUT/gpu_check.log), ending with one
+# "target ... measured ... PASS/MISS" line per performance target; copy it to benchmarks/results/ and
+# commit it. Extra arguments go to gpu_check.py (e.g. --steps speed_generation for a rerun of one step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then  # only if prepare_gpu_wheels.sh was given wheels to carry
@@ -15,6 +20,6 @@ fi
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONUNBUFFERED=1 WANDB_MODE=disabled timeout 560 python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 \
-  | tee "$OUT/gpu_check.log"
+PYTHONUNBUFFERED=1 WANDB_MODE=disabled timeout -k 5 350 python3 benchmarks/gpu_check.py --out "$OUT" \
+  --deadline 330 "$@" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
