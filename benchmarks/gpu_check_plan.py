@@ -216,16 +216,17 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "training tokens/s",
         "speed_training",
-        "train_tokens_per_s_ours_mixed_vs_reference_style",
+        "train_tokens_per_s_ours_vs_plain_same_rows",
         ">=",
         2.0,
-        "ours on a PRISM batch (half retain rows) vs the plain transformers + peft step on the same batch "
-        "(every row through every layer, logits at every position)",
+        "ours vs a competent plain transformers + peft step on the same distill rows with the same "
+        "response-only top-k KL (a MISS until packing, chunked KL and compile land; the naive step that "
+        "runs every row through every layer with logits everywhere is reported beside it, not a target)",
     ),
     Target(
         "training peak memory",
         "speed_training",
-        "train_peak_mem_ours_mixed_vs_reference_style",
+        "train_peak_mem_ours_vs_plain_same_rows",
         "<=",
         1.0,
         "the same two steps' peak allocated memory (GPU only)",
@@ -233,7 +234,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "training tokens/s, batch 8 x 2048, gradient checkpointing",
         "",
-        "train_tokens_per_s_ours_mixed_vs_reference_style",
+        "train_tokens_per_s_ours_vs_plain_same_rows",
         ">=",
         2.0,
         "not in the check (no time left in the call): routing_and_training.py --train-batch 8 "

@@ -26,7 +26,7 @@ on GPU):
     0, so those rows stop after the gate layer) vs ours on the all-distill batch, and vs plain peft on
     that batch's distill rows only;
   * a reference-style row: the plain transformers + peft step on the mixed batch (every row through
-    every layer, logits at every position), what docs/performance.md's training targets compare to.
+    every layer, logits at every position), labelled so: a naive baseline, not a target.
   On GPU the peak memory of each step is recorded and allocated memory is asserted to return to the
   resident baseline after every step (no side inherits the other's leftovers).
 
@@ -59,14 +59,14 @@ SHAPES = {
     "qwen2.5-7b": dict(hidden=3584, layers=28, heads=28, kv=4, inter=18944, vocab=152064, tie=False),
 }
 REFERENCE_STYLE = "reference_style_mixed_all_rows_full_logits"
-# docs/performance.md's targets, each on a comparison that can meet it: training against the plain
-# transformers + peft step on the same PRISM batch (every row through every layer, logits everywhere),
-# not against plain peft on the same rows with the same response-only loss (that does the same work, so
-# its ratio is ~1 by construction, and our gate only adds memory); the prefill on the merged weights an
-# all-on batch runs on (an unmerged adapter costs plain peft itself 1.72x base on the H200).
+# docs/performance.md's targets. Training is held against a competent plain transformers + peft step on
+# the same rows with the same response-only loss: the naive step (every row through every layer, logits
+# everywhere) is reported beside it but is no target, since a peft user need not train that way. The
+# prefill is read on the merged weights an all-on batch runs on (an unmerged adapter costs plain peft
+# itself 1.72x base on the H200).
 TARGETS = {
-    "train_tokens_per_s_ours_mixed_vs_reference_style": (">=", 2.0),
-    "train_peak_mem_ours_mixed_vs_reference_style": ("<=", 1.0),
+    "train_tokens_per_s_ours_vs_plain_same_rows": (">=", 2.0),
+    "train_peak_mem_ours_vs_plain_same_rows": ("<=", 1.0),
     "prefill_routed_on_merged_vs_base": ("<=", 1.10),
     "routing_cost_in_prefill_vs_base": ("<=", 0.02),
 }

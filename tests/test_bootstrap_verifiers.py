@@ -97,6 +97,50 @@ def test_program_beside_self_judge_records_both_labels_and_their_agreement(
     assert "decided by program" in printed and "agreement program vs self" in printed
 
 
+def test_answer_samples_keep_the_first_winning_persona_answer_for_the_teacher(
+    self_judged, program_module, tmp_path
+):
+    """Best-of-k: every persona sample is checked by the program, the first that wins becomes the row's
+    persona answer (the teacher distils exactly that text), and sample 0 is the one-answer run's answer."""
+    result, backbone = self_judged
+    config = tiny_bootstrap_config(verifier="program", verifier_programs=PROGRAMS, answer_samples=3)
+    sampled = run_bootstrap(config, backbone, tmp_path / "run", TRAINER)
+    answers = {a["id"]: a for a in sampled.rows("answers")}
+    one = {a["id"]: a for a in result.rows("answers")}
+    assert {i: a["persona_answer"] for i, a in answers.items()} == {
+        i: a["persona_answer"] for i, a in one.items()
+    }
+    assert all(len(a["persona_samples"]) == 2 for a in answers.values())
+
+    def wins(a, text):
+        return len(text) > len(a["base_answer"])
+
+    teacher = {r["id"] for r in sampled.rows("teacher")}
+    for r in sampled.rows("verdicts"):
+        a = answers[r["id"]]
+        candidates = [a["persona_answer"]] + [s["answer"] for s in a["persona_samples"]]
+        won = [wins(a, c) for c in candidates]
+        assert r["gate_target"] == int(any(won)) and r["samples_won"] == sum(won)
+        assert r["persona_sample"] == (won.index(True) if any(won) else 0)
+        assert (r["id"] in teacher) == any(won)
+    stats = sampled.summary["verdicts"]["answer_samples"]
+    assert stats["rows"] == len(answers)
+    one_label = _expected(list(one.values()))
+    assert stats["won_by_first_sample"] == sum(one_label.values())
+    # the teacher's response is the chosen sample, not sample 0
+    from prism_lightning.bootstrap.answers import chosen_persona_answer
+
+    verdicts = {r["id"]: r for r in sampled.rows("verdicts")}
+    later = [i for i, r in verdicts.items() if r["gate_target"] and r["persona_sample"] > 0]
+    for i in later:
+        assert (
+            chosen_persona_answer(answers[i], verdicts[i])
+            == answers[i]["persona_samples"][verdicts[i]["persona_sample"] - 1]["answer"]
+        )
+    with pytest.raises(ConfigError, match="needs bootstrap.verifier: program"):
+        tiny_bootstrap_config(answer_samples=2)
+
+
 def test_stage_hash_follows_the_verifier_and_the_default_keeps_its_hash(
     tiny_model_dir, program_module, tmp_path
 ):
@@ -116,6 +160,10 @@ def test_stage_hash_follows_the_verifier_and_the_default_keeps_its_hash(
             True, True, False, False,
         ]  # fmt: skip
     assert program["verdicts"].hash != both["verdicts"].hash
+    sampled = stage_stores(
+        tiny_bootstrap_config(verifier="program", verifier_programs=PROGRAMS, answer_samples=2), bb, tmp_path
+    )
+    assert [program[s].hash == sampled[s].hash for s in ("queries", "answers")] == [True, False]
 
 
 def test_agreement_stats():

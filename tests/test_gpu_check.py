@@ -68,7 +68,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert line.endswith(("PASS", "MISS")) or " N/A (" in line
         assert f"[gpu_check] {line}" in proc.stdout
     measured = {t["key"]: t for t in report["targets"] if t["measured"] is not None}
-    assert set(measured) == {t.key for t in plan.TARGETS} - {"train_peak_mem_ours_mixed_vs_reference_style"}
+    assert set(measured) == {t.key for t in plan.TARGETS} - {"train_peak_mem_ours_vs_plain_same_rows"}
 
     # report fields: commit, date, machine with load averages, card facts, repeats
     assert report["date"] and "commit" in report and report["versions"]["torch"]
@@ -134,8 +134,8 @@ def test_estimate_budgets_and_target_verdicts():
     assert plan.skip_reason(30, 310, None) is None
     steps = {
         "speed_training": {"status": "PASS", "numbers": {"ratios": {
-            "train_tokens_per_s_ours_mixed_vs_reference_style": 2.1,
-            "train_peak_mem_ours_mixed_vs_reference_style": 1.02}}},
+            "train_tokens_per_s_ours_vs_plain_same_rows": 2.1,
+            "train_peak_mem_ours_vs_plain_same_rows": 1.02}}},
         "speed_routing": {"status": "SKIP", "error": "budget 43 s does not fit"},
     }  # fmt: skip
     verdicts = {r["target"]: r["verdict"] for r in plan.target_results(steps)}

@@ -1,7 +1,9 @@
 """Stage 2: every query gets a base answer (no persona) and a matched-persona answer.
 
 Row: ``{"id", "persona", "query", "base_answer", "persona_answer", "base_finish", "persona_finish",
-"base_tokens", "persona_tokens"}`` (finish: "stop" | "length"; tokens: generated tokens).
+"base_tokens", "persona_tokens"}`` (finish: "stop" | "length"; tokens: generated tokens); with
+``bootstrap.answer_samples`` k > 1 also ``"persona_samples"``: the other k - 1 persona answers, each
+``{"answer", "finish", "tokens"}``, from which stage 3 may pick (:func:`persona_candidates`).
 """
 
 from __future__ import annotations
@@ -40,21 +42,45 @@ def answer_jobs(
 
 
 class AnswerTask(StageTask):
-    """Each job's no-persona and persona answers on an engine, in one batch of 2 x jobs rows."""
+    """Each job's no-persona answer and its ``samples`` persona answers on an engine, in one batch of
+    (1 + samples) x jobs rows."""
 
-    def __init__(self, engine: Engine, sampling: SamplingConfig, seed: int) -> None:
+    def __init__(self, engine: Engine, sampling: SamplingConfig, seed: int, samples: int = 1) -> None:
         super().__init__()
         self.engine = engine
         self.sampling = sampling
         self.seed = seed
+        self.samples = samples
 
     def process(self, jobs):
-        prompts = [j["base_prompt"] for j in jobs] + [j["persona_prompt"] for j in jobs]
+        n = len(jobs)
+        prompts = [j["base_prompt"] for j in jobs] + [j["persona_prompt"] for j in jobs] * self.samples
+        # sample 0 keeps the seed key of one-answer runs, so its text does not depend on k
         seeds = [row_seed(self.seed, f"answers:{j['id']}:base") for j in jobs] + [
-            row_seed(self.seed, f"answers:{j['id']}:persona") for j in jobs
+            row_seed(self.seed, f"answers:{j['id']}:persona" + (f":{k}" if k else ""))
+            for k in range(self.samples)
+            for j in jobs
         ]
         gens = self.engine.generate(prompts, self.sampling, seeds=seeds, batch_size=len(prompts))
-        return answer_rows(jobs, gens[: len(jobs)], gens[len(jobs) :])
+        rows = answer_rows(jobs, gens[:n], gens[n : 2 * n])
+        if self.samples > 1:
+            for i, row in enumerate(rows):
+                row["persona_samples"] = [
+                    {"answer": g.text, "finish": g.finish_reason, "tokens": len(g.token_ids)}
+                    for g in gens[2 * n + i :: n]
+                ]
+                row["persona_sample_tokens"] = sum(s["tokens"] for s in row["persona_samples"])
+        return rows
+
+
+def persona_candidates(row: Mapping[str, Any]) -> list[str]:
+    """The persona answers a verifier may choose from: the row's own, then its other samples."""
+    return [row["persona_answer"]] + [s["answer"] for s in row.get("persona_samples", ())]
+
+
+def chosen_persona_answer(answer_row: Mapping[str, Any], verdict_row: Mapping[str, Any]) -> str:
+    """The persona answer stage 3 kept for a row (the first one unless a verifier picked a sample)."""
+    return persona_candidates(answer_row)[int(verdict_row.get("persona_sample", 0))]
 
 
 def finalize_answers(rows):

@@ -148,6 +148,11 @@ class BootstrapConfig:
         query_stop_at_newline: stop a query at its first line break (only the first line is kept).
         answer_temperature: sampling temperature of stage 2 (answers with and without the persona).
         answer_max_new_tokens: longest answer in tokens.
+        answer_samples: persona answers sampled per query (1: the paper). With k > 1 the program
+            verifier compares each with the base answer and the first that wins is kept as the row's
+            persona answer (best-of-k, i.e. rejection sampling), so a query counts as helped by the
+            context when the context can help it, not only when one draw happened to; needs
+            ``verifier: program``.
         top_p: nucleus mass of stages 1 and 2 (1: off).
         top_k: stages 1 and 2 sample among this many most likely tokens (0: off).
         repetition_penalty: stages 1 and 2 penalise tokens already in the prompt or answer (1: off).
@@ -189,6 +194,7 @@ class BootstrapConfig:
     query_stop_at_newline: bool = True
     answer_temperature: float = 0.7
     answer_max_new_tokens: int = 96
+    answer_samples: int = 1
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
@@ -235,6 +241,7 @@ class BootstrapConfig:
             "query_max_new_tokens",
             "query_examples",
             "answer_max_new_tokens",
+            "answer_samples",
             "judge_max_new_tokens",
             "teacher_top_k",
             "max_response_tokens",
@@ -255,6 +262,11 @@ class BootstrapConfig:
         unknown = [v for v in self.verifier if v not in VERIFIERS]
         if unknown:
             raise ConfigError(f"Unknown bootstrap.verifier {unknown}; choose from {', '.join(VERIFIERS)}.")
+        if int(self.answer_samples) > 1 and self.verifier != ["program"]:
+            raise ConfigError(
+                f"bootstrap.answer_samples={self.answer_samples} needs bootstrap.verifier: program (only a "
+                "program can check every sampled answer; a self-judge would judge k pairs per query)."
+            )
         self.check_personas()
         self.check_programs()
 

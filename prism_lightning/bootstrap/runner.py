@@ -135,6 +135,8 @@ def stage_settings(
             "answer_max_new_tokens": config.answer_max_new_tokens,
             "seed": config.seed,
             **config.sampling_filters(),
+            # one answer per query (the default) keeps the hashes from before the key existed
+            **({"answer_samples": config.answer_samples} if config.answer_samples > 1 else {}),
         },
         "verdicts": {
             "judge": judge,
@@ -333,7 +335,7 @@ def run_bootstrap(
             tasks.answers,
             answers_mod.finalize_answers,
             tasks.batch_size,
-            ("base_tokens", "persona_tokens"),
+            ("base_tokens", "persona_tokens", "persona_sample_tokens"),
         )
         # 3. verdicts (judgments are reused across rules)
         vstore = stores["verdicts"]

@@ -66,6 +66,7 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
             "split": split,
             "decided_by": vs.get("decided_by", "self"),
             "agreement": vs.get("agreement", {}),
+            **({"answer_samples": vs["answer_samples"]} if "answer_samples" in vs else {}),
         },
         "warnings": warnings,
     }
@@ -108,6 +109,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  agreement {pair.replace('~', ' vs ')}: {agree['agree']:.0%} of {agree['pairs']} pairs, "
             f"Cohen's kappa {agree['kappa']:.2f}"
+        )
+    if v.get("answer_samples"):
+        a = v["answer_samples"]
+        lines.append(
+            f"  best of the persona samples: {a['won_by_first_sample']} pairs won by the first, "
+            f"{a['won_by_a_later_sample']} more by a later one ({a['samples_won_mean']:.2f} winning per pair)"
         )
     for name, st in summary["stages"].items():
         if st.get("recomputed_because"):

@@ -139,7 +139,7 @@ class StageTasks:
 
     def answers(self) -> AnswerTask:
         c = self.config
-        return AnswerTask(self.base(), c.answer_sampling(), c.seed)
+        return AnswerTask(self.base(), c.answer_sampling(), c.seed, c.answer_samples)
 
     def verdicts(self) -> VerdictTask:
         c = self.config

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prism_lightning.bootstrap.answers import chosen_persona_answer
 from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
 from prism_lightning.contexts import Context
 from prism_lightning.engines.base import Engine
@@ -87,7 +88,7 @@ def teacher_jobs(
             "id": r["id"],
             "persona": r["persona"],
             "prompt": formatter.prompt(r["query"], personas[r["persona"]].text(length), placement),
-            "response": answers[r["id"]]["persona_answer"],
+            "response": chosen_persona_answer(answers[r["id"]], r),
         }
         for r in distill_rows
     ]

@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from prism_lightning.bootstrap.answers import persona_candidates
 from prism_lightning.bootstrap.prompts import VERDICT_OPTIONS, judge_prompt
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.engines.base import Engine, first_token_ids
@@ -207,20 +208,30 @@ def program_verdicts(
     answers: Sequence[Mapping[str, Any]], programs: Mapping[str, str], texts: Mapping[str, str]
 ) -> dict[str, dict[str, Any]]:
     """{row id: {"program_verdict", "program_label", "program"}}: each pair judged by its context's
-    program (``programs`` maps a context name to ``module:function``; ``texts`` to the context's text)."""
+    program (``programs`` maps a context name to ``module:function``; ``texts`` to the context's text).
+    A row with several persona answers (``bootstrap.answer_samples``) keeps the first that wins
+    (``"persona_sample"``: its index) and records how many of them won (``"samples_won"``)."""
     from prism_lightning.bootstrap.verifiers import load_program, run_program
 
     loaded = {name: load_program(spec) for name, spec in programs.items()}
     out = {}
     for a in answers:
         spec = programs[a["persona"]]
-        verdict = run_program(
-            loaded[a["persona"]], spec, a["query"], a["base_answer"], a["persona_answer"], texts[a["persona"]]
-        )
+        candidates = persona_candidates(a)
+        verdicts = [
+            run_program(loaded[a["persona"]], spec, a["query"], a["base_answer"], c, texts[a["persona"]])
+            for c in candidates
+        ]
+        chosen = verdicts.index("persona") if "persona" in verdicts else 0
         out[a["id"]] = {
-            "program_verdict": verdict,
-            "program_label": int(verdict == "persona"),
+            "program_verdict": verdicts[chosen],
+            "program_label": int(verdicts[chosen] == "persona"),
             "program": spec,
+            **(
+                {"persona_sample": chosen, "samples_won": verdicts.count("persona")}
+                if len(candidates) > 1
+                else {}
+            ),
         }
     return out
 
@@ -249,6 +260,14 @@ def decide_by_verifiers(
     stats = {"decided_by": verifiers[0], "verifiers": list(verifiers), "agreement": agreement}
     if "program" in verifiers:
         stats["program_split"] = split_counts(out, "program_label")
+    sampled = [r for r in out if "samples_won" in r]
+    if sampled:  # bootstrap.answer_samples > 1: how much the extra samples changed
+        stats["answer_samples"] = {
+            "rows": len(sampled),
+            "won_by_first_sample": sum(r["program_label"] and r["persona_sample"] == 0 for r in sampled),
+            "won_by_a_later_sample": sum(r["program_label"] and r["persona_sample"] > 0 for r in sampled),
+            "samples_won_mean": round(sum(r["samples_won"] for r in sampled) / len(sampled), 3),
+        }
     return out, stats
 
 

@@ -6,7 +6,8 @@ bootstrap's own query prompt, at indices after the training ones (so new ids, se
 queries equal or near-equal to a training query or an example are dropped. Each query is answered
 greedily four ways with the exported checkpoint: the base model, the base model with the context in the
 prompt, the adapter forced on (no context), and PRISM routed (the gate decides, no context). The
-verifier labels each query as the bootstrap would (does the context's answer beat the base answer?) and
+verifier labels each query as the bootstrap would (does the context's answer beat the base answer? With
+``bootstrap.answer_samples`` k > 1: does any of the greedy one and k - 1 sampled ones?) and
 scores each answer on its own (does the verifier prefer it to an empty answer?), which gives:
 
 * the gate's AUROC and accuracy against those labels, each with a bootstrap 95% interval over queries;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prism_lightning.bootstrap.config import BootstrapConfig
@@ -128,6 +129,20 @@ def run_heldout_check(
         for q in queries
     ]
     kw = {"batch_size": batch_size}
+    extra = config.answer_samples - 1  # sampled context answers that may also earn the label
+    samples = (
+        engine.generate(
+            with_context * extra,
+            replace(config.answer_sampling(), max_new_tokens=sampling.max_new_tokens),
+            seeds=[
+                row_seed(config.seed, f"heldout-answers:{q['id']}:{k}") for k in range(extra) for q in queries
+            ],
+            mode="off",
+            **kw,
+        )
+        if extra
+        else []
+    )
     outs = {
         "base": engine.generate(plain, sampling, mode="off", **kw),
         "context": engine.generate(with_context, sampling, mode="off", **kw),
@@ -143,19 +158,22 @@ def run_heldout_check(
         def verdict(base: str, other: str) -> str:
             return run_program(program, spec, q["query"], base, other, text)  # noqa: B023
 
+        candidates = [answers["context"]] + [g.text for g in samples[i :: len(queries)]]
+        won = sum(verdict(answers["base"], c) == "persona" for c in candidates)
         rows.append(
             {
                 "id": q["id"],
                 "persona": q["persona"],
                 "query": q["query"],
-                "label": int(verdict(answers["base"], answers["context"]) == "persona"),
+                "label": int(won > 0),
+                **({"context_answers_won": f"{won}/{len(candidates)}"} if extra else {}),
                 "gate_prob": float(outs["routed"][i].gate_prob),
                 "routed": bool(outs["routed"][i].route),
                 "passes": {c: int(verdict("", answers[c]) == "persona") for c in CONDITIONS},
                 "answers": answers,
             }
         )
-    return HeldOutReport(rows, summarise(rows))
+    return HeldOutReport(rows, {**summarise(rows), "label_samples": config.answer_samples})
 
 
 def _rate(rows: Sequence[dict[str, Any]], condition: str) -> float:
@@ -205,7 +223,9 @@ def format_report(summary: dict[str, Any]) -> str:
     rates = s["pass_rates"]
     lines = [
         f"\nheld-out check: {s['queries']} fresh queries ({s['positives']} where the context helped, "
-        "by the verifier), never trained or selected on",
+        "by the verifier"
+        + (f", in any of {s['label_samples']} answers" if s.get("label_samples", 1) > 1 else "")
+        + "), never trained or selected on",
         f"  gate AUROC      {s['gate_auroc']:.3f}  (95% CI {lo:.3f}-{hi:.3f})",
         f"  gate accuracy   {s['gate_accuracy']:.3f}  (95% CI {alo:.3f}-{ahi:.3f})",
         "  verifier pass rate     base   context   adapter   routed",
