@@ -12,6 +12,8 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
+from prism_lightning.thinking import thinking_format
+
 log = logging.getLogger(__name__)
 
 Placement = Literal["system", "user", "none"]
@@ -76,6 +78,8 @@ class ChatFormatter:
         self.tokenizer = tokenizer
         self.base_system_prompt = base_system_prompt
         self.supports_system = supports_system_role(tokenizer)
+        #: how a reasoning model's replies open their ``<think>`` block; None for a model that does not think
+        self.thinking = thinking_format(tokenizer)
         self._warned_fallback = False
 
     def effective_placement(self, placement: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from prism_lightning import run_paths
-from prism_lightning.backbone import BackboneConfig
+from prism_lightning.backbone import BackboneConfig, model_thinking
 from prism_lightning.bootstrap import answers as answers_mod
 from prism_lightning.bootstrap import queries as queries_mod
 from prism_lightning.bootstrap import teacher as teacher_mod
@@ -91,9 +91,16 @@ def judge_references(config: BootstrapConfig, personas: list[Context]) -> dict[s
 def stage_settings(
     config: BootstrapConfig, backbone: BackboneConfig, personas: list[Context]
 ) -> dict[str, dict[str, Any]]:
-    """The settings that affect each stage (the stage hash covers these plus the upstream hashes)."""
+    """The settings that affect each stage (the stage hash covers these plus the upstream hashes). A reasoning
+    model's thinking enters the stages it generates in (none for a model that does not think)."""
     model = asdict(backbone)
     judge = config.judge.identity(config.verdict_rule) if config.judge is not None else model
+    thinks = config.thinking_key(model_thinking(backbone))
+    judge_thinks = {}
+    if "self" in config.verifier and not (config.judge is not None and config.judge.is_endpoint):
+        judge_thinks = config.thinking_key(
+            model_thinking(config.judge.backbone() if config.judge else backbone)
+        )
     texts = {c.name: c.text(config.persona_length) for c in personas}
     show_texts = config.query_prompt == "persona_text"
     references = judge_references(config, personas)
@@ -116,6 +123,7 @@ def stage_settings(
             "seed": config.seed,
             "prompt_version": PROMPT_VERSION,
             **config.sampling_filters(),
+            **thinks,
             **({"query_prompt": config.query_prompt, "persona_texts": texts} if show_texts else {}),
             **(
                 {
@@ -135,6 +143,7 @@ def stage_settings(
             "answer_max_new_tokens": config.answer_max_new_tokens,
             "seed": config.seed,
             **config.sampling_filters(),
+            **thinks,
         },
         "verdicts": {
             "judge": judge,
@@ -144,6 +153,7 @@ def stage_settings(
             # only runs with reference contexts show the judge a document (other hashes stay as they were)
             **({"judge_references": references} if references else {}),
             **config.verifier_key(),
+            **judge_thinks,
         },
         "teacher": {
             "model": model,
