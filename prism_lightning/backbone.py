@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from prism_lightning import assets
-from prism_lightning.chat_format import ChatFormatter
+from prism_lightning.chat_format import ChatFormatter, ThinkingFormat, thinking_format
 from prism_lightning.errors import ConfigError, PrismError
-from prism_lightning.thinking import ThinkingFormat, thinking_format
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,9 @@ def load_model_config(model: str, *, trust_remote_code: bool = False):
 
 def model_thinking(backbone: BackboneConfig) -> ThinkingFormat | None:
     """How the model's replies open a thinking block (None: it does not think), from its chat template: the
-    tokenizer alone, read once per process, so stage hashes can depend on it before any weights load."""
+    tokenizer alone, read once per process, so stage hashes can depend on it before any weights load. A
+    model that cannot be found here counts as not thinking: nothing can run on it, so no row is written
+    under that hash, and hashes stay computable for a config whose model lives elsewhere."""
     return _template_thinking(backbone.model, backbone.trust_remote_code)
 
 
@@ -245,7 +246,10 @@ def model_thinking(backbone: BackboneConfig) -> ThinkingFormat | None:
 def _template_thinking(model: str, trust_remote_code: bool) -> ThinkingFormat | None:
     from transformers import AutoTokenizer
 
-    source, _ = load_model_config(model, trust_remote_code=trust_remote_code)
+    try:
+        source, _ = load_model_config(model, trust_remote_code=trust_remote_code)
+    except ModelNotFoundError:
+        return None
     return thinking_format(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from prism_lightning.bootstrap.stage import StageTask
 from prism_lightning.bootstrap.thinking_stats import thinking_counts, thinking_fields
+from prism_lightning.chat_format import ThinkingFormat
 from prism_lightning.contexts import Context
 from prism_lightning.engines.base import Engine
 from prism_lightning.errors import PrismError
 from prism_lightning.generation import SamplingConfig, row_seed
-from prism_lightning.thinking import ThinkingFormat
 
 
 class DegenerateAnswersError(PrismError, RuntimeError):

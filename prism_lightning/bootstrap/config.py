@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from prism_lightning.backbone import BackboneConfig
-from prism_lightning.chat_format import PLACEMENTS
+from prism_lightning.chat_format import PLACEMENTS, ThinkingFormat
 from prism_lightning.contexts import LENGTHS
 from prism_lightning.engines import GenerationConfig
 from prism_lightning.errors import ConfigError
 from prism_lightning.generation import SamplingConfig
-from prism_lightning.thinking import ThinkingFormat
 
 VERDICT_RULES: tuple[str, ...] = ("logprob", "strict")
 VERIFIERS: tuple[str, ...] = ("self", "program")

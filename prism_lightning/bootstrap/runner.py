@@ -328,7 +328,7 @@ def run_bootstrap(
                 rows, config.min_query_chars, list(by_name), known=shown_examples
             ),
             tasks.batch_size,
-            ("tokens",),
+            ("tokens", "thinking_tokens"),
         )
         # 2. answers
         run(
@@ -343,7 +343,7 @@ def run_bootstrap(
             tasks.answers,
             answers_mod.finalize_answers,
             tasks.batch_size,
-            ("base_tokens", "persona_tokens"),
+            ("base_tokens", "persona_tokens", "base_thinking_tokens", "persona_thinking_tokens"),
         )
         # 3. verdicts (judgments are reused across rules)
         vstore = stores["verdicts"]

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from prism_lightning.chat_format import ThinkingFormat, split_reply
 from prism_lightning.errors import ConfigError
 from prism_lightning.generation import Sampling, SamplingConfig, row_seed
 from prism_lightning.model.route_rule import RouteSpec
-from prism_lightning.thinking import ThinkingFormat, split_reply
 
 __all__ = ["MODES", "Engine", "EngineOutput", "first_token_ids", "option_scores"]
 
@@ -214,7 +214,7 @@ class Engine:
         self, prompts, fmt: ThinkingFormat, sampling, think_tokens, mode, seeds, route, batch_size
     ) -> tuple[list[str], list[EngineOutput]]:
         """The thinking pass: each row opened inside its block and sampled for at most ``think_tokens``, then
-        cut at the end of the block (:func:`~prism_lightning.thinking.split_reply`); returns the prompts
+        cut at the end of the block (:func:`~prism_lightning.chat_format.split_reply`); returns the prompts
         continued past the closed block and the pass's rows with their ``thinking*`` fields."""
         rows = [sampling] * len(prompts) if isinstance(sampling, SamplingConfig) else list(sampling)
         budget = [replace(s, max_new_tokens=int(think_tokens)) for s in rows]
