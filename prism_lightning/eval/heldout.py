@@ -91,6 +91,8 @@ def write_heldout_queries(
         config.query_sampling(),
         seeds=[row_seed(config.seed, f"heldout-queries:{j['id']}") for j in jobs],
         stop_at_newline=config.query_stop_at_newline,
+        think_tokens=config.thinking_max_new_tokens,
+        reply_start=[j.get("reply_start", "") for j in jobs],
     )
     rows = [
         {**{k: j[k] for k in ("id", "persona", "index")}, "raw": o.text.split("\n")[0]}
@@ -127,7 +129,7 @@ def run_heldout_check(
         )
         for q in queries
     ]
-    kw = {"batch_size": batch_size}
+    kw = {"batch_size": batch_size, "think_tokens": config.thinking_max_new_tokens}
     outs = {
         "base": engine.generate(plain, sampling, mode="off", **kw),
         "context": engine.generate(with_context, sampling, mode="off", **kw),
