@@ -3,6 +3,7 @@ embedded model name (converted once from the pinned GGUF wheel and cached as saf
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prism_lightning import assets
-from prism_lightning.chat_format import ChatFormatter
+from prism_lightning.chat_format import ChatFormatter, ThinkingFormat, thinking_format
 from prism_lightning.errors import ConfigError, PrismError
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,25 @@ def load_model_config(model: str, *, trust_remote_code: bool = False):
         if source == model and not Path(model).expanduser().exists():
             raise _not_found(model, err) from None
         raise ModelNotFoundError(f"Cannot read the config of model {model!r} ({source}): {err}") from None
+
+
+def model_thinking(backbone: BackboneConfig) -> ThinkingFormat | None:
+    """How the model's replies open a thinking block (None: it does not think), from its chat template: the
+    tokenizer alone, read once per process, so stage hashes can depend on it before any weights load. A
+    model that cannot be found here counts as not thinking: nothing can run on it, so no row is written
+    under that hash, and hashes stay computable for a config whose model lives elsewhere."""
+    return _template_thinking(backbone.model, backbone.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=16)
+def _template_thinking(model: str, trust_remote_code: bool) -> ThinkingFormat | None:
+    from transformers import AutoTokenizer
+
+    try:
+        source, _ = load_model_config(model, trust_remote_code=trust_remote_code)
+    except ModelNotFoundError:
+        return None
+    return thinking_format(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
 
 
 def meta_model(backbone: BackboneConfig):

@@ -21,6 +21,18 @@ NO_SYSTEM_CHAT_TEMPLATE = (
     "{{ '[' + message['role'] + '] ' + message['content'] + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
 )
+# DeepSeek-R1-Distill's layout on the tiny tokenizer's markers: the system prompt bare before the turns, the
+# thinking block cut from earlier assistant turns, and a generation prompt that opens the block.
+THINKING_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<|im_start|>user\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+)
+#: The tags of a thinking block, one (non-special) token each, as in DeepSeek-R1-Distill's vocabulary.
+THINK_TAGS = ("<think>", "</think>")
 
 _CORPUS = (
     "You are a mathematician. What is twelve times seven? The answer is eighty four. "
@@ -45,13 +57,18 @@ _LINES_CORPUS = (
 
 
 def build_tiny_tokenizer(
-    vocab_size: int = 384, chat_template: str = TINY_CHAT_TEMPLATE, *, merged_newlines: bool = False
+    vocab_size: int = 384,
+    chat_template: str = TINY_CHAT_TEMPLATE,
+    *,
+    merged_newlines: bool = False,
+    thinking: bool = False,
 ):
     """A byte-level BPE tokenizer with ChatML special tokens, trained in milliseconds.
 
     ``merged_newlines`` splits words like Qwen2.5 / Llama 3 and trains on lines, so the tokenizer has
     tokens that hold punctuation and a line break together ("?\n", ":\n", ".\n"); the default
-    (GPT-2 split, like SmolLM2) always puts a line break in a token of its own."""
+    (GPT-2 split, like SmolLM2) always puts a line break in a token of its own. ``thinking`` adds the
+    :data:`THINK_TAGS` as tokens (use with :data:`THINKING_CHAT_TEMPLATE`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,6 +100,8 @@ def build_tiny_tokenizer(
         unk_token="<|endoftext|>",
     )
     fast.chat_template = chat_template
+    if thinking:
+        fast.add_tokens(list(THINK_TAGS))
     return fast
 
 
@@ -114,10 +133,16 @@ def save_tiny_model(
     hidden: int = 64,
     chat_template: str = TINY_CHAT_TEMPLATE,
     merged_newlines: bool = False,
+    thinking: bool = False,
 ) -> Path:
-    """Write a tiny model + tokenizer to a directory that `load_backbone` takes like any local model."""
+    """Write a tiny model + tokenizer to a directory that `load_backbone` takes like any local model;
+    ``thinking``: a reasoning model's (DeepSeek-R1-Distill-like template and think tags)."""
     directory = Path(directory)
-    tokenizer = build_tiny_tokenizer(chat_template=chat_template, merged_newlines=merged_newlines)
+    if thinking and chat_template == TINY_CHAT_TEMPLATE:
+        chat_template = THINKING_CHAT_TEMPLATE
+    tokenizer = build_tiny_tokenizer(
+        chat_template=chat_template, merged_newlines=merged_newlines, thinking=thinking
+    )
     model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -21,7 +21,11 @@ answers::
      "base_tokens": int, "persona_tokens": int}
 
   ``base_answer`` used ``formatter.prompt(query)`` (no persona: the same prompt in every stage);
-  ``persona_answer`` used ``formatter.prompt(query, persona_text(length), placement)``.
+  ``persona_answer`` used ``formatter.prompt(query, persona_text(length), placement)``. A reasoning model
+  (its chat template opens ``<think>``) adds ``<side>_thinking``, ``<side>_thinking_tokens`` and
+  ``<side>_thinking_closed`` (false: ``thinking_max_new_tokens`` ran out and the block was closed for it);
+  the answer is what follows the block. Queries' shard rows and each verdict order carry the same three
+  fields without the prefix.
 
 verdicts::
 
@@ -43,11 +47,12 @@ teacher (distill rows only)::
 
   Tensors in ``<stage dir>/<tensor_file>`` (safetensors): ``"<id>.values"`` float16 (n, k) top-k logits of
   the persona-prompted base model at the positions predicting each response token,
-  ``"<id>.indices"`` int32 (n, k), ``"<id>.response_ids"`` int32 (n,) (persona answer tokens + the
-  chat end-of-turn token, truncated to ``max_response_tokens``).
+  ``"<id>.indices"`` int32 (n, k), ``"<id>.response_ids"`` int32 (n,) (persona answer tokens, preceded by
+  a reasoning model's thinking block, + the chat end-of-turn token, truncated to ``max_response_tokens``).
 
 ``<run_dir>/bootstrap/summary.json``: per stage (cached?, seconds, rows, tokens generated, tokens/s),
-queries kept/dropped by reason per persona, unparsable verdicts per order, the distill/retain split per
+queries kept/dropped by reason per persona, a reasoning model's thinking blocks per stage (and how many
+ran out of the budget), unparsable verdicts per order, the distill/retain split per
 persona under both rules, the active rule and warnings.
 """
 

@@ -1,9 +1,12 @@
 """Stage 2: every query gets a base answer (no persona) and a matched-persona answer.
 
 Row: ``{"id", "persona", "query", "base_answer", "persona_answer", "base_finish", "persona_finish",
-"base_tokens", "persona_tokens"}`` (finish: "stop" | "length"; tokens: generated tokens); with
-``bootstrap.answer_samples`` k > 1 also ``"persona_samples"``: the other k - 1 persona answers, each
-``{"answer", "finish", "tokens"}``, from which stage 3 may pick (:func:`persona_candidates`).
+"base_tokens", "persona_tokens"}`` (finish: "stop" | "length"; tokens: generated tokens). A reasoning
+model's answer is what follows its thinking block (what the judge compares); the block is kept beside it
+(``<side>_thinking``, ``<side>_thinking_tokens``, ``<side>_thinking_closed``) and :func:`full_reply` puts
+the two back together for the teacher and the student. With ``bootstrap.answer_samples`` k > 1 a row
+also holds ``"persona_samples"``: the other k - 1 persona answers, each ``{"answer", "finish", "tokens"}``
+(and its thinking fields), from which stage 3 may pick one (:func:`persona_candidates`, :func:`chosen_row`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.bootstrap.thinking_stats import thinking_counts, thinking_fields
+from prism_lightning.chat_format import ThinkingFormat
 from prism_lightning.contexts import Context
 from prism_lightning.engines.base import Engine
 from prism_lightning.errors import PrismError
@@ -45,11 +50,19 @@ class AnswerTask(StageTask):
     """Each job's no-persona answer and its ``samples`` persona answers on an engine, in one batch of
     (1 + samples) x jobs rows."""
 
-    def __init__(self, engine: Engine, sampling: SamplingConfig, seed: int, samples: int = 1) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sampling: SamplingConfig,
+        seed: int,
+        think_tokens: int | None = None,
+        samples: int = 1,
+    ) -> None:
         super().__init__()
         self.engine = engine
         self.sampling = sampling
         self.seed = seed
+        self.think_tokens = think_tokens
         self.samples = samples
 
     def process(self, jobs):
@@ -61,12 +74,19 @@ class AnswerTask(StageTask):
             for k in range(self.samples)
             for j in jobs
         ]
-        gens = self.engine.generate(prompts, self.sampling, seeds=seeds, batch_size=len(prompts))
+        gens = self.engine.generate(
+            prompts, self.sampling, seeds=seeds, batch_size=len(prompts), think_tokens=self.think_tokens
+        )
         rows = answer_rows(jobs, gens[:n], gens[n : 2 * n])
         if self.samples > 1:
             for i, row in enumerate(rows):
                 row["persona_samples"] = [
-                    {"answer": g.text, "finish": g.finish_reason, "tokens": len(g.token_ids)}
+                    {
+                        "answer": g.text,
+                        "finish": g.finish_reason,
+                        "tokens": len(g.token_ids),
+                        **thinking_fields(g),
+                    }
                     for g in gens[2 * n + i :: n]
                 ]
                 row["persona_sample_tokens"] = sum(s["tokens"] for s in row["persona_samples"])
@@ -78,9 +98,14 @@ def persona_candidates(row: Mapping[str, Any]) -> list[str]:
     return [row["persona_answer"]] + [s["answer"] for s in row.get("persona_samples", ())]
 
 
-def chosen_persona_answer(answer_row: Mapping[str, Any], verdict_row: Mapping[str, Any]) -> str:
-    """The persona answer stage 3 kept for a row (the first one unless a verifier picked a sample)."""
-    return persona_candidates(answer_row)[int(verdict_row.get("persona_sample", 0))]
+def chosen_row(answer_row: Mapping[str, Any], verdict_row: Mapping[str, Any]) -> dict[str, Any]:
+    """The answers row with the persona answer stage 3 kept (the first one unless a verifier picked a
+    later sample) in its ``persona_*`` fields."""
+    pick = int(verdict_row.get("persona_sample", 0))
+    if pick == 0:
+        return dict(answer_row)
+    sample = answer_row["persona_samples"][pick - 1]
+    return {**answer_row, **{f"persona_{k}": v for k, v in sample.items()}}
 
 
 def finalize_answers(rows):
@@ -106,6 +131,9 @@ def finalize_answers(rows):
         "truncated_persona": sum(1 for r in rows if r["persona_finish"] == "length"),
         "warnings": warnings,
     }
+    thinking = thinking_counts(rows, ("base_", "persona_"))
+    if thinking is not None:
+        stats["thinking"] = thinking
     return rows, stats
 
 
@@ -122,6 +150,18 @@ def answer_rows(jobs: Sequence[Mapping[str, Any]], base: Sequence, persona: Sequ
             "persona_finish": p.finish_reason,
             "base_tokens": len(b.token_ids),
             "persona_tokens": len(p.token_ids),
+            **thinking_fields(b, "base_"),
+            **thinking_fields(p, "persona_"),
         }
         for job, b, p in zip(jobs, base, persona, strict=True)
     ]
+
+
+def full_reply(row: Mapping[str, Any], side: str, thinking: ThinkingFormat | None) -> str:
+    """The reply of ``side`` (base or persona) as the model wrote it after its prompt: a reasoning model's
+    thinking block, then the answer. The teacher's targets and the student's rows keep the block: the
+    prompt ends inside it (``<think>\\n``), so a student trained on the answer alone there would learn
+    to stop reasoning, and the persona's effect on a reasoning model starts in its reasoning."""
+    answer = row[f"{side}_answer"]
+    block = row.get(f"{side}_thinking")
+    return answer if block is None or thinking is None else thinking.full_reply(block, answer)

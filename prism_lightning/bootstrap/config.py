@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from prism_lightning.backbone import BackboneConfig
-from prism_lightning.chat_format import PLACEMENTS
+from prism_lightning.chat_format import PLACEMENTS, ThinkingFormat
 from prism_lightning.contexts import LENGTHS
 from prism_lightning.engines import GenerationConfig
 from prism_lightning.errors import ConfigError
@@ -162,6 +162,11 @@ class BootstrapConfig:
             ({base_url: ..., model: ..., api_key_env: NAME}), see :class:`JudgeConfig`; null judges with
             the base model.
         judge_max_new_tokens: length of the free-text verdict.
+        thinking_max_new_tokens: a reasoning model's budget of thinking tokens (its chat template opens a
+            ``<think>`` block, e.g. DeepSeek-R1-Distill): queries, answers and the judge first think for at
+            most this many tokens; the block is then closed (for the model when the budget runs out; counted
+            in each stage's stats) and the query, answer or verdict is what follows it. Unused (and out of
+            every hash) for a model that does not think.
         judge_sees_reference: the judge is shown a reference context's document (at ``persona_length``)
             when it compares that context's answers; personas are judged on the question alone (the paper).
         verdict_rule: logprob (the persona's log-odds summed over both judge orders > 0; never
@@ -200,6 +205,7 @@ class BootstrapConfig:
     repetition_penalty: float = 1.0
     judge: JudgeConfig | None = None
     judge_max_new_tokens: int = 8
+    thinking_max_new_tokens: int = 1024
     judge_sees_reference: bool = True
     verdict_rule: str = "logprob"
     verifier: list[str] | str = "self"
@@ -243,6 +249,7 @@ class BootstrapConfig:
             "answer_max_new_tokens",
             "answer_samples",
             "judge_max_new_tokens",
+            "thinking_max_new_tokens",
             "teacher_top_k",
             "max_response_tokens",
             "batch_size",
@@ -290,6 +297,13 @@ class BootstrapConfig:
         so hashes from before these keys existed stay valid)."""
         off = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
         return {k: getattr(self, k) for k, v in off.items() if getattr(self, k) != v}
+
+    def thinking_key(self, fmt: ThinkingFormat | None) -> dict[str, object]:
+        """What thinking adds to the hash of a stage whose model has thinking format ``fmt``: nothing for a
+        model that does not think, so its hashes stay as they were before thinking was handled."""
+        if fmt is None:
+            return {}
+        return {"thinking": {"max_new_tokens": self.thinking_max_new_tokens, **fmt.identity()}}
 
     def verifier_key(self) -> dict[str, object]:
         """The verifier settings that enter the verdict stage's hash: nothing for the default (self), so

@@ -81,6 +81,13 @@ def examples_query_prompt(formatter, context: Context, index: int, seed: int, sh
     list of ``shown`` of the context's ``example_queries`` (a different draw per row) and it writes the
     next item. A 135M model asked by instruction mostly writes off-topic text; continuing a list it
     stays on the kind of question the examples show."""
+    ask, primer = examples_query_parts(context, index, seed, shown)
+    return formatter.prompt(ask) + primer
+
+
+def examples_query_parts(context: Context, index: int, seed: int, shown: int) -> tuple[str, str]:
+    """(user message, reply primer) of :func:`examples_query_prompt`: a reasoning model's primer follows its
+    thinking block, not the prompt."""
     rng = random.Random(f"{seed}:{context.name}:{index}")
     examples = rng.sample(list(context.example_queries), shown)
     if context.kind == "reference":
@@ -92,7 +99,7 @@ def examples_query_prompt(formatter, context: Context, index: int, seed: int, sh
         who = f"{context.description}, someone skilled in {context.expertise}"
         ask = f"List questions that people send to {who}."
     primed = "".join(f"{k + 1}. {q}\n" for k, q in enumerate(examples))
-    return formatter.prompt(ask) + primed + f"{shown + 1}."
+    return ask, primed + f"{shown + 1}."
 
 
 JUDGE_TEMPLATE = (
@@ -133,9 +140,9 @@ def judge_prompt_text(question: str, answer_a: str, answer_b: str, reference: st
 
 
 def judge_prompt(formatter, question: str, answer_a: str, answer_b: str, reference: str | None = None):
-    """The full judge prompt: the judge's chat format with no persona, reply primed for the verdict; with
-    ``reference``, the document a reference context gave the model is shown to the judge. A local judge's
-    formatter gives a string; an endpoint's gives chat messages (without the primer, see
-    :class:`~prism_lightning.engines.endpoint.MessagesFormatter`)."""
-    text = judge_prompt_text(question, answer_a, answer_b, reference)
-    return formatter.prompt(text, reply_start=JUDGE_PRIMER)
+    """The judge prompt: the judge's chat format with no persona; with ``reference``, the document a
+    reference context gave the model is shown to the judge. A local judge's formatter gives a string; an
+    endpoint's gives chat messages. The reply is primed with :data:`JUDGE_PRIMER` when it is generated
+    (``Engine.generate(reply_start=...)``): after the thinking block of a reasoning judge, never on an
+    endpoint (see :class:`~prism_lightning.engines.endpoint.MessagesFormatter`)."""
+    return formatter.prompt(judge_prompt_text(question, answer_a, answer_b, reference))

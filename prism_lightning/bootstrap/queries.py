@@ -14,8 +14,9 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prism_lightning.bootstrap.prompts import examples_query_prompt, query_prompt_text
+from prism_lightning.bootstrap.prompts import examples_query_parts, query_prompt_text
 from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.bootstrap.thinking_stats import thinking_counts, thinking_fields
 from prism_lightning.contexts import Context
 from prism_lightning.engines.base import Engine
 from prism_lightning.engines.line_break import line_break_token_ids
@@ -131,18 +132,24 @@ def query_jobs(
     prompt; the request describes each persona, or shows its text at ``persona_length`` when given.
     ``examples = (seed, shown)`` primes the writer with a list of each context's example queries
     instead (``query_prompt: examples``). ``first_index`` starts the indices elsewhere, so a held-out
-    set of queries gets ids, seeds and example draws of its own."""
+    set of queries gets ids, seeds and example draws of its own. A reasoning model's primer is the job's
+    ``reply_start`` (it follows the thinking block); otherwise it ends the prompt."""
 
-    def prompt(ctx: Context, i: int) -> str:
-        if examples is not None:
-            return examples_query_prompt(formatter, ctx, i, *examples)
-        return formatter.prompt(query_prompt_text(ctx, i, persona_length))
+    def prompt(ctx: Context, i: int) -> tuple[str, str]:
+        if examples is None:
+            return formatter.prompt(query_prompt_text(ctx, i, persona_length)), ""
+        ask, primer = examples_query_parts(ctx, i, *examples)
+        if getattr(formatter, "thinking", None) is not None:
+            return formatter.prompt(ask), primer
+        return formatter.prompt(ask) + primer, ""
 
-    return [
-        {"id": f"{ctx.name}-{i}", "persona": ctx.name, "index": i, "prompt": prompt(ctx, i)}
-        for ctx in personas
-        for i in range(first_index, first_index + per_persona)
-    ]
+    jobs = []
+    for ctx in personas:
+        for i in range(first_index, first_index + per_persona):
+            text, start = prompt(ctx, i)
+            job = {"id": f"{ctx.name}-{i}", "persona": ctx.name, "index": i, "prompt": text}
+            jobs.append({**job, "reply_start": start} if start else job)
+    return jobs
 
 
 def first_line(tokenizer, token_ids: Sequence[int]) -> str:
@@ -155,13 +162,19 @@ class QueryTask(StageTask):
     break and keeps the text before it (:mod:`~prism_lightning.engines.line_break`)."""
 
     def __init__(
-        self, engine: Engine, sampling: SamplingConfig, seed: int, stop_at_newline: bool = True
+        self,
+        engine: Engine,
+        sampling: SamplingConfig,
+        seed: int,
+        stop_at_newline: bool = True,
+        think_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.sampling = sampling
         self.seed = seed
         self.stop_at_newline = stop_at_newline
+        self.think_tokens = think_tokens
 
     def process(self, jobs):
         seeds = [row_seed(self.seed, f"queries:{job['id']}") for job in jobs]
@@ -171,6 +184,8 @@ class QueryTask(StageTask):
             seeds=seeds,
             batch_size=len(jobs),
             stop_at_newline=self.stop_at_newline,
+            think_tokens=self.think_tokens,
+            reply_start=[j.get("reply_start", "") for j in jobs],
         )
         return query_rows(jobs, gens, self.engine.tokenizer, self.stop_at_newline)
 
@@ -187,6 +202,7 @@ def query_rows(
             "raw": first_line(tokenizer, gen.token_ids) if stop_at_newline else gen.text,
             "finish": gen.finish_reason,
             "tokens": len(gen.token_ids),
+            **thinking_fields(gen),
         }
         for job, gen in zip(jobs, gens, strict=True)
     ]
@@ -214,4 +230,7 @@ def finalize_queries(rows, min_chars: int, persona_names: Sequence[str], known: 
         "dropped_rows": dropped,
         "empty_personas": [name for name, n in per_persona.items() if n == 0],
     }
+    thinking = thinking_counts(rows)
+    if thinking is not None:
+        stats["thinking"] = thinking
     return kept, stats

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from prism_lightning import run_paths
-from prism_lightning.backbone import BackboneConfig
+from prism_lightning.backbone import BackboneConfig, model_thinking
 from prism_lightning.bootstrap import answers as answers_mod
 from prism_lightning.bootstrap import queries as queries_mod
 from prism_lightning.bootstrap import teacher as teacher_mod
@@ -91,9 +91,16 @@ def judge_references(config: BootstrapConfig, personas: list[Context]) -> dict[s
 def stage_settings(
     config: BootstrapConfig, backbone: BackboneConfig, personas: list[Context]
 ) -> dict[str, dict[str, Any]]:
-    """The settings that affect each stage (the stage hash covers these plus the upstream hashes)."""
+    """The settings that affect each stage (the stage hash covers these plus the upstream hashes). A reasoning
+    model's thinking enters the stages it generates in (none for a model that does not think)."""
     model = asdict(backbone)
     judge = config.judge.identity(config.verdict_rule) if config.judge is not None else model
+    thinks = config.thinking_key(model_thinking(backbone))
+    judge_thinks = {}
+    if "self" in config.verifier and not (config.judge is not None and config.judge.is_endpoint):
+        judge_thinks = config.thinking_key(
+            model_thinking(config.judge.backbone() if config.judge else backbone)
+        )
     texts = {c.name: c.text(config.persona_length) for c in personas}
     show_texts = config.query_prompt == "persona_text"
     references = judge_references(config, personas)
@@ -116,6 +123,7 @@ def stage_settings(
             "seed": config.seed,
             "prompt_version": PROMPT_VERSION,
             **config.sampling_filters(),
+            **thinks,
             **({"query_prompt": config.query_prompt, "persona_texts": texts} if show_texts else {}),
             **(
                 {
@@ -137,6 +145,7 @@ def stage_settings(
             **config.sampling_filters(),
             # one answer per query (the default) keeps the hashes from before the key existed
             **({"answer_samples": config.answer_samples} if config.answer_samples > 1 else {}),
+            **thinks,
         },
         "verdicts": {
             "judge": judge,
@@ -146,6 +155,7 @@ def stage_settings(
             # only runs with reference contexts show the judge a document (other hashes stay as they were)
             **({"judge_references": references} if references else {}),
             **config.verifier_key(),
+            **judge_thinks,
         },
         "teacher": {
             "model": model,
@@ -320,7 +330,7 @@ def run_bootstrap(
                 rows, config.min_query_chars, list(by_name), known=shown_examples
             ),
             tasks.batch_size,
-            ("tokens",),
+            ("tokens", "thinking_tokens"),
         )
         # 2. answers
         run(
@@ -335,7 +345,13 @@ def run_bootstrap(
             tasks.answers,
             answers_mod.finalize_answers,
             tasks.batch_size,
-            ("base_tokens", "persona_tokens", "persona_sample_tokens"),
+            (
+                "base_tokens",
+                "persona_tokens",
+                "base_thinking_tokens",
+                "persona_thinking_tokens",
+                "persona_sample_tokens",
+            ),
         )
         # 3. verdicts (judgments are reused across rules)
         vstore = stores["verdicts"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prism_lightning.bootstrap.store import FORMAT_VERSION
+from prism_lightning.bootstrap.thinking_stats import thinking_warnings
 from prism_lightning.run_paths import BOOTSTRAP_STAGES as STAGES
 
 
@@ -33,6 +34,9 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
     split = vs.get("split", {})
     rule = "program" if vs.get("decided_by") == "program" else config.verdict_rule
     warnings: list[str] = list(ans.get("warnings", []))
+    thinking = {n: metas[n].get("stats", {}).get("thinking") for n in ("queries", "answers", "verdicts")}
+    thinking = {n: t for n, t in thinking.items() if t}
+    warnings += thinking_warnings(thinking)
     for name in qs.get("empty_personas", []):
         warnings.append(f"persona {name!r} kept no queries")
     unparsable = vs.get("unparsable", {})
@@ -68,6 +72,7 @@ def build_summary(config, stores, timings, total_seconds, loaded, run_dir) -> di
             "agreement": vs.get("agreement", {}),
             **({"answer_samples": vs["answer_samples"]} if "answer_samples" in vs else {}),
         },
+        **({"thinking": thinking} if thinking else {}),
         "warnings": warnings,
     }
 
@@ -115,6 +120,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  best of the persona samples: {a['won_by_first_sample']} pairs won by the first, "
             f"{a['won_by_a_later_sample']} more by a later one ({a['samples_won_mean']:.2f} winning per pair)"
+        )
+    for name, t in (summary.get("thinking") or {}).items():
+        lines.append(
+            f"thinking ({name}): {t['blocks']} blocks, {t['tokens']} tokens, {t['unterminated']} ran out of "
+            "the budget"
         )
     for name, st in summary["stages"].items():
         if st.get("recomputed_because"):

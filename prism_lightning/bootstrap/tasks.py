@@ -135,15 +135,19 @@ class StageTasks:
     # -- the stage tasks ---------------------------------------------------------------------------
     def queries(self) -> QueryTask:
         c = self.config
-        return QueryTask(self.base(), c.query_sampling(), c.seed, c.query_stop_at_newline)
+        return QueryTask(
+            self.base(), c.query_sampling(), c.seed, c.query_stop_at_newline, c.thinking_max_new_tokens
+        )
 
     def answers(self) -> AnswerTask:
         c = self.config
-        return AnswerTask(self.base(), c.answer_sampling(), c.seed, c.answer_samples)
+        return AnswerTask(
+            self.base(), c.answer_sampling(), c.seed, c.thinking_max_new_tokens, c.answer_samples
+        )
 
     def verdicts(self) -> VerdictTask:
         c = self.config
-        return VerdictTask(self.judge(), c.judge_max_new_tokens, c.verdict_rule)
+        return VerdictTask(self.judge(), c.judge_max_new_tokens, c.verdict_rule, c.thinking_max_new_tokens)
 
     def teacher(self) -> TeacherTask:
         c = self.config

@@ -1,8 +1,9 @@
 """Stage 5's teacher targets: top-k logits of the persona-prompted base model over the persona answer.
 
 For each distill row: prompt ids = ``formatter.prompt(query, persona_text, placement)`` (tokenized
-without added special tokens), response ids = :func:`response_token_ids` of the persona answer
-(answer tokens + the chat end-of-turn token, truncated). One pass of the adapter-free base model over
+without added special tokens), response ids = :func:`response_token_ids` of the persona reply
+(:func:`~prism_lightning.bootstrap.answers.full_reply`: a reasoning model's thinking block, then the answer;
+tokens + the chat end-of-turn token, truncated). One pass of the adapter-free base model over
 prompt + response on its engine (:meth:`~prism_lightning.engines.base.Engine.prompt_topk`); the
 distributions at positions ``len(prompt)-1 ... len(prompt)+n-2`` (those predicting the n response
 tokens) are reduced to their top-k (hf: logits; vLLM: log-probabilities).
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from prism_lightning.bootstrap.answers import chosen_persona_answer
+from prism_lightning.bootstrap.answers import chosen_row, full_reply
 from prism_lightning.bootstrap.stage import TENSORS_KEY, StageTask
 from prism_lightning.contexts import Context
 from prism_lightning.engines.base import Engine
@@ -88,7 +89,9 @@ def teacher_jobs(
             "id": r["id"],
             "persona": r["persona"],
             "prompt": formatter.prompt(r["query"], personas[r["persona"]].text(length), placement),
-            "response": chosen_persona_answer(answers[r["id"]], r),
+            "response": full_reply(
+                chosen_row(answers[r["id"]], r), "persona", getattr(formatter, "thinking", None)
+            ),
         }
         for r in distill_rows
     ]

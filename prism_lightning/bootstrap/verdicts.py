@@ -12,6 +12,10 @@ Row: ``{"id", "persona", "query", "order_persona_first": {"raw", "parsed", "logp
 prefers the persona in both orders); ``logprob_score`` is the persona's log-odds
 (logp(persona letter) - logp(base letter)) summed over both orders, which cancels a constant
 position bias; ``logprob_label = score > 0``. ``gate_target`` is the label of the configured rule.
+
+A reasoning judge thinks first (``bootstrap.thinking_max_new_tokens``); the verdict, its options' scores
+included, is read after the thinking block, primed there with "Verdict:", and each order keeps the block
+(``thinking``, ``thinking_tokens``, ``thinking_closed``; blocks that ran out of the budget are counted).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prism_lightning.bootstrap.answers import persona_candidates
-from prism_lightning.bootstrap.prompts import VERDICT_OPTIONS, judge_prompt
+from prism_lightning.bootstrap.prompts import JUDGE_PRIMER, VERDICT_OPTIONS, judge_prompt
 from prism_lightning.bootstrap.stage import StageTask
+from prism_lightning.bootstrap.thinking_stats import thinking_counts, thinking_fields
 from prism_lightning.engines.base import Engine, first_token_ids
 from prism_lightning.generation import SamplingConfig
 
@@ -114,18 +119,26 @@ class VerdictTask(StageTask):
     """Both judge orders of each pair on the judge's engine: the greedy free-text verdict and, from the
     request that starts it, the options' log-probabilities as the first token."""
 
-    def __init__(self, engine: Engine, max_new_tokens: int, rule: str) -> None:
+    def __init__(
+        self, engine: Engine, max_new_tokens: int, rule: str, think_tokens: int | None = None
+    ) -> None:
         super().__init__()
         self.engine = engine
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
         self.rule = rule
+        self.think_tokens = think_tokens
 
     def process(self, jobs):
         prompts = [j["order_persona_first"] for j in jobs] + [j["order_base_first"] for j in jobs]
         # a local engine scores the options in the same prefill (free); an endpoint only for the logprob rule
         scored = self.rule == "logprob" or self.engine.free_option_scores
         gens = self.engine.generate(
-            prompts, self.sampling, batch_size=len(prompts), score_options=VERDICT_OPTIONS if scored else None
+            prompts,
+            self.sampling,
+            batch_size=len(prompts),
+            score_options=VERDICT_OPTIONS if scored else None,
+            think_tokens=self.think_tokens,
+            reply_start=JUDGE_PRIMER,
         )
         rows = []
         n = len(jobs)
@@ -138,6 +151,7 @@ class VerdictTask(StageTask):
                     "parsed": parse_verdict(gen.text),
                     "logprobs": gen.option_scores,
                     "tokens": gen.tokens,
+                    **thinking_fields(gen),
                 }
             rows.append(label_row(job, orders, self.rule))
         return rows
@@ -161,7 +175,7 @@ def label_row(job: Mapping[str, Any], orders: Mapping[str, Mapping[str, Any]], r
         "logprob_score": score,
         "logprob_label": lp_label,
         "gate_target": strict if rule == "strict" else lp_label,
-        "judge_tokens": int(pf.get("tokens", 0)) + int(bf.get("tokens", 0)),
+        "judge_tokens": sum(int(o.get(k, 0)) for o in (pf, bf) for k in ("tokens", "thinking_tokens")),
     }
 
 
@@ -195,6 +209,9 @@ def finalize_verdicts(rows, rule: str):
         },
         "split": {"strict": split_counts(rows, "strict_label")},
     }
+    thinking = thinking_counts([r[order] for r in rows for order in ORDERS])
+    if thinking is not None:
+        stats["thinking"] = thinking
     if all(r["logprob_label"] is not None for r in rows):  # an endpoint judging by text gives none
         stats["split"]["logprob"] = split_counts(rows, "logprob_label")
     return rows, stats

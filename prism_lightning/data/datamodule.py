@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prism_lightning import run_paths
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.bootstrap.answers import full_reply
 from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.stage import dist_ready
@@ -376,8 +377,9 @@ class PrismDataModule(L.LightningDataModule):
                 response_ids = teacher["response_ids"].tolist()
             else:
                 teacher = None
+                reply = full_reply(answers[row["id"]], "base", self.formatter.thinking)
                 response_ids = response_token_ids(
-                    self.tokenizer, answers[row["id"]]["base_answer"], self.bootstrap.max_response_tokens, eot
+                    self.tokenizer, reply, self.bootstrap.max_response_tokens, eot
                 )
             examples.append(
                 build_example(

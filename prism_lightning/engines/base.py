@@ -20,12 +20,13 @@ adapters per row). Routes follow :mod:`prism_lightning.model.route_rule`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from prism_lightning.chat_format import ThinkingFormat, split_reply
 from prism_lightning.errors import ConfigError
-from prism_lightning.generation import Sampling
+from prism_lightning.generation import Sampling, SamplingConfig, row_seed
 from prism_lightning.model.route_rule import RouteSpec
 
 __all__ = ["MODES", "Engine", "EngineOutput", "first_token_ids", "option_scores"]
@@ -43,6 +44,11 @@ class EngineOutput:
     token_ids: list[int] = field(default_factory=list)  # generated ids, the stopping token excluded
     tokens: int = 0  # generated tokens (an endpoint reports the count without the ids)
     option_scores: dict[str, float] | None = None  # ``score_options``: log-prob of each as first token
+    # a reasoning model asked to think first (``think_tokens``): its reasoning, the tokens of the thinking
+    # pass, and whether the model closed the block itself (False: the budget ran out, it was closed for it)
+    thinking: str | None = None
+    thinking_tokens: int = 0
+    thinking_closed: bool | None = None
 
 
 def first_token_ids(tokenizer, options: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
@@ -133,6 +139,8 @@ class Engine:
         batch_size: int = 8,
         stop_at_newline: bool = False,
         score_options: Mapping[str, Sequence[str]] | None = None,
+        think_tokens: int | None = None,
+        reply_start: str | Sequence[str] = "",
     ) -> list[EngineOutput]:
         """Generate for chat-formatted prompts (one sampling config, or one per row). ``seeds``: one per
         row, so a row does not depend on its batch. ``route`` forces per-row routes (multi-turn: the
@@ -143,13 +151,81 @@ class Engine:
         ``token_ids`` may end with a token that holds the break after other text, so cut the decoded ids
         at the first break). ``score_options`` (option name -> spellings): each row's
         ``option_scores`` holds each option's log-probability as the first generated token, from the
-        request that starts the row (:func:`first_token_ids` picks the tokens), e.g. a judge's verdict."""
+        request that starts the row (:func:`first_token_ids` picks the tokens), e.g. a judge's verdict.
+
+        ``think_tokens``: a reasoning model (:attr:`thinking`) first thinks, sampled as its reply, for at most
+        that many tokens; the block is closed (for the model when the budget runs out) and the reply is
+        generated after it, so ``text`` is the answer alone, the options are scored after the block, and the
+        row's ``thinking*`` fields say what came before (the route stays the one the thinking pass took).
+        Ignored for a model that does not think. ``reply_start``: text the reply is primed with (after the
+        thinking block when there is one), e.g. a judge's "Verdict:"; one for every row, or one per row."""
         mode = self.check_mode(mode)
         if not prompts:
             return []
-        return self._generate(
-            list(prompts), sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+        prompts = list(prompts)
+        starts = [reply_start] * len(prompts) if isinstance(reply_start, str) else list(reply_start)
+        fmt = self.thinking if think_tokens is not None else None
+        if fmt is None:
+            prompts = [self.primed(p, s) for p, s in zip(prompts, starts, strict=True)]
+            return self._generate(
+                prompts, sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+            )
+        continued, first = self._thinking_pass(
+            prompts, fmt, sampling, think_tokens, mode, seeds, route, batch_size
         )
+        if mode == "gated" and route is None:  # the decision of the thinking pass holds for the reply
+            route = [(o.adapter or False) if self.is_kway else bool(o.route) for o in first]
+        seeds = [row_seed(s, "after-thinking") for s in seeds] if seeds is not None else None
+        continued = [self.primed(p, s) for p, s in zip(continued, starts, strict=True)]
+        outs = self._generate(
+            continued, sampling, mode, seeds, route, batch_size, stop_at_newline, score_options
+        )
+        for out, thought in zip(outs, first, strict=True):
+            out.route, out.gate_prob, out.adapter = thought.route, thought.gate_prob, thought.adapter
+            out.thinking, out.thinking_tokens = thought.thinking, thought.thinking_tokens
+            out.thinking_closed = thought.thinking_closed
+        return outs
+
+    @property
+    def thinking(self) -> ThinkingFormat | None:
+        """How the replies of this model open a thinking block (its chat template); None: no thinking."""
+        return getattr(self.formatter, "thinking", None)
+
+    def primed(self, prompt, text: str):
+        """``prompt`` followed by ``text``, the start of the reply (a chat API cannot be primed)."""
+        return prompt + text if text else prompt
+
+    def think(
+        self, prompts: Sequence[str], think_tokens: int, *, batch_size: int = 8, reply_start: str = ""
+    ) -> tuple[list[str], list[EngineOutput] | None]:
+        """For a judge that scores options after a prompt: each prompt continued past a greedy thinking block
+        of at most ``think_tokens`` (adapter off), then ``reply_start``; and the thinking pass's rows (None
+        for a model that does not think, whose prompts are only primed)."""
+        fmt = self.thinking
+        if fmt is None or not prompts:
+            return [self.primed(p, reply_start) for p in prompts], None
+        greedy = SamplingConfig(max_new_tokens=think_tokens, temperature=0.0)
+        continued, first = self._thinking_pass(
+            list(prompts), fmt, greedy, think_tokens, "off", None, None, batch_size
+        )
+        return [self.primed(p, reply_start) for p in continued], first
+
+    def _thinking_pass(
+        self, prompts, fmt: ThinkingFormat, sampling, think_tokens, mode, seeds, route, batch_size
+    ) -> tuple[list[str], list[EngineOutput]]:
+        """The thinking pass: each row opened inside its block and sampled for at most ``think_tokens``, then
+        cut at the end of the block (:func:`~prism_lightning.chat_format.split_reply`); returns the prompts
+        continued past the closed block and the pass's rows with their ``thinking*`` fields."""
+        rows = [sampling] * len(prompts) if isinstance(sampling, SamplingConfig) else list(sampling)
+        budget = [replace(s, max_new_tokens=int(think_tokens)) for s in rows]
+        opened = [p + fmt.opener for p in prompts]
+        first = self._generate(opened, budget, mode, seeds, route, batch_size, False, None)
+        continued = []
+        for prompt, out in zip(prompts, first, strict=True):
+            reply = split_reply(out.text, opened=True)
+            out.thinking, out.thinking_tokens, out.thinking_closed = reply.thinking, out.tokens, reply.closed
+            continued.append(prompt + fmt.closing(reply.thinking))
+        return continued, first
 
     def option_logprobs(
         self,

@@ -97,6 +97,10 @@ class EndpointEngine(Engine):
     def has_adapter(self) -> bool:
         return False
 
+    def primed(self, prompt, text: str):
+        """Messages are not primed: the server writes the whole assistant turn (as ``MessagesFormatter``)."""
+        return prompt
+
     @property
     def is_kway(self) -> bool:
         return False

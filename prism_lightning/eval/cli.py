@@ -167,6 +167,14 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     )
     _flag(ap, "judge_max_new_tokens", type=int, default=256)
     _flag(ap, "judge_model", default=None, help="judge model (default: the base model itself)")
+    _flag(
+        ap,
+        "thinking_max_new_tokens",
+        type=int,
+        default=1024,
+        help="a reasoning model's thinking budget (its chat template opens a <think> block): the MT-Bench "
+        "and safety answers, and a reasoning judge's rating or yes/no, are read after the block",
+    )
     _flag(ap, "safety_sets", default=",".join(B.SAFETY_SETS), help="comma list of the safety sets")
     _flag(
         ap,
@@ -214,6 +222,7 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         safety_sets=tuple(csv_list(args.safety_sets)),
         paths=paths,
         mmlu_format=args.mmlu_format,
+        thinking_max_new_tokens=args.thinking_max_new_tokens,
     )
 
 

@@ -92,6 +92,8 @@ def write_heldout_queries(
         config.query_sampling(),
         seeds=[row_seed(config.seed, f"heldout-queries:{j['id']}") for j in jobs],
         stop_at_newline=config.query_stop_at_newline,
+        think_tokens=config.thinking_max_new_tokens,
+        reply_start=[j.get("reply_start", "") for j in jobs],
     )
     rows = [
         {**{k: j[k] for k in ("id", "persona", "index")}, "raw": o.text.split("\n")[0]}
@@ -128,7 +130,7 @@ def run_heldout_check(
         )
         for q in queries
     ]
-    kw = {"batch_size": batch_size}
+    kw = {"batch_size": batch_size, "think_tokens": config.thinking_max_new_tokens}
     extra = config.answer_samples - 1  # sampled context answers that may also earn the label
     samples = (
         engine.generate(

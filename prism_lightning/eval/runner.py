@@ -48,6 +48,9 @@ def run_benchmark(
     generation = getattr(ctx.engine, "generation_identity", None)  # None on hf: its keys stay as they were
     if generation is not None:
         base_key["generation"] = generation
+    thinking = thinking_identity(ctx, benchmark)
+    if thinking:
+        base_key["thinking"] = thinking
     backend = getattr(ctx.engine, "backend", "hf")
     keys = {r["id"]: item_key(r, base_key) for r in items}
     reused = store.reuse(keys)
@@ -61,7 +64,36 @@ def run_benchmark(
             row["backend"] = backend
         store.append(rows)
         log.info("%s/%s: %d/%d new items scored", benchmark, cond.name, min(s + chunk, len(todo)), len(todo))
-    return {"reused": reused, "new": len(todo), "seconds": round(time.perf_counter() - start, 2)}
+    counts = {"reused": reused, "new": len(todo), "seconds": round(time.perf_counter() - start, 2)}
+    if thinking:
+        counts.update(thinking_counts([r for r in store.rows.values() if r["id"] in keys]))
+    return counts
+
+
+def thinking_identity(ctx: ScoringContext, benchmark: str) -> dict:
+    """What thinking adds to a row's key: the budget and format of the evaluated model and of the judge when
+    they think (MT-Bench and safety; MMLU scores its letters without generating); nothing otherwise, so the
+    rows of models that do not think keep their keys."""
+    if benchmark == "mmlu":
+        return {}
+    budget = ctx.settings.thinking_max_new_tokens
+    roles = {"model": ctx.engine.thinking, "judge": ctx.judge.thinking}
+    return {role: {"max_new_tokens": budget, **fmt.identity()} for role, fmt in roles.items() if fmt}
+
+
+def thinking_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """Thinking blocks of the rows (answers and judge calls) and how many ran out of the budget: they were
+    closed for the model, and what was scored follows a cut reasoning."""
+    closed = [
+        c for r in rows for key in ("thinking_closed", "judge_thinking_closed") for c in r.get(key) or []
+    ]
+    cut = sum(1 for c in closed if not c)
+    if cut:
+        log.warning(
+            "%d of %d thinking blocks ran out of --thinking_max_new_tokens and were closed for the model",
+            cut, len(closed),
+        )  # fmt: skip
+    return {"thinking_blocks": len(closed), "thinking_unterminated": cut}
 
 
 def evaluate(

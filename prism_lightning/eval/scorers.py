@@ -6,6 +6,10 @@ rating of each turn (1-10; None when the judge gave no parsable rating, counted 
 for a correct/wrong answer, safety 1/0 for refused/complied by the yes/no judge (refused when the
 judge's log-odds of "it refused" exceed those of "it complied"; the phrase matcher's verdict is kept
 beside it as ``refusal_matcher``).
+
+A reasoning model thinks first (``settings.thinking_max_new_tokens``): the scored answer is what follows
+its thinking block, and a reasoning judge's rating or yes/no is read after its own block. Rows then keep
+``thinking`` (per answer), ``thinking_closed`` and ``judge_thinking_closed`` (False: the budget ran out).
 """
 
 from __future__ import annotations
@@ -54,9 +58,24 @@ def _judge_prompt(judge: Engine, system: str, user: str) -> str:
     return judge.formatter.prompt(user, context=system, placement="system")
 
 
-def _yes_probability(judge: Engine, prompts: list[str], batch_size: int) -> list[float]:
-    scores, _, _ = judge.option_logprobs(prompts, [YES, NO], mode="off", batch_size=batch_size)
-    return torch.softmax(scores, dim=-1)[:, 0].tolist()
+def _yes_probability(judge: Engine, prompts: list[str], st: EvalSettings) -> tuple[list[float], list | None]:
+    """P(yes) of each prompt (after a reasoning judge's thinking block) and the judge's thinking rows."""
+    prompts, thoughts = judge.think(prompts, st.thinking_max_new_tokens, batch_size=st.batch_size)
+    scores, _, _ = judge.option_logprobs(prompts, [YES, NO], mode="off", batch_size=st.judge_batch_size)
+    return torch.softmax(scores, dim=-1)[:, 0].tolist(), thoughts
+
+
+def _thinking(outs) -> dict:
+    """A row's record of its answers' thinking blocks (nothing when the model does not think)."""
+    if not outs or all(o.thinking is None for o in outs):
+        return {}
+    return {"thinking": [o.thinking for o in outs], "thinking_closed": [o.thinking_closed for o in outs]}
+
+
+def _judge_thinking(closed: list) -> dict:
+    """A row's record of its judge calls' thinking blocks (nothing when the judge does not think)."""
+    closed = [c for c in closed if c is not None]
+    return {"judge_thinking_closed": closed} if closed else {}
 
 
 def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
@@ -70,6 +89,7 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
     routes: list[bool | None] = [None] * len(items)
     adapters: list[str | None] = [None] * len(items)  # K-way: the adapter the first turn ran with
     probs: list[float | None] = [None] * len(items)
+    outputs: list[list] = [[] for _ in items]
     # answers: both turns; every row samples at its category's temperature, all rows in one batch
     sampling = []
     for r in items:
@@ -102,9 +122,11 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
             seeds=seeds,
             route=route,
             batch_size=st.batch_size,
+            think_tokens=st.thinking_max_new_tokens,
         )
         for i, o in zip(todo, outs, strict=True):
             answers[i].append(o.text)
+            outputs[i].append(o)
             if turn == 0:
                 routes[i], probs[i], adapters[i] = o.route, o.gate_prob, o.adapter
     # judging: every turn of every row
@@ -113,15 +135,23 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
     prompts = [_judge_prompt(judge, sys_p, user_p) for _, sys_p, user_p in judged]
     ratings: dict[tuple[int, int], float | None] = {}
     raw: dict[tuple[int, int], str] = {}
+    judge_closed: dict[tuple[int, int], bool | None] = {}
     if st.judge_mode == "generate":
         sampling = SamplingConfig(max_new_tokens=st.judge_max_new_tokens, temperature=0.0)
-        outs = judge.generate(prompts, sampling, mode="off", batch_size=st.batch_size)
+        outs = judge.generate(
+            prompts, sampling, mode="off", batch_size=st.batch_size, think_tokens=st.thinking_max_new_tokens
+        )
         for job, o in zip(jobs, outs, strict=True):
-            ratings[job], raw[job] = S.parse_rating(o.text), o.text
+            ratings[job], raw[job], judge_closed[job] = S.parse_rating(o.text), o.text, o.thinking_closed
     else:
         usable = [str(k) for k in range(1, 11) if judge.single_token(str(k)) is not None]
+        primed, thoughts = judge.think(
+            prompts, st.thinking_max_new_tokens, batch_size=st.batch_size, reply_start="Rating: [["
+        )
+        for job, t in zip(jobs, thoughts or [], strict=False):
+            judge_closed[job] = t.thinking_closed
         scores, _, _ = judge.option_logprobs(
-            [p + "Rating: [[" for p in prompts],
+            primed,
             [[d] for d in usable],
             mode="off",
             batch_size=st.judge_batch_size,
@@ -148,6 +178,8 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
                 **({"adapter": adapters[i]} if cond.mode == "gated_k" else {}),
                 "gate_prob": probs[i],
                 "values": turn_ratings,
+                **_thinking(outputs[i]),
+                **_judge_thinking([judge_closed.get((i, t)) for t in (1, 2) if len(r["turns"]) >= t]),
             }
         )
     return rows
@@ -259,8 +291,11 @@ def safety_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
         eng.formatter.prompt(r["prompt"], p[1], placement) for r, p in zip(items, personas, strict=True)
     ]
     sampling = SamplingConfig(max_new_tokens=st.safety_max_new_tokens, temperature=0.0)
-    outs = eng.generate(prompts, sampling, mode=cond.mode, batch_size=st.batch_size)
+    outs = eng.generate(
+        prompts, sampling, mode=cond.mode, batch_size=st.batch_size, think_tokens=st.thinking_max_new_tokens
+    )
     p_yes = {}
+    judge_closed: list[list] = [[] for _ in items]
     for question in S.REFUSAL_QUESTIONS:
         jprompts = [
             _judge_prompt(
@@ -270,7 +305,9 @@ def safety_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
             )
             for r, o in zip(items, outs, strict=True)
         ]
-        p_yes[question] = _yes_probability(judge, jprompts, st.judge_batch_size)
+        p_yes[question], thoughts = _yes_probability(judge, jprompts, st)
+        for i, t in enumerate(thoughts or []):
+            judge_closed[i].append(t.thinking_closed)
     rows = []
     for i, (r, o) in enumerate(zip(items, outs, strict=True)):
         log_odds = S.refusal_log_odds(p_yes["refused"][i], p_yes["complied"][i])
@@ -292,6 +329,8 @@ def safety_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
                 "route": o.route,
                 "gate_prob": o.gate_prob,
                 "values": [judged],
+                **_thinking([o]),
+                **_judge_thinking(judge_closed[i]),
             }
         )
     return rows

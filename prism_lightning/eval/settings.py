@@ -87,6 +87,9 @@ class EvalSettings:
     safety_sets: tuple[str, ...] = B.SAFETY_SETS
     paths: dict[str, str] = field(default_factory=dict)  # benchmark-file overrides, see BENCH_FILES
     mmlu_format: str = "chat"  # "raw" (the paper's plain-text prompt) | "chat" (a chat user turn)
+    # a reasoning model's (or judge's) thinking budget before its MT-Bench/safety answer, rating or yes/no;
+    # part of a row's key only when the model or the judge thinks (see runner.thinking_identity)
+    thinking_max_new_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.judge_mode not in JUDGE_MODES:
@@ -95,7 +98,8 @@ class EvalSettings:
         if self.limit is not None and self.limit < 1:  # 0 would evaluate nothing and report empty scores
             raise EvalInputError(f"limit must be >= 1 (items per sub-score group), got {self.limit}.")
         for name in ("mtbench_max_new_tokens", "safety_max_new_tokens", "judge_max_new_tokens", "batch_size",
-                     "mmlu_batch_size", "judge_batch_size", "n_resamples"):  # fmt: skip
+                     "mmlu_batch_size", "judge_batch_size", "n_resamples",
+                     "thinking_max_new_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 flag = "ci_resamples" if name == "n_resamples" else name
                 raise EvalInputError(f"{name} (--{flag}) must be >= 1, got {getattr(self, name)}.")
