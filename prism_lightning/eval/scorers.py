@@ -155,9 +155,11 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
 
 def mmlu_raw_text(row: dict) -> str:
     """The paper's reference MMLU prompt: plain text, no chat template, ending in "Answer:" (the
-    scored continuation is " A".." D")."""
-    subject = str(row.get("subject", "")).replace("_", " ")
-    lines = [f"The following is a multiple choice question about {subject}.", "", str(row["question"])]
+    scored continuation is " A".." D"). Below its first sentence it is lm-evaluation-harness's ``mmlu``
+    template (the question stripped, as lm-eval strips it); lm-eval's first sentence reads "The following
+    are multiple choice questions (with answers) about ..." (tests/test_lm_eval_crosscheck.py)."""
+    subject, question = str(row.get("subject", "")).replace("_", " "), str(row["question"]).strip()
+    lines = [f"The following is a multiple choice question about {subject}.", "", question]
     lines += [f"{letter}. {choice}" for letter, choice in zip(S.LETTERS, row["choices"], strict=True)]
     return "\n".join(lines) + "\nAnswer:"
 
