@@ -17,6 +17,8 @@
     <report --out>/  (default <run_dir>/report) report.md  <figure>.png
     <reproduce dir>/                            run/  checkpoint/  eval/  study/  report/
                                                 reproduce.json  comparison.md  comparison.json
+        run-seed<S>/  checkpoint-seed<S>/  eval-seed<S>/   another training seed (``--seeds``);
+        run-seed<S>/bootstrap -> ../run/bootstrap          one bootstrap for every seed
 
 Existing runs resume only while these names stay as they are: change one and old stage directories,
 item files and checkpoints are no longer found.
@@ -181,21 +183,32 @@ def figure_file(out: str | Path, name: str) -> Path:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where one reproduction's outputs lie (all under its directory ``root``)."""
+    """Where one reproduction's outputs lie (all under its directory ``root``). ``seed`` names another
+    training seed of the same reproduction (``reproduce --seeds``): its fit, export and evaluation lie in
+    ``run-seed<S>/``, ``checkpoint-seed<S>/`` and ``eval-seed<S>/`` (the bootstrap inside ``run-seed<S>/`` is
+    a link to the first seed's); the study, report and state files are the reproduction's own."""
 
     root: Path
+    seed: int | None = None
+
+    def for_seed(self, seed: int | None) -> RunPaths:
+        """The paths of another training seed's fit and evaluation (None: the first seed's)."""
+        return RunPaths(self.root, seed)
+
+    def _own(self, name: str) -> Path:
+        return self.root / (name if self.seed is None else f"{name}-seed{self.seed}")
 
     @property
     def run(self) -> Path:  # fit's data.run_dir: bootstrap stages, Lightning checkpoints, W&B files
-        return self.root / "run"
+        return self._own("run")
 
     @property
     def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT_DIR
+        return self._own(CHECKPOINT_DIR)
 
     @property
     def eval(self) -> Path:
-        return self.root / EVAL_DIR
+        return self._own(EVAL_DIR)
 
     @property
     def study(self) -> Path:

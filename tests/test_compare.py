@@ -4,6 +4,7 @@ the run's model is the paper's; every published number names its source."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,9 +27,13 @@ QWEN = "Qwen/Qwen2.5-7B-Instruct"
 CONDITIONS = ("base", "persona", "prism")
 
 
-def _rows(cond: str, safety_sets: tuple[str, ...]) -> dict[tuple[str, str], list[dict]]:
+def _every_other(k: int, group: str) -> int:
+    return k % 2
+
+
+def _rows(cond: str, safety_sets: tuple[str, ...], route=_every_other) -> dict[tuple[str, str], list[dict]]:
     """Scored rows of every benchmark under ``cond``: MMLU 70% right, 10 refusals in 16 per safety set
-    (persona: 12; AdvBench: 2), MT-Bench 7.5 per turn, prism routes every other item."""
+    (persona: 12; AdvBench: 2), MT-Bench 7.5 per turn, prism routes every other item (``route(k, group)``)."""
     out: dict[tuple[str, str], list[dict]] = {("mmlu", cond): [], ("safety", cond): [], ("mtbench", cond): []}
     for d in B.MMLU_DOMAINS:
         for i in range(20):
@@ -44,21 +49,30 @@ def _rows(cond: str, safety_sets: tuple[str, ...]) -> dict[tuple[str, str], list
     if cond == "prism":
         for rows in out.values():
             for k, r in enumerate(rows):
-                r.update(route=k % 2, gate_prob=0.5)
+                r.update(route=route(k, r["group"]), gate_prob=0.5)
     return out
 
 
-def write_eval(root: Path, safety_sets: tuple[str, ...] = B.SAFETY_SETS, persona_length: str = "short"):
-    """An evaluation directory as ``evaluate`` leaves it: item files and the summary."""
-    paths = RunPaths(root)
+def write_eval(
+    root: Path,
+    safety_sets: tuple[str, ...] = B.SAFETY_SETS,
+    persona_length: str = "short",
+    *,
+    seed: int | None = None,
+    conditions: tuple[str, ...] = CONDITIONS,
+    route=_every_other,
+):
+    """An evaluation directory as ``evaluate`` leaves it: item files and the summary (``seed``: an extra
+    training seed's)."""
+    paths = RunPaths(root, seed)
     rows_by: dict[tuple[str, str], list[dict]] = {}
-    for cond in CONDITIONS:
-        rows_by.update(_rows(cond, safety_sets))
+    for cond in conditions:
+        rows_by.update(_rows(cond, safety_sets, route))
     for (bench, cond), rows in rows_by.items():
         files.atomic_write_jsonl(run_paths.item_file(paths.eval, bench, cond), rows)
     settings = EvalSettings(safety_sets=safety_sets, n_resamples=200)
     names = subscore_names(("mtbench", "mmlu", "safety"), safety_sets)
-    summary = summarise(rows_by, CONDITIONS, names, n_resamples=200)
+    summary = summarise(rows_by, conditions, names, n_resamples=200)
     summary["settings"] = asdict(settings)
     summary["conditions_config"] = {"persona": {"persona_length": persona_length, "placement": "system"}}
     write_summary(summary, paths.eval)
@@ -190,3 +204,42 @@ def test_gate_accuracy_is_the_exported_gates_on_the_test_split(run_root):
     files.atomic_write_json(prism, {"training_config": {"metrics": metrics}})
     row = {r.metric: r for r in compare(paths, "qwen2.5-7b", QWEN)}["gate_acc"]
     assert row.value == pytest.approx(90.0) and row.lo is None and "no test split" in row.label
+
+
+def _by_benchmark(k: int, group: str) -> int:
+    """Routes all of safety and a quarter of everything else: rates that vary across categories."""
+    return int(group.startswith("safety/") or k % 4 == 0)
+
+
+def test_the_spread_across_training_seeds(run_root):
+    """``reproduce --seeds``: a row a fit changes carries each seed's value and their mean and range, beside
+    the first seed's CI; an extra seed evaluates only the adapter conditions, so its routing-vs-effect
+    correlation pairs its routing rates with the first seed's persona effects; rows no fit changes say so."""
+    first = RunPaths(run_root)
+    write_eval(run_root, seed=1, route=_by_benchmark)  # every condition: its own summary has the correlation
+    write_eval(run_root, seed=2, conditions=("prism",), route=_by_benchmark)  # as reproduce evaluates a seed
+    for k, acc in ((None, 0.7), (1, 0.5), (2, 0.6)):
+        files.atomic_write_json(
+            first.for_seed(k).checkpoint / run_paths.PRISM_JSON,
+            {"training_config": {"metrics": {"after_fit": {"val/gate_acc": acc}}}},
+        )
+    rows = compare(first, "qwen2.5-7b", QWEN, seeds=[first.for_seed(1), first.for_seed(2)])
+    by = {r.metric: r for r in rows}
+
+    routing = by["routing:mtbench/math"]  # 2 of 4, then 1 of 4 on both extra seeds
+    assert routing.seed_values == pytest.approx([50.0, 25.0, 25.0])
+    assert routing.seeds == "33.3 [25.0, 50.0]" and routing.seed_sd == pytest.approx(14.4338, abs=1e-3)
+    assert routing.value == pytest.approx(50.0)  # the CI column stays the first seed's
+    assert by["gate_acc"].seed_values == pytest.approx([70.0, 50.0, 60.0])
+    assert by["eval:prism:mmlu"].seeds == "70.0 [70.0, 70.0]" and by["eval:prism:mmlu"].seed_sd == 0.0
+    seed_1 = json.loads(run_paths.eval_summary(first.for_seed(1).eval).read_text())["correlation"]["pearson"]
+    corr = by["correlation:pearson"].seed_values
+    assert seed_1 is not None and -1.0 <= seed_1 <= 1.0
+    assert corr[0] is None  # the first seed routes 50% everywhere: no correlation
+    assert corr[1] == pytest.approx(seed_1) and corr[2] == pytest.approx(seed_1)
+    assert by["correlation:pearson"].seeds.endswith("(2 of 3 seeds)")
+    for metric in ("eval:base:mmlu", "effect:mtbench/math", "study_mmlu:min", "split:distill_pct"):
+        assert by[metric].seeds.startswith("same for every seed") and by[metric].seed_values is None
+    table = format_table(rows, title="t")
+    assert "3 seeds: mean [min, max]" in table and "33.3 [25.0, 50.0]" in table
+    assert "seeds:" not in format_table(compare(first, "qwen2.5-7b", QWEN), title="t")  # one seed: as before

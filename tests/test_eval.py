@@ -263,9 +263,9 @@ def test_option_scoring_respects_routing(tiny_checkpoint):
     eng = HFEngine.from_routed(routed)
     prompts = routed.prompts(["What is twelve times seven?", "Write a short poem about the sea.", "Hi"])
     opts = [["A", " A"], ["B", " B"], ["C"], ["D"]]
-    off, r_off, _ = eng.option_logprobs(prompts, opts, mode="off", batch_size=2)
-    on, r_on, _ = eng.option_logprobs(prompts, opts, mode="on", batch_size=2)
-    gated, routes, probs = eng.option_logprobs(prompts, opts, mode="gated", batch_size=2)
+    off, r_off, _, _ = eng.option_logprobs(prompts, opts, mode="off", batch_size=2)
+    on, r_on, _, _ = eng.option_logprobs(prompts, opts, mode="on", batch_size=2)
+    gated, routes, probs, _ = eng.option_logprobs(prompts, opts, mode="gated", batch_size=2)
     assert r_off == [False] * 3 and r_on == [True] * 3
     assert not torch.allclose(off, on)
     assert all(p is not None for p in probs)
@@ -278,6 +278,12 @@ def test_option_scoring_respects_routing(tiny_checkpoint):
     # one-by-one == batched (padding does not change scores)
     single = torch.cat([eng.option_logprobs([p], opts, mode="on")[0] for p in prompts])
     assert torch.allclose(single, on, atol=1e-4)
+    # a forced route per row wins over the gate, whose probability is still recorded
+    want = [not r for r in routes]
+    forced = eng.option_logprobs(prompts, opts, mode="gated", batch_size=2, route=want)
+    assert forced.routes == want and forced.probs == pytest.approx(probs, abs=1e-6)
+    for i, r in enumerate(want):
+        assert torch.allclose(forced.scores[i], on[i] if r else off[i], atol=1e-4)
 
 
 def test_auto_judge_mode_follows_judge_size(tiny_checkpoint, monkeypatch):
@@ -345,6 +351,80 @@ def test_evaluate_end_to_end_and_resume(tiny_checkpoint, small_mtbench, tmp_path
     assert evaluate_main(_tiny_args(tiny_checkpoint, out, small_mtbench, *changed)) == 0
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert runs == {"mmlu/persona": {**runs["mmlu/persona"], "new": 8, "reused": 0}}
+
+
+def _standardise_on_mmlu(module) -> None:
+    """Standardise the gate's input over the chat prompts of the MMLU items a ``--limit 2`` run scores, so
+    an untrained 3-way gate spreads them over none and both adapters."""
+    from prism_lightning.eval import scoring as S
+    from prism_lightning.eval.items import select_items
+    from prism_lightning.eval.settings import EvalSettings
+    from prism_lightning.generation import left_pad
+
+    tok, items = module.tokenizer, select_items("mmlu", EvalSettings(limit=2))
+    rows = [
+        tok(module.formatter.prompt(S.mmlu_prompt(r)), add_special_tokens=False)["input_ids"] for r in items
+    ]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    feats = module.controller.gate_features(ids, mask).float()
+    module.gate.set_feature_stats(feats.mean(0), feats.std(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_kway_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A K-way export of the tiny model: two visible adapters and a 3-way gate that routes rows apart."""
+    return untrained_checkpoint(
+        str(tiny_model_dir), tmp_path_factory.mktemp("ckpt-k") / "run", lora_std=0.5, lora_rank=4,
+        lora_alpha=8, gate_hidden=[16, 8], gate_std=3.0, prepare=_standardise_on_mmlu,
+        adapters={"numbers": ["math"], "code": ["coding"]}, personas=("math", "coding"),
+    )  # fmt: skip
+
+
+@needs_assets
+def test_prism_k_on_raw_mmlu_routes_on_the_chat_prompt(tiny_kway_checkpoint, small_mtbench, tmp_path):
+    """``--mmlu_format raw`` with prism_k: the K-way gate decides on the chat-formatted question (the prompt
+    it was trained on), and the raw prompt is scored with the adapter it chose, as one-adapter prism does."""
+    from prism_lightning.engines.hf import HFEngine
+    from prism_lightning.eval import evaluate_main
+    from prism_lightning.eval import scoring as S
+    from prism_lightning.eval.items import select_items
+    from prism_lightning.eval.scorers import mmlu_prompts
+    from prism_lightning.eval.settings import EvalSettings
+    from prism_lightning.generation import left_pad
+    from prism_lightning.model.export import load_checkpoint
+    from prism_lightning.model.inference import prompt_gate_probs
+    from prism_lightning.model.route_rule import gate_routes
+
+    out = tmp_path / "eval"
+    args = ["--conditions", "prism_k", "--benchmarks", "mmlu", "--mmlu_format", "raw", "--dtype", "float32"]
+    assert evaluate_main(_tiny_args(tiny_kway_checkpoint, out, small_mtbench, *args)) == 0
+    rows = [json.loads(x) for x in (out / "items" / "mmlu__prism_k.jsonl").read_text().splitlines()]
+    items = {r["id"]: r for r in select_items("mmlu", EvalSettings(limit=2))}
+    assert len(rows) == 8 and {r["id"] for r in rows} <= set(items)
+    picked = [items[r["id"]] for r in rows]
+
+    routed = load_checkpoint(tiny_kway_checkpoint, device="cpu")
+    questions = [S.mmlu_prompt(r) for r in picked]
+    on_chat = routed.choose_adapters(questions)
+    assert [r["route"] for r in rows] == [a is not None for a in on_chat]
+    assert [r["gate_prob"] for r in rows] == pytest.approx(routed.gate_probs(questions), abs=1e-5)
+    assert [r["adapter"] for r in rows] == on_chat
+    assert len(set(on_chat)) > 1  # more than one route was taken
+    # the gate decides otherwise on the raw prompt for some rows (so routing there is a different run)
+    ctl, tok = routed.controller, routed.tokenizer
+    raw = mmlu_prompts(HFEngine.from_routed(routed), picked, [(None, None)] * len(picked), "system", "raw")
+    raw_probs = prompt_gate_probs(routed.model, tok, ctl, raw)
+    assert [ctl.route_name(int(r)) for r in gate_routes(raw_probs, ctl.threshold)] != on_chat
+    # each raw prompt was scored with the chosen adapter (or none), in the model's own forward
+    letters = [tok(" " + letter, add_special_tokens=False)["input_ids"][0] for letter in S.LETTERS]
+    for row, prompt, adapter in zip(rows, raw, on_chat, strict=True):
+        ids, mask = left_pad([tok(prompt, add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+        ctl.set_mask(0 if adapter is None else ctl.adapter_names.index(adapter) + 1)
+        with torch.no_grad():
+            logits = routed.model(input_ids=ids, attention_mask=mask).logits[0, -1]
+        want = torch.log_softmax(logits.float(), -1)[letters]
+        assert row["logprobs"] == pytest.approx(want.tolist(), abs=2e-4)
+    ctl.reset()
 
 
 def _rows(out: Path, name: str, group: str | None, field: str) -> list:

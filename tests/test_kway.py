@@ -273,8 +273,8 @@ def test_export_writes_one_plain_peft_adapter_per_group_and_loads_back(trained, 
     assert [o.adapter for o in engine.generate(prompts, sampling, mode=mode, batch_size=4)] == [
         o.adapter for o in gated
     ]
-    _, routes, _ = engine.option_logprobs(prompts, [["A"], ["B"]], mode=mode)
-    assert routes == [o.route for o in gated]
+    scored = engine.option_logprobs(prompts, [["A"], ["B"]], mode=mode)
+    assert scored.routes == [o.route for o in gated] and scored.adapters == [o.adapter for o in gated]
     chat = routed.chat(["What is twelve times seven?", "And eight?"], replies=["Eighty four."])
     assert chat.adapter == routed.choose_adapters(["What is twelve times seven?"])[0]
     rows = module.predict_step([{"id": "q1", "query": queries[0]}])

@@ -141,6 +141,8 @@ def ROOT_EMPTY(tmp_path):  # noqa: N802 - a run directory with nothing in it
         ([], "give --preset NAME"),
         (["--preset", "smollm2-135m-instruct", "--run_dir", f"{__file__}/run"], "which is a file"),
         (["--preset", "smollm2-135m-instruct", "--vllm", "max_num_seqs=8"], "--vllm settings need --backend"),
+        (["--preset", "smollm2-135m-instruct", "--seeds", "0"], "--seeds must be >= 1"),
+        (["--preset", "qwen1.5-moe-a2.7b", "--seeds", "2"], "--seeds 2 needs a preset that trains"),
         (
             ["--preset", "smollm2-135m-instruct", "--backend", "vllm", "--vllm", "tensor_parallel_size=0"],
             "tensor_parallel_size must be >= 1",
@@ -230,6 +232,43 @@ def test_reproduce_end_to_end_killed_after_fit_and_resumed(tiny_preset, tmp_path
     assert reproduce_main(["--preset", str(tiny_preset), "--limit", "2", "--run_dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out.count("done earlier") == 5
+
+
+@needs_assets
+def test_reproduce_with_two_training_seeds(tiny_preset, tmp_path, capsys):
+    """``--seeds 2``: one bootstrap, two fits (seed_everything 0 and 1), each evaluated (the second under the
+    adapter conditions only), the spread across them beside the first seed's CI; a rerun redoes nothing and
+    a third seed added later runs only its own fit and evaluation."""
+    run_dir = tmp_path / "run"
+    args = ["--preset", str(tiny_preset), "--limit", "2", "--run_dir", str(run_dir)]
+    assert reproduce_main([*args, "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bootstrap -> fit -> evaluate -> fit-seed1 -> evaluate-seed1 -> study -> report" in out
+    assert "[4/7] fit-seed1: done" in out and "[5/7] evaluate-seed1: done" in out
+    link = run_dir / "run-seed1" / "bootstrap"
+    assert link.is_symlink() and link.resolve() == (run_dir / "run" / "bootstrap").resolve()  # one bootstrap
+    assert list((run_dir / "run-seed1" / "wandb").glob("offline-run-*"))  # its own W&B run, not seed 0's
+    gates = [(run_dir / d / "gate.safetensors").read_bytes() for d in ("checkpoint", "checkpoint-seed1")]
+    assert gates[0] != gates[1]  # another training seed, another gate
+    seed_summary = json.loads((run_dir / "eval-seed1" / "summary.json").read_text())
+    assert set(seed_summary["conditions"]) == {"lora", "prism"}
+    result = json.loads((run_dir / "comparison.json").read_text())
+    assert result["extra_seeds"] == [1]
+    by = {r["metric"]: r for r in result["rows"]}
+    assert len(by["routing:mmlu"]["seed_values"]) == 2 and by["routing:mmlu"]["seeds"].count("[") == 1
+    assert by["routing:mmlu"]["value"] == by["routing:mmlu"]["seed_values"][0]  # the CI column: seed 0's
+    assert by["gate_acc"]["seed_values"][1] is not None  # from checkpoint-seed1
+    assert by["eval:base:mmlu"]["seeds"].startswith("same for every seed")
+    assert re.search(r"this run \[95% CI\]\s*\|\s*2 seeds: mean \[min, max\]\s*\|\s*difference", out)
+
+    assert reproduce_main([*args, "--seeds", "2"]) == 0
+    assert capsys.readouterr().out.count("done earlier") == 7
+    assert reproduce_main([*args, "--seeds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 7
+    assert "[6/9] fit-seed2: done" in out and "[7/9] evaluate-seed2: done" in out
+    rows = json.loads((run_dir / "comparison.json").read_text())["rows"]
+    assert len({r["metric"]: r for r in rows}["routing:mmlu"]["seed_values"]) == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -306,13 +306,22 @@ def test_prism_k_on_vllm_routes_as_on_hf(kway_checkpoint, tmp_path):
     assert [o.route for o in ours] == [o.route for o in theirs]
     assert [o.gate_prob for o in ours] == pytest.approx([o.gate_prob for o in theirs], abs=1e-4)
     assert len({o.adapter for o in ours}) > 1  # more than one route was sent
+    # a forced route per row (none, or an adapter by name) scores the options on both engines alike
+    forced = ["numbers", "code", False, "code", None, "numbers"]
+    letters = [[" A"], [" B"], [" C"], [" D"]]
+    got = vllm_engine.option_logprobs(prompts, letters, mode="gated_k", route=forced)
+    want = hf_engine.option_logprobs(prompts, letters, mode="gated_k", route=forced)
+    assert got.adapters == want.adapters and got.routes == want.routes
+    assert got.adapters[:4] == ["numbers", "code", None, "code"]  # False: the base model
+    assert torch.allclose(got.scores, want.scores, atol=1e-3)
     missing = benchmark_assets_missing()
     if missing:
         pytest.skip(missing)
     vllm_args = ["--backend", "vllm", "--vllm", "max_model_len=1024", "--vllm", "max_num_seqs=16",
                  "--vllm", "cpu_kv_cache_gib=0.25", "--vllm", "max_lora_rank=8"]  # fmt: skip
     mt = write_small_mtbench(tmp_path)
-    args = ["--conditions", "prism_k", "--benchmarks", "mmlu"]
+    # the raw MMLU prompt: routed on the chat prompt, then scored with the chosen adapter (a forced route)
+    args = ["--conditions", "prism_k", "--benchmarks", "mmlu", "--mmlu_format", "raw"]
     out_v, out_h = tmp_path / "vllm", tmp_path / "hf"
     assert evaluate_main(_eval_args(kway_checkpoint, out_v, mt, *vllm_args, *args)) == 0
     assert evaluate_main(_eval_args(kway_checkpoint, out_h, mt, *args)) == 0
@@ -320,8 +329,11 @@ def test_prism_k_on_vllm_routes_as_on_hf(kway_checkpoint, tmp_path):
     rows_h = {r["id"]: r for r in map(json.loads, (out_h / "items" / "mmlu__prism_k.jsonl").open())}
     assert rows_v and set(rows_v) == set(rows_h)
     assert {i: r["route"] for i, r in rows_v.items()} == {i: r["route"] for i, r in rows_h.items()}
+    assert {i: r["adapter"] for i, r in rows_v.items()} == {i: r["adapter"] for i, r in rows_h.items()}
+    print(f"prism_k adapters on raw MMLU: {[r['adapter'] for r in rows_v.values()]}")
     for i, r in rows_v.items():
         assert r["gate_prob"] == pytest.approx(rows_h[i]["gate_prob"], abs=1e-4)
+        assert r["logprobs"] == pytest.approx(rows_h[i]["logprobs"], abs=1e-3)
 
 
 def test_the_serve_engine_honours_top_k_and_repetition_penalty(embedded_checkpoint):

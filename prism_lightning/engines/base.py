@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -29,7 +30,7 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.generation import Sampling, SamplingConfig, row_seed
 from prism_lightning.model.route_rule import RouteSpec
 
-__all__ = ["MODES", "Engine", "EngineOutput", "first_token_ids", "option_scores"]
+__all__ = ["MODES", "Engine", "EngineOutput", "OptionLogprobs", "first_token_ids", "option_scores"]
 
 MODES: tuple[str, ...] = ("off", "on", "gated", "gated_k")
 
@@ -49,6 +50,15 @@ class EngineOutput:
     thinking: str | None = None
     thinking_tokens: int = 0
     thinking_closed: bool | None = None
+
+
+class OptionLogprobs(NamedTuple):
+    """What :meth:`Engine.option_logprobs` returns, one entry per row."""
+
+    scores: torch.Tensor  # (n, n_options) log-probabilities
+    routes: list[bool | None]  # adapter on/off (None: no adapter to route)
+    probs: list[float | None]  # the gate's P(an adapter), where the gate decided
+    adapters: list[str | None]  # K-way: the adapter the row ran with (None: the base model)
 
 
 def first_token_ids(tokenizer, options: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
@@ -234,11 +244,15 @@ class Engine:
         *,
         mode: str = "off",
         batch_size: int = 16,
-    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
+        route: Sequence[RouteSpec] | None = None,
+    ) -> OptionLogprobs:
         """Log-probability of each option as the next token after each prompt. An option is a list of
-        spellings; its score is the logsumexp over those that are one token. Returns
-        ([n, n_options] log-probs, per-row route, per-row gate probability)."""
-        return self._option_logprobs(list(prompts), options, self.check_mode(mode), batch_size)
+        spellings; its score is the logsumexp over those that are one token. ``route`` forces per-row
+        routes as in :meth:`generate` (a prompt scored with a route decided on another prompt: MMLU's
+        raw format is routed on the chat-formatted question)."""
+        if route is not None and len(route) != len(prompts):
+            raise ValueError(f"got {len(route)} routes for {len(prompts)} prompts")
+        return self._option_logprobs(list(prompts), options, self.check_mode(mode), batch_size, route)
 
     def prompt_topk(
         self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], k: int
@@ -266,8 +280,13 @@ class Engine:
         raise NotImplementedError
 
     def _option_logprobs(
-        self, prompts: list[str], options: Sequence[Sequence[str]], mode: str, batch_size: int
-    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
+        self,
+        prompts: list[str],
+        options: Sequence[Sequence[str]],
+        mode: str,
+        batch_size: int,
+        route: Sequence[RouteSpec] | None,
+    ) -> OptionLogprobs:
         raise NotImplementedError
 
     def _prompt_topk(

@@ -230,7 +230,7 @@ class EndpointEngine(Engine):
         with ThreadPoolExecutor(max_workers=min(self.concurrency, n)) as pool:
             return list(pool.map(one, range(n)))
 
-    def _option_logprobs(self, prompts, options, mode, batch_size):
+    def _option_logprobs(self, prompts, options, mode, batch_size, route):
         raise ConfigError(
             "option_logprobs over an endpoint is not supported; use generate(score_options=...)."
         )

@@ -10,10 +10,10 @@ import contextlib
 
 import torch
 
-from prism_lightning.engines.base import Engine, EngineOutput, first_token_ids, option_scores
+from prism_lightning.engines.base import Engine, EngineOutput, OptionLogprobs, first_token_ids, option_scores
 from prism_lightning.engines.line_break import StopAfterLineBreak, line_break_token_ids
 from prism_lightning.generation import generate, left_pad, stop_token_ids
-from prism_lightning.model.route_rule import adapter_prob
+from prism_lightning.model.route_rule import adapter_prob, forced_routes
 
 __all__ = ["HFEngine", "topk_over_response"]
 
@@ -122,10 +122,10 @@ class HFEngine(Engine):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _option_logprobs(
-        self, prompts, options, mode, batch_size
-    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
-        """One forward per batch (length-sorted, left-padded, only the last position's logits)."""
+    def _option_logprobs(self, prompts, options, mode, batch_size, route) -> OptionLogprobs:
+        """One forward per batch (length-sorted, left-padded, only the last position's logits). The gate
+        decides inside that forward when the mode needs it or a route is forced (the rule then applies
+        the forced routes)."""
         n = len(prompts)
         option_ids = [self.option_ids(o) for o in options]
         rows = [list(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
@@ -133,37 +133,34 @@ class HFEngine(Engine):
         scores = torch.empty((n, len(options)), dtype=torch.float32)
         routes: list[bool | None] = [None] * n
         probs: list[float | None] = [None] * n
+        adapters: list[str | None] = [None] * n
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = _device(self.model)
         ctl = self.controller
+        kway = self.is_kway if ctl is not None else False
+        forced = forced_routes(route, ctl.adapter_names if kway else None) if ctl is not None else None
+        # the gate runs when it picks a route: gated, K-way on (which adapter), or a route is forced
+        decides = ctl is not None and (mode == "gated" or (mode == "on" and kway) or forced is not None)
         old_mode = ctl.mode if ctl is not None else None
         try:
             for start in range(0, n, batch_size):
                 chunk = order[start : start + batch_size]
                 ids, mask = left_pad([rows[i] for i in chunk], pad_id, device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                if ctl is not None:
-                    if mode == "off":
-                        ctl.set_mask(0.0)
-                    elif mode == "on" and not self.is_kway:
-                        ctl.reset()
-                    elif mode == "on":  # K-way: always an adapter, the gate picks which
-                        ctl.mode = "on"
-                        ctl.arm(decide=True)
-                    else:
-                        ctl.mode = "gated"
-                        ctl.arm(decide=True)
+                if decides:
+                    ctl.mode = mode
+                    ctl.arm(decide=True, force=None if forced is None else [forced[i] for i in chunk])
+                elif ctl is not None:
+                    ctl.set_mask(1.0 if mode == "on" else 0.0)
                 logits = self._last_logits(ids, mask, positions)
                 if ctl is not None:
                     ctl.disarm()
-                    if mode == "gated":
-                        dec, pr = ctl.decision, ctl.probs
-                        for j, i in enumerate(chunk):
-                            routes[i] = bool(dec[j])
-                            probs[i] = float(adapter_prob(pr)[j])
-                    else:
-                        for i in chunk:
-                            routes[i] = mode == "on"
+                    for j, i in enumerate(chunk):
+                        r = int(ctl.decision[j]) if decides else int(mode == "on")
+                        routes[i] = r > 0
+                        adapters[i] = ctl.route_name(r) if kway else None
+                        if mode == "gated":
+                            probs[i] = float(adapter_prob(ctl.probs)[j])
                 logp = torch.log_softmax(logits.float(), dim=-1).cpu()
                 for k, oid in enumerate(option_ids):
                     scores[chunk, k] = torch.logsumexp(logp[:, oid], dim=-1)
@@ -172,7 +169,7 @@ class HFEngine(Engine):
                 ctl.disarm()
                 ctl.reset()
                 ctl.mode = old_mode
-        return scores, routes, probs
+        return OptionLogprobs(scores, routes, probs, adapters)
 
     def _last_logits(self, ids, mask, positions) -> torch.Tensor:
         try:

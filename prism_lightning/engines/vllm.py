@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from prism_lightning.backbone import BackboneConfig, meta_model
-from prism_lightning.engines.base import Engine, EngineOutput, first_token_ids, option_scores
+from prism_lightning.engines.base import Engine, EngineOutput, OptionLogprobs, first_token_ids, option_scores
 from prism_lightning.engines.settings import GenerationConfig
 from prism_lightning.engines.vllm_core import VLLMCore, get_engine
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
@@ -149,19 +149,18 @@ class VLLMEngine(Engine):
             for o, r, p, a in zip(outs, routes, probs, adapters, strict=True)
         ]
 
-    def _option_logprobs(
-        self, prompts, options, mode, batch_size
-    ) -> tuple[torch.Tensor, list[bool | None], list[float | None]]:
-        """vLLM's next-token log-probabilities of the options (``batch_size`` is unused)."""
+    def _option_logprobs(self, prompts, options, mode, batch_size, route) -> OptionLogprobs:
+        """vLLM's next-token log-probabilities of the options (``batch_size`` is unused); ``route`` forces
+        rows as in :meth:`request_routes`."""
         option_ids = [self.option_ids(o) for o in options]
         flat = list(dict.fromkeys(t for ids in option_ids for t in ids))
         column = {t: j for j, t in enumerate(flat)}
-        lora, routes, probs, _ = self.request_routes(prompts, mode, None)
+        lora, routes, probs, adapters = self.request_routes(prompts, mode, route)
         logp = self.engine.next_token_logprobs(prompts, flat, lora=lora)
         scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
         for k, ids in enumerate(option_ids):
             scores[:, k] = torch.logsumexp(logp[:, [column[t] for t in ids]], dim=-1)
-        return scores, routes, probs
+        return OptionLogprobs(scores, routes, probs, adapters)
 
     def _prompt_topk(self, sequences, k) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """vLLM's ``prompt_logprobs`` over prompt + response (the base model: no LoRA request)."""

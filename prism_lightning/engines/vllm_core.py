@@ -124,10 +124,26 @@ class VLLMCore:
         return LoRARequest(f"adapter-{self._lora_ids[path]}", self._lora_ids[path], path)
 
     def _run(self, prompts: list[list[int]], params: list, lora: Sequence[Any] | None = None) -> list:
+        """One ``llm.generate`` over the rows, each with its LoRARequest or None. On vLLM's CPU build a row
+        without an adapter in a batch with adapter rows is not the base model: its torch LoRA ops index
+        the adapter slots with the row's -1, i.e. the last slot's adapter runs. There the rows without an
+        adapter run as a batch of their own."""
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
+        if lora is not None and vllm_device() == "cpu" and None in lora and any(r is not None for r in lora):
+            out: list = [None] * len(prompts)
+            for with_adapter in (True, False):
+                rows = [i for i, r in enumerate(lora) if (r is not None) == with_adapter]
+                part = self._run(
+                    [prompts[i] for i in rows],
+                    [params[i] for i in rows],
+                    [lora[i] for i in rows] if with_adapter else None,
+                )
+                for i, o in zip(rows, part, strict=True):
+                    out[i] = o
+            return out
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         kwargs = {"lora_request": list(lora)} if lora is not None and any(r is not None for r in lora) else {}
         return self.llm.generate(inputs, params, use_tqdm=False, **kwargs)

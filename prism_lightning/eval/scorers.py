@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_lightning.contexts import ContextLibrary
-from prism_lightning.engines.base import Engine
+from prism_lightning.engines.base import Engine, OptionLogprobs
 from prism_lightning.eval import scoring as S
 from prism_lightning.eval.settings import EvalSettings
 from prism_lightning.generation import SamplingConfig, row_seed
@@ -61,7 +61,7 @@ def _judge_prompt(judge: Engine, system: str, user: str) -> str:
 def _yes_probability(judge: Engine, prompts: list[str], st: EvalSettings) -> tuple[list[float], list | None]:
     """P(yes) of each prompt (after a reasoning judge's thinking block) and the judge's thinking rows."""
     prompts, thoughts = judge.think(prompts, st.thinking_max_new_tokens, batch_size=st.batch_size)
-    scores, _, _ = judge.option_logprobs(prompts, [YES, NO], mode="off", batch_size=st.judge_batch_size)
+    scores = judge.option_logprobs(prompts, [YES, NO], mode="off", batch_size=st.judge_batch_size).scores
     return torch.softmax(scores, dim=-1)[:, 0].tolist(), thoughts
 
 
@@ -150,12 +150,12 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
         )
         for job, t in zip(jobs, thoughts or [], strict=False):
             judge_closed[job] = t.thinking_closed
-        scores, _, _ = judge.option_logprobs(
+        scores = judge.option_logprobs(
             primed,
             [[d] for d in usable],
             mode="off",
             batch_size=st.judge_batch_size,
-        )
+        ).scores
         weights = torch.softmax(scores, dim=-1)
         values = torch.tensor([float(d) for d in usable])
         for job, w in zip(jobs, weights, strict=True):
@@ -187,9 +187,11 @@ def mtbench_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
 
 def mmlu_raw_text(row: dict) -> str:
     """The paper's reference MMLU prompt: plain text, no chat template, ending in "Answer:" (the
-    scored continuation is " A".." D")."""
-    subject = str(row.get("subject", "")).replace("_", " ")
-    lines = [f"The following is a multiple choice question about {subject}.", "", str(row["question"])]
+    scored continuation is " A".." D"). Below its first sentence it is lm-evaluation-harness's ``mmlu``
+    template (the question stripped, as lm-eval strips it); lm-eval's first sentence reads "The following
+    are multiple choice questions (with answers) about ..." (tests/test_lm_eval_crosscheck.py)."""
+    subject, question = str(row.get("subject", "")).replace("_", " "), str(row["question"]).strip()
+    lines = [f"The following is a multiple choice question about {subject}.", "", question]
     lines += [f"{letter}. {choice}" for letter, choice in zip(S.LETTERS, row["choices"], strict=True)]
     return "\n".join(lines) + "\nAnswer:"
 
@@ -226,19 +228,17 @@ def mmlu_prompts(eng: Engine, items: list[dict], personas: list, placement: str,
     ]
 
 
-def _raw_gated_scores(eng: Engine, prompts: list[str], chat_prompts: list[str], options, batch_size: int):
-    """prism on raw prompts: the gate decides on the chat-formatted question (the prompt it was trained
-    on, as the reference routes), then each raw prompt is scored with the adapter on or off as decided."""
-    _, routes, probs = eng.option_logprobs(chat_prompts, options, mode="gated", batch_size=batch_size)
-    scores = torch.empty((len(prompts), len(options)), dtype=torch.float32)
-    for mode, want in (("on", True), ("off", False)):
-        idx = [i for i, r in enumerate(routes) if bool(r) == want]
-        if idx:
-            part, _, _ = eng.option_logprobs(
-                [prompts[i] for i in idx], options, mode=mode, batch_size=batch_size
-            )
-            scores[idx] = part
-    return scores, routes, probs
+def _raw_routed_scores(
+    eng: Engine, prompts: list[str], chat_prompts: list[str], options, mode: str, batch_size: int
+) -> OptionLogprobs:
+    """prism / prism_k on raw prompts: the gate decides on the chat-formatted question (the prompt it was
+    trained on, as the reference routes), then each raw prompt is scored with the route decided for it
+    (K-way: the adapter chosen, or none). The gate's probabilities are those of the chat prompt."""
+    decided = eng.option_logprobs(chat_prompts, options, mode=mode, batch_size=batch_size)
+    kway = mode == "gated_k"
+    forced = [a or False for a in decided.adapters] if kway else [bool(r) for r in decided.routes]
+    scored = eng.option_logprobs(prompts, options, mode=mode, batch_size=batch_size, route=forced)
+    return OptionLogprobs(scored.scores, decided.routes, decided.probs, decided.adapters)
 
 
 def mmlu_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
@@ -252,13 +252,12 @@ def mmlu_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
         options = [[" " + letter] for letter in S.LETTERS]
     else:
         options = [[letter, " " + letter] for letter in S.LETTERS]
-    if st.mmlu_format == "raw" and cond.mode == "gated":
+    if st.mmlu_format == "raw" and cond.mode in ("gated", "gated_k"):
         chat = [eng.formatter.prompt(S.mmlu_prompt(r)) for r in items]
-        scores, routes, probs = _raw_gated_scores(eng, prompts, chat, options, st.mmlu_batch_size)
+        result = _raw_routed_scores(eng, prompts, chat, options, cond.mode, st.mmlu_batch_size)
     else:
-        scores, routes, probs = eng.option_logprobs(
-            prompts, options, mode=cond.mode, batch_size=st.mmlu_batch_size
-        )
+        result = eng.option_logprobs(prompts, options, mode=cond.mode, batch_size=st.mmlu_batch_size)
+    scores, routes, probs, adapters = result
     rows = []
     for i, r in enumerate(items):
         pred = int(scores[i].argmax())
@@ -275,6 +274,7 @@ def mmlu_rows(ctx: ScoringContext, cond, items: list[dict]) -> list[dict]:
                 "logprobs": [round(float(x), 4) for x in scores[i]],
                 "correct": correct,
                 "route": routes[i],
+                **({"adapter": adapters[i]} if cond.mode == "gated_k" else {}),
                 "gate_prob": probs[i],
                 "values": [correct],
             }

@@ -130,7 +130,7 @@ class EvalSettings:
                 **judge,
             }
         if benchmark == "mmlu":  # the persona condition's MMLU persona is the domain's expert (v2)
-            prompt = "mmlu-0shot-v1" if self.mmlu_format == "chat" else "mmlu-raw-v1"
+            prompt = "mmlu-0shot-v1" if self.mmlu_format == "chat" else "mmlu-raw-v2"  # v2: question stripped
             return {"prompt": prompt, "personas": "domain-expert-v2"}
         return {"max_new_tokens": self.safety_max_new_tokens, "judge": "yesno-contrast-v2", **judge}
 

@@ -25,7 +25,7 @@ from prism_lightning import files
 from prism_lightning.errors import ConfigError
 from prism_lightning.reproduce.compare import compare, format_table, paper_numbers
 from prism_lightning.reproduce.presets import Preset, load_preset, preset_names
-from prism_lightning.reproduce.steps import build_plan, run_steps
+from prism_lightning.reproduce.steps import adapter_conditions, build_plan, run_steps
 
 __all__ = ["reproduce_main", "validate_preset"]
 
@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (docs/backends.md)",
     )
+    ap.add_argument(
+        "--seeds",
+        default="1",
+        help="training seeds: N fits (seed_everything = the preset's seed, +1, ...) on one bootstrap, each "
+        "evaluated; the table adds the spread across them (default 1)",
+    )
     ap.add_argument("--run_dir", default=None, help="the run directory (default: runs/reproduce-<preset>)")
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
     return ap
@@ -72,6 +78,34 @@ def _limit(text: str | None) -> int | None:
     if value < 1:
         raise ConfigError(f"--limit must be >= 1 (items per sub-score group), got {value}.")
     return value
+
+
+def _seeds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds must be a whole number >= 1, got {text!r}.") from None
+    if value < 1:
+        raise ConfigError(f"--seeds must be >= 1 (training seeds), got {value}.")
+    return value
+
+
+def _extra_seeds(preset: Preset, n: int) -> list[int]:
+    """The training seeds after the preset's own (its fit configs' ``seed_everything``), ``n`` in all."""
+    if n == 1:
+        return []
+    if not preset.trains:
+        steps = " ".join(preset.steps)
+        raise ConfigError(f"--seeds {n} needs a preset that trains; {preset.name} runs {steps}.")
+    if "evaluate" in preset.steps and not adapter_conditions(preset.evaluate):
+        raise ConfigError(f"--seeds {n}: preset {preset.name} evaluates no condition that runs the adapter.")
+    from prism_lightning.lightning_cli import parse_config
+
+    args = [a for c in preset.fit_configs for a in ("--config", str(c))] + list(preset.fit_args)
+    seed = parse_config("reproduce", args).seed_everything
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"--seeds {n} needs a fixed seed_everything in the fit configs, not {seed!r}.")
+    return [seed + k for k in range(1, n)]
 
 
 def _run_dir(text: str | None, preset: Preset) -> Path:
@@ -152,17 +186,21 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     limit = _limit(args.limit)
     root = _run_dir(args.run_dir, preset)
     generation = _generation_args(args.backend, args.vllm)
+    n_seeds = _seeds(args.seeds)
     queries = validate_preset(preset)
-    plan = build_plan(preset, root, limit, queries, generation)
+    extra = _extra_seeds(preset, n_seeds)
+    plan = build_plan(preset, root, limit, queries, generation, extra)
 
     root.mkdir(parents=True, exist_ok=True)
     size = f"--limit {limit}" if limit else "full sizes"
-    steps = " -> ".join(preset.steps)
+    steps = " -> ".join(spec.name for spec in plan.steps)
     print(f"reproduce {preset.name} ({preset.model}, {size}) in {root}: {steps}", flush=True)
     start = time.perf_counter()
     timings = run_steps(plan, announce=lambda line: print(line, flush=True))
-    rows = compare(plan.paths, preset.paper_model, preset.model)
+    rows = compare(plan.paths, preset.paper_model, preset.model, seeds=plan.seed_paths)
     title = f"{preset.name}: paper = {preset.paper_label}; this run = {preset.model}, {size}"
+    if extra:
+        title += f", {n_seeds} training seeds (the CI column: the first seed's)"
     if rows and not rows[0].comparable:
         title += " (a different model from the paper's: no verdicts)"
     table = format_table(rows, title=title)
@@ -172,7 +210,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     files.atomic_write_json(
         plan.paths.comparison_json,
         {"preset": preset.name, "model": preset.model, "paper_model": preset.paper_model, "limit": limit,
-         "rows": [asdict(r) for r in rows]},
+         "extra_seeds": extra, "rows": [asdict(r) for r in rows]},
     )  # fmt: skip
     took = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     total = time.perf_counter() - start

@@ -5,6 +5,11 @@ This run's values come from the run directory's outputs: ``eval/summary.json`` a
 ``eval/items/`` (persona effects, routing rates), ``study/items/`` (MMLU per persona length), the
 bootstrap summary (the distill share) and the checkpoint's ``prism.json`` (gate accuracy). A number whose
 input is missing shows ``-`` with the step that makes it.
+
+With more training seeds (``reproduce --seeds N``) each number that a fit changes (the adapter conditions'
+scores, routing, the routing-vs-effect correlation, the gate's accuracy) is also measured on every seed's
+fit and evaluation, and the table adds their mean and range across the seeds beside the first seed's
+item CI; numbers no fit changes (the base-model conditions, the persona study, the bootstrap split) say so.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "paper_numbers",
     "paper_safety_sets",
     "same_model",
+    "varies_with_seed",
 ]
 
 PAPER_NUMBERS_FILE = Path(__file__).with_name("paper_numbers.yaml")
@@ -55,6 +61,9 @@ class Comparison:
     lo: float | None = None
     hi: float | None = None
     comparable: bool = True  # this run's base model is the model the paper's number was measured on
+    seeds: str | None = None  # across training seeds (``--seeds``): "mean [min, max]", or why not
+    seed_values: list[float | None] | None = None  # one per training seed, the first seed's first
+    seed_sd: float | None = None  # sample standard deviation across the seeds that have a value
 
 
 def _paper_entry(model: str) -> dict:
@@ -293,6 +302,56 @@ def _gate_label(paths: RunPaths) -> str | None:
     return "last epoch, on the validation rows the gate was selected on (no test split)"
 
 
+def _trained_condition(cond: str) -> bool:
+    from prism_lightning.eval.conditions import CONDITIONS, KWAY_CONDITIONS, Condition
+
+    return cond in CONDITIONS + KWAY_CONDITIONS and Condition(cond).needs_checkpoint
+
+
+def varies_with_seed(metric: str) -> bool:
+    """Whether a fit changes ``metric``: the adapter conditions' scores, routing, the routing-vs-effect
+    correlation and the gate's accuracy do; the base-model conditions, persona effects, the persona study
+    and the bootstrap's split do not (one bootstrap serves every seed)."""
+    kind, _, arg = metric.partition(":")
+    if kind in ("eval", "eval_paper_sets"):
+        return _trained_condition(arg.partition(":")[0])
+    return kind in ("routing", "correlation", "gate_acc")
+
+
+def _seed_correlation(first: RunPaths, paths: RunPaths, which: str):
+    """An extra seed's routing-vs-effect correlation: its prism routing rates against the persona effects
+    of the first seed's evaluation (its evaluation runs only the adapter conditions; the effects do not
+    change with the training seed)."""
+    effects = ((_eval_summary(first) or {}).get("correlation") or {}).get("persona_effect")
+    prism = ((_eval_summary(paths) or {}).get("conditions") or {}).get("prism")
+    if not effects or not prism:
+        return None
+    rates = prism.get("routing_rate") or {}
+    x = [None if rates.get(n) is None else 100.0 * rates[n] for n in effects]
+    value = S.correlate(x, [effects[n] for n in effects]).get(which)
+    return None if value is None or not math.isfinite(value) else (value, None, None)
+
+
+def _seed_spread(first: RunPaths, seeds: list[RunPaths], metric: str, digits: int):
+    """(text, per-seed values, sd) of ``metric`` across the first seed and ``seeds``."""
+    if not varies_with_seed(metric):
+        return "same for every seed (no fit)", None, None
+    values: list[float | None] = []
+    for k, paths in enumerate([first, *seeds]):
+        kind, _, arg = metric.partition(":")
+        got = _seed_correlation(first, paths, arg) if kind == "correlation" and k else measured(paths, metric)
+        values.append(None if got is None else got[0])
+    have = [v for v in values if v is not None]
+    if not have:
+        return "-", values, None
+    mean = sum(have) / len(have)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in have) / (len(have) - 1)) if len(have) > 1 else None
+    text = f"{mean:.{digits}f} [{min(have):.{digits}f}, {max(have):.{digits}f}]"
+    if len(have) < len(values):
+        text += f" ({len(have)} of {len(values)} seeds)"
+    return text, values, sd
+
+
 _MAKER = {  # which step writes the input of each metric kind
     "eval": "evaluate", "eval_paper_sets": "evaluate", "effect": "evaluate", "routing": "evaluate",
     "correlation": "evaluate",
@@ -358,11 +417,15 @@ def _difference(n: dict, got: tuple, digits: int) -> str:
     return f"{diff:+.{digits}f}" + (" (paper inside CI)" if covered else "")
 
 
-def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Comparison]:
+def compare(
+    paths: RunPaths, paper_model: str, run_model: str, *, seeds: list[RunPaths] | tuple[RunPaths, ...] = ()
+) -> list[Comparison]:
     """Every published number of ``paper_model`` beside this run's. A verdict (the difference, "paper
     inside CI", inside a range, the sign) is given only when ``run_model``, this run's base model, is the
-    model the paper measured; otherwise the row says "different model" and judges nothing."""
+    model the paper measured; otherwise the row says "different model" and judges nothing. ``seeds``: the
+    paths of the extra training seeds (``paths`` is the first's); each row then carries the spread."""
     comparable = same_model(run_model, paper_model_id(paper_model))
+    seeds = list(seeds)
     out = []
     gate_label = _gate_label(paths)
     for n in _with_run_labels(paper_numbers(paper_model), _eval_summary(paths)):
@@ -377,6 +440,7 @@ def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Compariso
             mean, lo, hi = got
             ours = f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
             diff = _difference(n, got, digits) if comparable else DIFFERENT_MODEL
+        spread, values, sd = _seed_spread(paths, seeds, n["metric"], digits) if seeds else (None, None, None)
         out.append(
             Comparison(
                 label=n["label"],
@@ -389,16 +453,25 @@ def compare(paths: RunPaths, paper_model: str, run_model: str) -> list[Compariso
                 lo=None if got is None else got[1],
                 hi=None if got is None else got[2],
                 comparable=comparable,
+                seeds=spread,
+                seed_values=values,
+                seed_sd=sd,
             )
         )
     return out
 
 
 def format_table(rows: list[Comparison], *, title: str, markdown: bool = False) -> str:
-    """``paper | this run [95% CI] | difference`` per published number; sources listed below the table."""
+    """``paper | this run [95% CI] | difference`` per published number (with ``--seeds``, the spread across
+    the training seeds before the difference); sources listed below the table."""
     sources = list(dict.fromkeys(r.source for r in rows))
     header = ["number", "paper", "this run [95% CI]", "difference", "src"]
     body = [[r.label, r.paper, r.ours, r.difference, str(sources.index(r.source) + 1)] for r in rows]
+    n_seeds = max((len(r.seed_values) for r in rows if r.seed_values), default=0)
+    if n_seeds:  # --seeds: the spread across the training seeds, beside the first seed's item CI
+        header.insert(3, f"{n_seeds} seeds: mean [min, max]")
+        for row, r in zip(body, rows, strict=True):
+            row.insert(3, r.seeds or "-")
     notes = [f"  [{i + 1}] {s}" for i, s in enumerate(sources)]
     if markdown:
         lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

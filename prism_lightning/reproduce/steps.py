@@ -2,10 +2,15 @@
 state that makes them resumable.
 
 ``<run_dir>/reproduce.json`` records, per step, the arguments it ran with (a fingerprint) and whether it
-finished. A finished step whose fingerprint matches and whose outputs are there is skipped; any other
-step runs, and the command it calls picks up its own partial work: bootstrap stages resume from their
-shards, ``fit`` resumes from Lightning's ``last.ckpt`` of the same settings, ``evaluate`` and ``study``
-reuse every scored row of their item files.
+finished. A finished step whose fingerprint matches and whose outputs are there is skipped, unless a step
+it needs ran in this invocation; any other step runs, and the command it calls picks up its own partial
+work: bootstrap stages resume from their shards, ``fit`` resumes from Lightning's ``last.ckpt`` of the same
+settings, ``evaluate`` and ``study`` reuse every scored row of their item files.
+
+More training seeds (``reproduce --seeds N``) add a ``fit-seed<S>`` and an ``evaluate-seed<S>`` step per
+extra seed: the same fit arguments with ``--seed_everything=S``, on the first seed's bootstrap (linked into
+their run directory), evaluated under the conditions that run the adapter (the others do not change with
+the training seed).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import gc
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from prism_lightning.run_paths import RunPaths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "RunState", "StepSpec", "build_plan", "run_steps"]
+__all__ = ["Plan", "RunState", "StepSpec", "adapter_conditions", "build_plan", "run_steps"]
 
 
 @dataclass
@@ -36,6 +42,7 @@ class StepSpec:
     args: list[str]
     done_file: Path
     run: Callable[[list[str]], None]
+    needs: tuple[str, ...] = ()  # steps whose rerun in this invocation makes this one run again
 
     @property
     def fingerprint(self) -> str:
@@ -72,6 +79,7 @@ class Plan:
     paths: RunPaths
     limit: int | None
     steps: list[StepSpec]
+    seed_paths: list[RunPaths] = field(default_factory=list)  # the extra training seeds' (``--seeds``)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,17 +104,42 @@ def _run_bootstrap(args: list[str]) -> None:
     bootstrap_main(args)
 
 
-def _fit_runner(paths: RunPaths) -> Callable[[list[str]], None]:
+def _fit_runner(paths: RunPaths, first: RunPaths | None = None) -> Callable[[list[str]], None]:
+    """``first``: the first seed's paths, whose bootstrap this (extra seed's) fit uses through a link."""
+
     def run(args: list[str]) -> None:
         from prism_lightning.lightning_cli import run_lightning_cli
 
+        if first is not None:
+            _link_bootstrap(paths, first)
         last = run_paths.last_checkpoint(paths.run)
         extra = ["--ckpt_path", str(last)] if last.exists() else []
         if extra:
             print(f"  fit resumes from {last}", flush=True)
-        run_lightning_cli("fit", [*args, *extra])
+        try:
+            run_lightning_cli("fit", [*args, *extra])
+        finally:
+            _finish_wandb()
 
     return run
+
+
+def _finish_wandb() -> None:
+    """End the fit's W&B run: the next fit of this process (another training seed) would otherwise log into
+    it (a WandbLogger reuses a run in progress) instead of starting its own under its run directory."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _link_bootstrap(paths: RunPaths, first: RunPaths) -> None:
+    """``<run-seed<S>>/bootstrap`` -> the first seed's bootstrap (relative): every seed trains on the same
+    stages, and the fit finds them finished instead of generating its own."""
+    link, target = run_paths.bootstrap_dir(paths.run), run_paths.bootstrap_dir(first.run)
+    if link.exists() or link.is_symlink():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path("..") / target.relative_to(first.root), target_is_directory=True)
 
 
 def _run_evaluate(args: list[str]) -> None:
@@ -140,63 +173,98 @@ def _report_runner(paths: RunPaths) -> Callable[[list[str]], None]:
     return run
 
 
+def adapter_conditions(evaluate_args: tuple[str, ...] | list[str]) -> list[str]:
+    """The conditions of an evaluate run (its last ``--conditions``, else the default set) that run the
+    adapter: the ones a training seed changes."""
+    from prism_lightning.eval.conditions import CONDITIONS, Condition
+
+    names = list(CONDITIONS)
+    for i, arg in enumerate(evaluate_args):
+        if arg.startswith("--conditions="):
+            names = arg.partition("=")[2].split(",")
+        elif arg == "--conditions" and i + 1 < len(evaluate_args):
+            names = evaluate_args[i + 1].split(",")
+    return [n for n in (x.strip() for x in names) if n and Condition(n).needs_checkpoint]
+
+
 def build_plan(
     preset: Preset,
     root: Path,
     limit: int | None,
     queries_per_persona: int | None,
     generation: list[str] | None = None,
+    extra_seeds: list[int] | tuple[int, ...] = (),
 ) -> Plan:
     """Every step's arguments. ``limit`` caps evaluate/study items per sub-score group and the bootstrap's
     queries per persona (``queries_per_persona`` is the preset's own value). ``generation`` holds the
     generation backend's ``KEY=VALUE`` settings (``backend=vllm`` first), for the bootstrap
-    (``data.bootstrap.generation``) and for evaluate/study (``--backend``, ``--vllm``)."""
+    (``data.bootstrap.generation``) and for evaluate/study (``--backend``, ``--vllm``). ``extra_seeds``: the
+    training seeds after the preset's own, each fitted on the same bootstrap and evaluated."""
     paths = RunPaths(root)
-    fit_args = [a for c in preset.fit_configs for a in ("--config", str(c))]
-    fit_args += [*preset.fit_args, f"--data.run_dir={paths.run}"]
+    common = [a for c in preset.fit_configs for a in ("--config", str(c))] + list(preset.fit_args)
+    tail: list[str] = []  # after data.run_dir
     if limit is not None and queries_per_persona is not None and limit < queries_per_persona:
-        fit_args.append(f"--data.bootstrap.queries_per_persona={limit}")
+        tail.append(f"--data.bootstrap.queries_per_persona={limit}")
     lim = [f"--limit={limit}"] if limit is not None else []
     gen_eval: list[str] = []
     for pair in generation or []:
         key, _, value = pair.partition("=")
-        fit_args.append(f"--data.bootstrap.generation.{key}={value}")
+        tail.append(f"--data.bootstrap.generation.{key}={value}")
         gen_eval.append(f"--backend={value}" if key == "backend" else f"--vllm={pair}")
     lim += gen_eval
+    fit_args = [*common, f"--data.run_dir={paths.run}", *tail]
     specs = {
         "bootstrap": StepSpec(
             "bootstrap", fit_args, run_paths.bootstrap_summary(paths.run), _run_bootstrap
         ),
         "fit": StepSpec(
             "fit", [*fit_args, f"--export_dir={paths.checkpoint}"], paths.checkpoint / run_paths.PRISM_JSON,
-            _fit_runner(paths),
+            _fit_runner(paths), needs=("bootstrap",),
         ),
         "evaluate": StepSpec(
             "evaluate", [f"--checkpoint={paths.checkpoint}", f"--out={paths.eval}", *preset.evaluate, *lim],
-            run_paths.eval_summary(paths.eval), _run_evaluate,
+            run_paths.eval_summary(paths.eval), _run_evaluate, needs=("bootstrap", "fit"),
         ),
         "study": StepSpec(
             "study", [f"--model={preset.model}", f"--out={paths.study}", *preset.study, *lim],
-            run_paths.study_json(paths.study), _run_study,
+            run_paths.study_json(paths.study), _run_study, needs=("bootstrap", "fit"),
         ),
-        "report": StepSpec("report", [], run_paths.report_md(paths.report), _report_runner(paths)),
+        "report": StepSpec(
+            "report", [], run_paths.report_md(paths.report), _report_runner(paths), needs=("bootstrap", "fit")
+        ),
     }  # fmt: skip
     if "fit" not in preset.steps:  # no checkpoint: evaluate runs the base-model conditions only
         specs["evaluate"].args[0] = f"--model={preset.model}"
-    return Plan(preset, paths, limit, [specs[s] for s in preset.steps])
+    steps = [specs[s] for s in preset.steps if s not in ("study", "report")]
+    seed_paths = [paths.for_seed(s) for s in extra_seeds]
+    seed_conditions = ",".join(adapter_conditions(preset.evaluate)) if extra_seeds else ""
+    for sp in seed_paths:
+        fit_name, eval_name = f"fit-seed{sp.seed}", f"evaluate-seed{sp.seed}"
+        args = [*common, f"--seed_everything={sp.seed}", f"--data.run_dir={sp.run}", *tail]
+        steps.append(StepSpec(
+            fit_name, [*args, f"--export_dir={sp.checkpoint}"], sp.checkpoint / run_paths.PRISM_JSON,
+            _fit_runner(sp, paths), needs=("bootstrap",),
+        ))  # fmt: skip
+        if "evaluate" in preset.steps:
+            eval_args = [f"--checkpoint={sp.checkpoint}", f"--out={sp.eval}", *preset.evaluate, *lim,
+                         f"--conditions={seed_conditions}"]  # fmt: skip
+            done = run_paths.eval_summary(sp.eval)
+            steps.append(StepSpec(eval_name, eval_args, done, _run_evaluate, needs=("bootstrap", fit_name)))
+    steps += [specs[s] for s in preset.steps if s in ("study", "report")]
+    return Plan(preset, paths, limit, steps, seed_paths)
 
 
 def run_steps(plan: Plan, *, announce: Callable[[str], None] = print) -> dict[str, float]:
     """Run (or skip) every step in order; returns the seconds each step took in this invocation."""
     state = RunState.load(plan.paths.root)
     state.data.update(preset=plan.preset.name, limit=plan.limit)
-    upstream_ran = False
+    ran: set[str] = set()
     timings: dict[str, float] = {}
     n = len(plan.steps)
     for k, spec in enumerate(plan.steps, 1):
         entry = state.step(spec.name)
         finished = entry.get("status") == "done" and entry.get("fingerprint") == spec.fingerprint
-        if finished and spec.done_file.exists() and not upstream_ran:
+        if finished and spec.done_file.exists() and not ran.intersection(spec.needs):
             announce(f"[{k}/{n}] {spec.name}: done earlier ({entry.get('seconds', 0):.0f} s), skipped")
             timings[spec.name] = 0.0
             continue
@@ -212,6 +280,6 @@ def run_steps(plan: Plan, *, announce: Callable[[str], None] = print) -> dict[st
         entry.update(status="done", seconds=round(seconds, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         state.save()
         timings[spec.name] = seconds
-        upstream_ran = upstream_ran or spec.name in ("bootstrap", "fit")
+        ran.add(spec.name)
         announce(f"[{k}/{n}] {spec.name}: done in {seconds:.0f} s")
     return timings
