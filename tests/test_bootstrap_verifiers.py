@@ -128,13 +128,14 @@ def test_answer_samples_keep_the_first_winning_persona_answer_for_the_teacher(
     one_label = _expected(list(one.values()))
     assert stats["won_by_first_sample"] == sum(one_label.values())
     # the teacher's response is the chosen sample, not sample 0
-    from prism_lightning.bootstrap.answers import chosen_persona_answer
+    from prism_lightning.bootstrap.answers import chosen_row
 
     verdicts = {r["id"]: r for r in sampled.rows("verdicts")}
     later = [i for i, r in verdicts.items() if r["gate_target"] and r["persona_sample"] > 0]
+    assert later and stats["won_by_a_later_sample"] == len(later)  # the extra samples changed labels
     for i in later:
         assert (
-            chosen_persona_answer(answers[i], verdicts[i])
+            chosen_row(answers[i], verdicts[i])["persona_answer"]
             == answers[i]["persona_samples"][verdicts[i]["persona_sample"] - 1]["answer"]
         )
     with pytest.raises(ConfigError, match="needs bootstrap.verifier: program"):

@@ -53,3 +53,35 @@ def test_summary_reports_the_adapter_share_of_the_context_gain_on_routed_rows():
     text = format_report(s)
     assert "gate AUROC      1.000" in text and "50% of the context's gain" in text
     assert "routed off: 1/2 answered exactly as the base model" in text
+
+
+@pytest.mark.integration
+@pytest.mark.second_tier
+def test_heldout_labels_with_answer_samples_count_any_winning_context_answer(embedded_checkpoint):
+    """With bootstrap.answer_samples k the label is 1 when the greedy context answer or any of k - 1 sampled
+    ones beats the base answer; the four greedy answers do not depend on k."""
+    from prism_lightning.bootstrap.config import BootstrapConfig
+    from prism_lightning.bootstrap.verifiers import fact_sheet
+    from prism_lightning.contexts import ContextLibrary
+    from prism_lightning.engines import open_engine
+    from prism_lightning.eval.heldout import run_heldout_check
+
+    settings = dict(
+        personas=["fact_sheet"], context_files=["examples/fact_sheet.yaml"], query_prompt="examples",
+        queries_per_persona=4, query_max_new_tokens=16, answer_max_new_tokens=8, verifier="program",
+        verifier_programs={"fact_sheet": "prism_lightning.bootstrap.verifiers:fact_sheet"},
+    )  # fmt: skip
+    engine = open_engine(embedded_checkpoint, device="cpu")
+    one = run_heldout_check(engine, BootstrapConfig(**settings), per_context=3, training_queries=[])
+    three = run_heldout_check(
+        engine, BootstrapConfig(**settings, answer_samples=3), per_context=3, training_queries=[]
+    )
+    sheet = ContextLibrary.from_config(["examples/fact_sheet.yaml"]).select(["fact_sheet"])[0].text("short")
+    assert [r["answers"] for r in one.rows] == [r["answers"] for r in three.rows]
+    assert three.summary["label_samples"] == 3 and one.summary["label_samples"] == 1
+    for a, b in zip(one.rows, three.rows, strict=True):
+        assert "context_samples" not in a and len(b["context_samples"]) == 2
+        candidates = [b["answers"]["context"], *b["context_samples"]]
+        won = [fact_sheet(b["query"], b["answers"]["base"], c, sheet) == "persona" for c in candidates]
+        assert b["label"] == int(any(won)) and b["context_answers_won"] == sum(won)
+        assert a["label"] == int(won[0])

@@ -168,7 +168,7 @@ def run_heldout_check(
                 "persona": q["persona"],
                 "query": q["query"],
                 "label": int(won > 0),
-                **({"context_answers_won": f"{won}/{len(candidates)}"} if extra else {}),
+                **({"context_samples": candidates[1:], "context_answers_won": won} if extra else {}),
                 "gate_prob": float(outs["routed"][i].gate_prob),
                 "routed": bool(outs["routed"][i].route),
                 "passes": {c: int(verdict("", answers[c]) == "persona") for c in CONDITIONS},
