@@ -45,6 +45,7 @@ def flag(
     append: bool = False,
     convert: Callable[[Any], Any] | None = None,
     keys: Sequence[str] = (),
+    positional: bool = False,
     cli: bool = True,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
@@ -52,10 +53,11 @@ def flag(
     field; ``aliases``: older spellings still accepted (not shown by ``--help``); ``csv``: a tuple given
     as one comma list; ``append``: a list given by repeating the flag; ``convert``: applied to the parsed
     text when the settings are built (its PrismError is the one ``error:`` line); ``keys``: a dict field
-    given as one ``--<key>_file`` flag per key; ``cli=False``: no flag (set from Python only)."""
+    given as one ``--<key>_file`` flag per key; ``positional``: an argument without a flag (optional when
+    it has a default); ``cli=False``: no flag (set from Python only)."""
     meta = {
         "name": name, "aliases": tuple(aliases), "choices": choices, "csv": csv, "metavar": metavar,
-        "append": append, "convert": convert, "keys": tuple(keys), "cli": cli,
+        "append": append, "convert": convert, "keys": tuple(keys), "positional": positional, "cli": cli,
     }  # fmt: skip
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -113,6 +115,8 @@ def declared_options(cls: type) -> dict[str, Any]:
             continue
         if meta.get("keys"):
             out.update({f"--{k}_file": None for k in meta["keys"]})
+        elif meta.get("positional"):
+            out[f.name] = _default(f)
         else:
             out[f"--{meta.get('name') or f.name}"] = _default(f)
     return out
@@ -173,11 +177,17 @@ def add_dataclass_arguments(ap: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["type"] = base
             if meta.get("choices") is not None:
                 kwargs["choices"] = list(meta["choices"])
-            elif not meta.get("metavar"):
+            elif not meta.get("metavar") and not meta.get("positional"):
                 kwargs["metavar"] = name.upper()
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
-        _add(ap, name, aliases, **kwargs)
+        if meta.get("positional"):
+            del kwargs["dest"]
+            if not kwargs.pop("required", False):
+                kwargs["nargs"] = "?"
+            ap.add_argument(f.name, **kwargs)
+        else:
+            _add(ap, name, aliases, **kwargs)
 
 
 def settings_from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
