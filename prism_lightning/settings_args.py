@@ -22,11 +22,13 @@ __all__ = [
     "csv_list",
     "declared_options",
     "flag",
+    "nested",
     "parse_settings",
     "settings_from_namespace",
 ]
 
 T = TypeVar("T")
+_Container = argparse._ActionsContainer  # a parser or one of its argument groups
 
 
 def csv_list(text: str) -> list[str]:
@@ -95,6 +97,12 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def nested(cls: type, group: tuple[str, str] | None = None) -> Any:
+    """A field holding a nested settings dataclass (its fields are flags at the same level); ``group``
+    (title, description) lists them under their own heading in ``--help``."""
+    return dataclasses.field(default_factory=cls, metadata={"group": group})
+
+
 def _fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, str]]:
     """(field, resolved type, docstring) of every field, nested dataclasses expanded in place."""
     hints, docs = typing.get_type_hints(cls), _docs(cls)
@@ -137,7 +145,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return ", ".join(f"{s} {metavar}" for s in shown)
 
 
-def _add(ap: argparse.ArgumentParser, name: str, aliases: Sequence[str], **kwargs: Any) -> None:
+def _add(ap: _Container, name: str, aliases: Sequence[str], **kwargs: Any) -> None:
     """``--name`` (underscores, the project's spelling) plus, hidden from ``--help``, its dashed spelling
     and any older names, so existing scripts keep working."""
     dashed = f"--{name.replace('_', '-')}"
@@ -146,10 +154,16 @@ def _add(ap: argparse.ArgumentParser, name: str, aliases: Sequence[str], **kwarg
     ap.add_argument(f"--{name}", *old, **kwargs)
 
 
-def add_dataclass_arguments(ap: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of ``cls`` (see :func:`flag`), help from its attribute docstring."""
-    for f, hint, doc in _fields(cls):
-        meta = f.metadata
+def add_dataclass_arguments(ap: _Container, cls: type) -> None:
+    """One flag per field of ``cls`` (see :func:`flag`), help from its attribute docstring; a nested
+    dataclass's flags join them, under their own ``--help`` heading when the field has a ``group``."""
+    hints, docs = typing.get_type_hints(cls), _docs(cls)
+    for f in dataclasses.fields(cls):
+        meta, hint, doc = f.metadata, hints[f.name], docs.get(f.name, "")
+        if dataclasses.is_dataclass(hint):
+            group = meta.get("group")
+            add_dataclass_arguments(ap.add_argument_group(*group) if group else ap, hint)
+            continue
         if not meta.get("cli", True):
             continue
         help_text = doc.replace("%", "%%") or None

@@ -221,8 +221,10 @@ def test_fit_options_table_matches_fit_help(capsys, monkeypatch):
 def _declared_settings() -> dict[str, type]:
     from prism_lightning.analysis.report import ReportSettings
     from prism_lightning.asset_cli import AssetsSettings
+    from prism_lightning.chat import ChatSettings
     from prism_lightning.eval.cli import EvaluateSettings, StudySettings
     from prism_lightning.reproduce.cli import ReproduceSettings
+    from prism_lightning.serve.cli import ServeSettings
 
     return {
         "evaluate": EvaluateSettings,
@@ -230,6 +232,8 @@ def _declared_settings() -> dict[str, type]:
         "reproduce": ReproduceSettings,
         "report": ReportSettings,
         "assets": AssetsSettings,
+        "chat": ChatSettings,
+        "serve": ServeSettings,
     }
 
 
@@ -243,7 +247,7 @@ def _documented_options(command: str) -> dict[str, str]:
     return {flag: row[1] for row in rows if row[0][:3] == "`--" for flag in re.findall(r"`(--\w+)`", row[0])}
 
 
-@pytest.mark.parametrize("command", ["evaluate", "study", "reproduce", "report", "assets"])
+@pytest.mark.parametrize("command", ["evaluate", "study", "reproduce", "report", "assets", "chat", "serve"])
 def test_options_table_matches_the_declared_settings(command):
     """Each row's flag and default against the settings dataclass the command's parser is generated from,
     and every declared option documented (positional arguments are named in the section's prose)."""

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 from prism_lightning import run_paths
@@ -36,6 +36,7 @@ from prism_lightning.settings_args import (
     HelpFormatter,
     add_dataclass_arguments,
     flag,
+    nested,
     settings_from_namespace,
 )
 
@@ -130,8 +131,8 @@ class EvaluateSettings:
     """persona placement (default: the checkpoint's, else system)"""
     out: Path = flag()
     """the run's output directory (rerunning with the same one resumes)"""
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    scoring: EvalSettings = field(default_factory=EvalSettings)
+    engine: EngineSettings = nested(EngineSettings)
+    scoring: EvalSettings = nested(EvalSettings)
     wandb: bool = flag(False)
     """log tables to W&B (offline without a key)"""
     wandb_project: str = flag("prism_lightning")
@@ -152,8 +153,8 @@ class StudySettings:
     """comma list of system,user,none"""
     out: Path = flag()
     """the study's output directory (rerunning with the same one resumes)"""
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    scoring: EvalSettings = field(default_factory=EvalSettings)
+    engine: EngineSettings = nested(EngineSettings)
+    scoring: EvalSettings = nested(EvalSettings)
     wandb: bool = flag(False)
     """log tables to W&B (offline without a key)"""
     wandb_project: str = flag("prism_lightning")
