@@ -45,6 +45,7 @@ def flag(
     csv: bool = False,
     metavar: str | None = None,
     append: bool = False,
+    many: bool = False,
     convert: Callable[[Any], Any] | None = None,
     keys: Sequence[str] = (),
     positional: bool = False,
@@ -53,13 +54,15 @@ def flag(
 ) -> Any:
     """A dataclass field with its command-line spelling. ``name``: the flag when it differs from the
     field; ``aliases``: older spellings still accepted (not shown by ``--help``); ``csv``: a tuple given
-    as one comma list; ``append``: a list given by repeating the flag; ``convert``: applied to the parsed
+    as one comma list; ``append``: a list given by repeating the flag; ``many``: a list given as the
+    flag's values (``--flag A B``); ``convert``: applied to the parsed
     text when the settings are built (its PrismError is the one ``error:`` line); ``keys``: a dict field
     given as one ``--<key>_file`` flag per key; ``positional``: an argument without a flag (optional when
     it has a default); ``cli=False``: no flag (set from Python only)."""
     meta = {
         "name": name, "aliases": tuple(aliases), "choices": choices, "csv": csv, "metavar": metavar,
-        "append": append, "convert": convert, "keys": tuple(keys), "positional": positional, "cli": cli,
+        "append": append, "many": many, "convert": convert, "keys": tuple(keys), "positional": positional,
+        "cli": cli,
     }  # fmt: skip
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -187,6 +190,8 @@ def add_dataclass_arguments(ap: _Container, cls: type) -> None:
             if meta.get("append"):
                 kwargs["action"] = "append"
                 kwargs["default"] = None if default is None else list(default)
+            if meta.get("many"):
+                kwargs["nargs"] = "+"
             if base in (int, float, Path) and not meta.get("convert"):
                 kwargs["type"] = base
             if meta.get("choices") is not None:

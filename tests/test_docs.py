@@ -223,6 +223,7 @@ def _declared_settings() -> dict[str, type]:
     from prism_lightning.asset_cli import AssetsSettings
     from prism_lightning.chat import ChatSettings
     from prism_lightning.eval.cli import EvaluateSettings, StudySettings
+    from prism_lightning.eval.gate_probe import ProbeGateSettings
     from prism_lightning.reproduce.cli import ReproduceSettings
     from prism_lightning.serve.cli import ServeSettings
 
@@ -234,6 +235,7 @@ def _declared_settings() -> dict[str, type]:
         "assets": AssetsSettings,
         "chat": ChatSettings,
         "serve": ServeSettings,
+        "probe-gate": ProbeGateSettings,
     }
 
 
@@ -247,7 +249,9 @@ def _documented_options(command: str) -> dict[str, str]:
     return {flag: row[1] for row in rows if row[0][:3] == "`--" for flag in re.findall(r"`(--\w+)`", row[0])}
 
 
-@pytest.mark.parametrize("command", ["evaluate", "study", "reproduce", "report", "assets", "chat", "serve"])
+@pytest.mark.parametrize(
+    "command", ["evaluate", "study", "reproduce", "report", "assets", "chat", "serve", "probe-gate"]
+)
 def test_options_table_matches_the_declared_settings(command):
     """Each row's flag and default against the settings dataclass the command's parser is generated from,
     and every declared option documented (positional arguments are named in the section's prose)."""
