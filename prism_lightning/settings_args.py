@@ -55,10 +55,10 @@ def flag(
     """A dataclass field with its command-line spelling. ``name``: the flag when it differs from the
     field; ``aliases``: older spellings still accepted (not shown by ``--help``); ``csv``: a tuple given
     as one comma list; ``append``: a list given by repeating the flag; ``many``: a list given as the
-    flag's values (``--flag A B``); ``convert``: applied to the parsed
-    text when the settings are built (its PrismError is the one ``error:`` line); ``keys``: a dict field
-    given as one ``--<key>_file`` flag per key; ``positional``: an argument without a flag (optional when
-    it has a default); ``cli=False``: no flag (set from Python only)."""
+    flag's values (``--flag A B``); ``convert``: applied to the parsed text when the settings are built
+    (its PrismError is the one ``error:`` line); ``keys``: a dict field given as one ``--<key>_file``
+    flag per key; ``positional``: an argument without a flag (optional when it has a default);
+    ``cli=False``: no flag (set from Python only)."""
     meta = {
         "name": name, "aliases": tuple(aliases), "choices": choices, "csv": csv, "metavar": metavar,
         "append": append, "many": many, "convert": convert, "keys": tuple(keys), "positional": positional,
