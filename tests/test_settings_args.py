@@ -55,3 +55,12 @@ def test_a_bad_preset_option_is_one_config_error():
     # the given values are defaults the preset's own options override
     settings = parse_settings(StudySettings, ["--model=m2"], "preset p: study", out=Path("o"), model="m1")
     assert settings.engine.model == "m2" and settings.out == Path("o")
+
+
+def test_the_wandb_config_names_each_scalar_option_by_its_flag():
+    from prism_lightning.eval.cli import _wandb_config
+
+    settings = EvaluateSettings(out=Path("o"), checkpoint=Path("ckpt"), scoring=EvalSettings(n_resamples=50))
+    config = _wandb_config(settings, "float32")
+    assert config["checkpoint"] == "ckpt" and config["ci_resamples"] == 50 and config["dtype"] == "float32"
+    assert config["benchmarks"] == "mtbench,mmlu,safety" and "out" not in config

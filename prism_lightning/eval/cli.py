@@ -224,6 +224,8 @@ def _wandb_config(settings: EvaluateSettings | StudySettings, dtype: str) -> dic
                 config[f.metadata.get("name") or f.name] = ",".join(value)
             elif isinstance(value, (str, int, float, bool, type(None))):
                 config[f.metadata.get("name") or f.name] = value
+            elif isinstance(value, Path) and f.name != "out":  # the checkpoint, as its flag gave it
+                config[f.metadata.get("name") or f.name] = str(value)
 
     add(settings)
     return {**config, "dtype": dtype}
