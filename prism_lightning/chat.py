@@ -6,92 +6,96 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
 from prism_lightning.contexts import LENGTHS, ContextLibrary
 from prism_lightning.errors import ConfigError, require
+from prism_lightning.settings_args import (
+    HelpFormatter,
+    add_dataclass_arguments,
+    flag,
+    settings_from_namespace,
+)
+
+__all__ = ["ChatSettings", "build_parser", "chat_command", "chat_main", "check_args", "checkpoint_backbone"]
+
+
+@dataclass(kw_only=True)
+class ChatSettings:
+    """``chat``'s options, declared once: the command line is generated from these fields."""
+
+    message: str | None = flag(None, positional=True)
+    """the user message; omit for an interactive session"""
+    model: str | None = flag(None)
+    """HF id, local dir or embedded name (default: the embedded SmolLM2; with --checkpoint, its base)"""
+    persona: str | None = flag(None)
+    """persona/context name put in the prompt (base model only)"""
+    persona_length: str | None = flag(None, choices=LENGTHS)
+    """with --persona (default short)"""
+    placement: str | None = flag(None, choices=PLACEMENTS)
+    """with --persona (default system)"""
+    context_file: list[str] = flag(append=True, default_factory=list)
+    """extra persona/context file (repeatable) whose contexts --persona can name"""
+    checkpoint: str | None = flag(None)
+    """exported PRISM run directory: answer with routing"""
+    route: str | None = flag(None, choices=("gated", "on", "off"))
+    """routing mode with --checkpoint (default gated)"""
+    threshold: float | None = flag(None)
+    """gate threshold with --route gated (default: the checkpoint's)"""
+    merge_weights: bool = flag(False)
+    """with --checkpoint: answer adapter-on turns on merged weights (faster, a second weight copy)"""
+    max_new_tokens: int = flag(256)
+    """the answer's length limit in tokens"""
+    temperature: float = flag(0.0)
+    """0 = greedy"""
+    top_p: float = flag(1.0)
+    """nucleus sampling's probability mass (with a temperature above 0)"""
+    device: str | None = flag(None)
+    """cpu, cuda, cuda:1 ... (default: cuda when available)"""
+    dtype: str | None = flag(None)
+    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 (default: auto, or the checkpoint's)"""
+    trust_remote_code: bool = flag(False)
+    """let transformers run the model repository's own code"""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``chat``'s command line, generated from :class:`ChatSettings`."""
     p = argparse.ArgumentParser(
         prog="python -m prism_lightning chat",
-        description="Ask the model one question (MESSAGE given) or chat interactively (no MESSAGE; "
+        description="Ask the model one question (MESSAGE given) or chat interactively (no MESSAGE;\n"
         "/reset clears the conversation, /quit or Ctrl-D leaves).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("message", nargs="?", help="the user message; omit for an interactive session")
-    p.add_argument(
-        "--model", default=None, help=f"HF id, local dir or embedded name (default {DEFAULT_MODEL})"
-    )
-    p.add_argument("--persona", default=None, help="persona/context name put in the prompt (base model only)")
-    p.add_argument(
-        "--persona_length",
-        "--persona-length",
-        default=None,
-        choices=LENGTHS,
-        help="with --persona (default short)",
-    )
-    p.add_argument("--placement", default=None, choices=PLACEMENTS, help="with --persona (default system)")
-    p.add_argument(
-        "--context_file",
-        action="append",
-        default=[],
-        help="extra persona/context file (repeatable) whose contexts --persona can name",
-    )
-    p.add_argument("--checkpoint", default=None, help="exported PRISM run directory: answer with routing")
-    p.add_argument(
-        "--route",
-        default=None,
-        choices=("gated", "on", "off"),
-        help="routing mode with --checkpoint (default gated)",
-    )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="gate threshold with --route gated (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--merge_weights",
-        action="store_true",
-        help="with --checkpoint: answer adapter-on turns on merged weights (faster, a second weight copy)",
-    )
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument(
-        "--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 (default: auto, or "
-        "the checkpoint's)"
-    )  # fmt: skip
-    p.add_argument("--trust_remote_code", action="store_true")
+    add_dataclass_arguments(p, ChatSettings)
     return p
 
 
 class _Session:
     """Holds the conversation so follow-up turns see earlier ones."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, settings: ChatSettings) -> None:
         from prism_lightning.generation import SamplingConfig
 
-        self.args = args
+        self.settings = settings
         self.sampling = SamplingConfig(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
         )
         self.turns: list[str] = []
         self.replies: list[str] = []
         self.route: bool | str | None = None  # K-way: the adapter name
-        if args.checkpoint:
+        if settings.checkpoint:
             from prism_lightning.model.export import load_checkpoint
 
             self.routed = load_checkpoint(
-                args.checkpoint,
-                device=args.device,
-                backbone_override=checkpoint_backbone(args),
-                merge_weights=args.merge_weights,
+                settings.checkpoint,
+                device=settings.device,
+                backbone_override=checkpoint_backbone(settings),
+                merge_weights=settings.merge_weights,
             )
-            if args.threshold is not None:
-                self.routed.threshold = args.threshold
+            if settings.threshold is not None:
+                self.routed.threshold = settings.threshold
             from prism_lightning.engines.hf_stream import RoutedBatchRunner
 
             self.runner = RoutedBatchRunner(self.routed)  # the hf engine's streaming routed batches
@@ -101,14 +105,14 @@ class _Session:
             self.routed = None
             self.runner = None
             self.context = None
-            if args.persona:  # resolved before the model loads, so a typo fails at once
-                library = ContextLibrary.from_config(args.context_file)
-                self.context = library.get(args.persona).text(args.persona_length or "short")
+            if settings.persona:  # resolved before the model loads, so a typo fails at once
+                library = ContextLibrary.from_config(settings.context_file)
+                self.context = library.get(settings.persona).text(settings.persona_length or "short")
             self.backbone = BackboneConfig(
-                model=args.model or DEFAULT_MODEL,
-                dtype=args.dtype or "auto",
-                trust_remote_code=args.trust_remote_code,
-            ).load(args.device)
+                model=settings.model or DEFAULT_MODEL,
+                dtype=settings.dtype or "auto",
+                trust_remote_code=settings.trust_remote_code,
+            ).load(settings.device)
 
     def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
         """Answer ``message`` (with the conversation so far); ``write`` gets the answer token by token
@@ -130,7 +134,7 @@ class _Session:
             self._ask_routed(on_step)
         else:
             prompt = self.backbone.formatter.prompt(
-                self.turns, self.context, self.args.placement or "system", self.replies
+                self.turns, self.context, self.settings.placement or "system", self.replies
             )
             generate_batch(
                 self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling, on_step=on_step
@@ -148,7 +152,7 @@ class _Session:
         from prism_lightning.engines.hf_stream import RowRoute, RowSpec
 
         routed = self.routed
-        forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.args.route)
+        forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.settings.route)
 
         def encode(prompt: str) -> list[int]:
             return list(routed.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -173,86 +177,96 @@ class _Session:
         self.turns, self.replies, self.route = [], [], None
 
 
-def checkpoint_backbone(args: argparse.Namespace) -> BackboneConfig | None:
+def checkpoint_backbone(settings: ChatSettings) -> BackboneConfig | None:
     """The checkpoint's recorded backbone settings with --model, --dtype and --trust_remote_code applied
     (its base system prompt and the rest kept); None when none is given (the recorded settings)."""
-    if not (args.model or args.dtype or args.trust_remote_code):
+    if not (settings.model or settings.dtype or settings.trust_remote_code):
         return None
     from prism_lightning.model.export import read_meta
 
-    saved = dict(read_meta(args.checkpoint)["base_model"]["backbone"])
-    saved.update({key: value for key, value in (("model", args.model), ("dtype", args.dtype)) if value})
-    if args.trust_remote_code:
+    saved = dict(read_meta(settings.checkpoint)["base_model"]["backbone"])
+    saved.update(
+        {key: value for key, value in (("model", settings.model), ("dtype", settings.dtype)) if value}
+    )
+    if settings.trust_remote_code:
         saved["trust_remote_code"] = True
     return BackboneConfig(**saved)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(settings: ChatSettings) -> None:
     """Everything that can be wrong with the arguments, before a model loads; an option that would
     have no effect with the others given is refused rather than ignored."""
-    require(args.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
-    require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}.")
-    require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}.")
+    require(settings.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {settings.max_new_tokens}.")
+    require(settings.temperature >= 0, f"--temperature must be >= 0, got {settings.temperature}.")
+    require(0 < settings.top_p <= 1, f"--top_p must be in (0, 1], got {settings.top_p}.")
     require(
-        args.top_p == 1 or args.temperature > 0,
+        settings.top_p == 1 or settings.temperature > 0,
         "--top_p acts only with --temperature > 0 (temperature 0 decodes greedily).",
     )
-    if args.threshold is not None:
-        require(0 < args.threshold < 1, f"--threshold must be in (0, 1), got {args.threshold}.")
-    BackboneConfig(dtype=args.dtype or "auto")  # names the valid dtypes
-    if args.checkpoint:
-        for flag, given in (("--persona", args.persona), ("--context_file", args.context_file)):
+    if settings.threshold is not None:
+        require(0 < settings.threshold < 1, f"--threshold must be in (0, 1), got {settings.threshold}.")
+    BackboneConfig(dtype=settings.dtype or "auto")  # names the valid dtypes
+    if settings.checkpoint:
+        for flag, given in (("--persona", settings.persona), ("--context_file", settings.context_file)):
             require(
                 not given, f"{flag} and --checkpoint exclude each other: PRISM puts no persona in the prompt."
             )
         require(
-            args.threshold is None or args.route in (None, "gated"),
-            f"--threshold acts only with --route gated; --route {args.route} forces the route.",
+            settings.threshold is None or settings.route in (None, "gated"),
+            f"--threshold acts only with --route gated; --route {settings.route} forces the route.",
         )
         from prism_lightning.model.export import verify_checkpoint
 
-        verify_checkpoint(args.checkpoint)
+        verify_checkpoint(settings.checkpoint)
         return
     for flag, given in (
-        ("--route", args.route),
-        ("--threshold", args.threshold),
-        ("--merge_weights", args.merge_weights),
+        ("--route", settings.route),
+        ("--threshold", settings.threshold),
+        ("--merge_weights", settings.merge_weights),
     ):
         require(given is None or given is False, f"{flag} acts only with --checkpoint (routing).")
-    for flag, given in (("--persona_length", args.persona_length), ("--placement", args.placement)):
-        require(given is None or args.persona, f"{flag} acts only with --persona.")
-    if args.context_file:
-        library = ContextLibrary.from_config(args.context_file)  # a missing or unreadable file fails here
-        if not args.persona:
+    for flag, given in (("--persona_length", settings.persona_length), ("--placement", settings.placement)):
+        require(given is None or settings.persona, f"{flag} acts only with --persona.")
+    if settings.context_file:
+        library = ContextLibrary.from_config(settings.context_file)  # a missing or unreadable file fails here
+        if not settings.persona:
             from prism_lightning.contexts import load_context_file
 
-            names = [name for path in args.context_file for name in load_context_file(path)]
+            names = [name for path in settings.context_file for name in load_context_file(path)]
             raise ConfigError(
                 f"--context_file only adds contexts for --persona to name; add --persona "
                 f"{' or '.join(names[:5])} to put one in the prompt."
             )
-        library.get(args.persona)
+        library.get(settings.persona)
 
 
 def chat_main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    session = _Session(args)
-    if args.message is not None:
-        session.ask(args.message, write=_write)
+    """``chat`` from the command line: its arguments are :class:`ChatSettings`'s fields."""
+    ns = build_parser().parse_args(argv)
+    chat_command(settings_from_namespace(ChatSettings, ns))
+    return 0
+
+
+def chat_command(settings: ChatSettings) -> str | None:
+    """Answer ``settings.message`` (streamed to stdout; the answer is returned), or with no message run
+    the interactive session on stdin until /quit or end of input. Every input is checked first."""
+    check_args(settings)
+    session = _Session(settings)
+    if settings.message is not None:
+        answer = session.ask(settings.message, write=_write)
         print(flush=True)
-        return 0
+        return answer
     print("Interactive chat. /reset clears the conversation, /quit leaves.", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
-            return 0
+            return None
         if not line:
             continue
         if line in ("/quit", "/exit"):
-            return 0
+            return None
         if line == "/reset":
             session.reset()
             continue

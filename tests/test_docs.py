@@ -218,6 +218,66 @@ def test_fit_options_table_matches_fit_help(capsys, monkeypatch):
         assert yaml.safe_load(match.group(1)) == yaml.safe_load(default.strip("`")), option
 
 
+def _declared_settings() -> dict[str, type]:
+    from prism_lightning.analysis.report import ReportSettings
+    from prism_lightning.asset_cli import AssetsSettings
+    from prism_lightning.chat import ChatSettings
+    from prism_lightning.eval.cli import EvaluateSettings, StudySettings
+    from prism_lightning.eval.gate_probe import ProbeGateSettings
+    from prism_lightning.reproduce.cli import ReproduceSettings
+    from prism_lightning.serve.cli import ServeSettings
+
+    return {
+        "evaluate": EvaluateSettings,
+        "study": StudySettings,
+        "reproduce": ReproduceSettings,
+        "report": ReportSettings,
+        "assets": AssetsSettings,
+        "chat": ChatSettings,
+        "serve": ServeSettings,
+        "probe-gate": ProbeGateSettings,
+    }
+
+
+# study documents its own options and shares the rest with evaluate's table
+_TABLE_SHARED_WITH = {"study": "evaluate"}
+
+
+def _documented_options(command: str) -> dict[str, str]:
+    """{"--flag": "default cell"} of a command section's options table (one row may name several flags)."""
+    rows = _table_rows(_section((DOCS / "commands.md").read_text(), f"## {command}"))
+    return {flag: row[1] for row in rows if row[0][:3] == "`--" for flag in re.findall(r"`(--\w+)`", row[0])}
+
+
+@pytest.mark.parametrize(
+    "command", ["evaluate", "study", "reproduce", "report", "assets", "chat", "serve", "probe-gate"]
+)
+def test_options_table_matches_the_declared_settings(command):
+    """Each row's flag and default against the settings dataclass the command's parser is generated from,
+    and every declared option documented (positional arguments are named in the section's prose)."""
+    import dataclasses
+
+    import yaml
+
+    from prism_lightning.settings_args import declared_options
+
+    declared = {k: v for k, v in declared_options(_declared_settings()[command]).items() if k[:2] == "--"}
+    own = _documented_options(command)
+    assert len(own) >= 2
+    assert not sorted(set(own) - set(declared)), "documented but not declared"
+    shared = _documented_options(_TABLE_SHARED_WITH.get(command, command))
+    documented = {**{k: v for k, v in shared.items() if k in declared}, **own}
+    assert not sorted(set(declared) - set(documented)), "declared but not documented"
+    for option, default in declared.items():
+        cell = documented[option]
+        if default is dataclasses.MISSING:
+            assert cell == "required", option
+            continue
+        if isinstance(default, (tuple, list)) and default:
+            default = ",".join(default)
+        assert yaml.safe_load(cell.strip("`")) == default, (option, cell, default)
+
+
 # The Lightning verbs and `bootstrap` share one parser (LightningCLI over PrismModule and PrismDataModule),
 # so their sections are checked against `fit --help`.
 _HELP_OF = {"validate": "fit", "test": "fit", "predict": "fit", "bootstrap": "fit"}

@@ -20,8 +20,21 @@ from prism_lightning.analysis import figures as F
 from prism_lightning.analysis import load as L
 from prism_lightning.errors import ConfigError
 from prism_lightning.files import check_output_dir
+from prism_lightning.settings_args import (
+    HelpFormatter,
+    add_dataclass_arguments,
+    flag,
+    settings_from_namespace,
+)
 
-__all__ = ["FigureSpec", "default_checkpoint", "report_main", "write_report"]
+__all__ = [
+    "FigureSpec",
+    "ReportSettings",
+    "default_checkpoint",
+    "report_command",
+    "report_main",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -239,57 +252,61 @@ def write_report(
     return {"written": written, "skipped": skipped}
 
 
+@dataclass(kw_only=True)
+class ReportSettings:
+    """``report``'s options, declared once: the command line is generated from these fields."""
+
+    run_dir: Path = flag(positional=True)
+    """the fit run directory (runs/<name>)"""
+    eval_dir: Path | None = flag(None, name="eval")
+    """evaluate --out DIR (default: RUN_DIR/eval if present)"""
+    study_dir: Path | None = flag(None, name="study")
+    """study --out DIR (default: RUN_DIR/study if present)"""
+    checkpoint: Path | None = flag(None)
+    """exported checkpoint (default: checkpoints/<run name>)"""
+    out: Path | None = flag(None)
+    """output directory (default: RUN_DIR/report)"""
+    device: str = flag("cpu")
+    """device for the gate probabilities (default cpu)"""
+
+
 def report_main(argv: list[str] | None = None) -> int:
-    """CLI entry point (``python -m prism_lightning report``)."""
+    """CLI entry point (``python -m prism_lightning report``): its flags are :class:`ReportSettings`'s."""
     ap = argparse.ArgumentParser(
-        prog="python -m prism_lightning report",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m prism_lightning report", description=__doc__, formatter_class=HelpFormatter
     )
-    ap.add_argument("run_dir", type=Path, help="the fit run directory (runs/<name>)")
-    ap.add_argument(
-        "--eval",
-        dest="eval_dir",
-        type=Path,
-        default=None,
-        help="evaluate --out DIR (default: RUN_DIR/eval if present)",
-    )
-    ap.add_argument(
-        "--study",
-        dest="study_dir",
-        type=Path,
-        default=None,
-        help="study --out DIR (default: RUN_DIR/study if present)",
-    )
-    ap.add_argument(
-        "--checkpoint", type=Path, default=None, help="exported checkpoint (default: checkpoints/<run name>)"
-    )
-    ap.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/report)")
-    ap.add_argument("--device", default="cpu", help="device for the gate probabilities (default cpu)")
+    add_dataclass_arguments(ap, ReportSettings)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report_command(settings_from_namespace(ReportSettings, args))
+    return 0
+
+
+def report_command(settings: ReportSettings) -> dict:
+    """Check the directories, then write the figures and report.md (see :func:`write_report`, whose
+    result it returns) and print what was written and skipped."""
     plt.switch_backend("Agg")  # files only: never open a window (the notebooks keep their own backend)
-    run_dir: Path = args.run_dir
+    run_dir = Path(settings.run_dir)
     if not run_dir.is_dir():
         what = "is a file" if run_dir.exists() else "does not exist"
         raise ConfigError(f"{run_dir} {what}; give a fit run directory such as runs/default.")
-    for flag, given in (
-        ("--eval", args.eval_dir),
-        ("--study", args.study_dir),
-        ("--checkpoint", args.checkpoint),
+    for flag_name, given in (
+        ("--eval", settings.eval_dir),
+        ("--study", settings.study_dir),
+        ("--checkpoint", settings.checkpoint),
     ):
-        if given is not None and not given.is_dir():  # given by name: not found is an error, not a skip
-            what = "is a file" if given.exists() else "does not exist"
-            raise ConfigError(f"{flag} {given} {what}; give a directory.")
-    if args.out is not None:
-        check_output_dir(args.out, "--out")
+        if given is not None and not Path(given).is_dir():  # given by name: not found is an error, not a skip
+            what = "is a file" if Path(given).exists() else "does not exist"
+            raise ConfigError(f"{flag_name} {given} {what}; give a directory.")
+    if settings.out is not None:
+        check_output_dir(settings.out, "--out")
     default_eval, default_study = run_dir / run_paths.EVAL_DIR, run_dir / run_paths.STUDY_DIR
-    eval_dir = args.eval_dir or (default_eval if run_paths.eval_summary(default_eval).exists() else None)
-    study_dir = args.study_dir or (default_study if run_paths.study_csv(default_study).exists() else None)
-    checkpoint = args.checkpoint or default_checkpoint(run_dir)
-    out = args.out or run_dir / run_paths.REPORT_DIR
+    eval_dir = settings.eval_dir or (default_eval if run_paths.eval_summary(default_eval).exists() else None)
+    study_dir = settings.study_dir or (default_study if run_paths.study_csv(default_study).exists() else None)
+    checkpoint = settings.checkpoint or default_checkpoint(run_dir)
+    out = Path(settings.out) if settings.out is not None else run_dir / run_paths.REPORT_DIR
     result = write_report(
-        run_dir, out, eval_dir=eval_dir, study_dir=study_dir, checkpoint=checkpoint, device=args.device
+        run_dir, out, eval_dir=eval_dir, study_dir=study_dir, checkpoint=checkpoint, device=settings.device
     )
     for name in result["written"]:
         print(f"wrote {out / name}")
@@ -297,4 +314,4 @@ def report_main(argv: list[str] | None = None) -> int:
         print(f"skipped {reason}")
     counts = f"{len(result['written'])} figures, {len(result['skipped'])} skipped"
     print(f"wrote {run_paths.report_md(out)} ({counts})")
-    return 0
+    return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["evaluate_main", "study_main"]
+__all__ = ["evaluate_command", "evaluate_main", "study_command", "study_main"]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,13 @@ from pathlib import Path
 import torch
 
 from prism_lightning.errors import ConfigError, PrismError, require
+from prism_lightning.settings_args import (
+    HelpFormatter,
+    add_dataclass_arguments,
+    flag,
+    nested,
+    settings_from_namespace,
+)
 
 POOLINGS = ("last", "mean")
 BENCHMARK_SOURCES = ("mmlu", "mtbench", "jailbreakbench", "harmbench", "advbench")
@@ -255,64 +262,94 @@ def verdicts_of_run(run_dir: Path) -> Path:
     return found[-1]
 
 
-def probe_gate_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prism_lightning probe-gate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    labels = ap.add_argument_group("labelled prompts (one of)")
-    labels.add_argument("--run_dir", type=Path, help="a bootstrap run directory: its verdicts (gate_target)")
-    labels.add_argument("--labelled", help="a JSONL file of {query, <label_key>: 0|1} rows")
-    labels.add_argument(
-        "--positive", nargs="+", help="class-1 prompts: benchmark:NAME or JSONL files of {query}"
-    )
-    labels.add_argument("--negative", nargs="+", help="class-0 prompts, as --positive")
-    ap.add_argument(
-        "--label_key", default="gate_target", help="the label field of --labelled (default gate_target)"
-    )
-    ap.add_argument(
-        "--model", default=None, help="model id, local directory or embedded name (default: embedded)"
-    )
-    ap.add_argument("--layers", default="0,1,2,4", help="comma list of decoder layers k (default 0,1,2,4)")
-    ap.add_argument("--pooling", default="last,mean", help="comma list of last, mean (default both)")
-    ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    ap.add_argument(
-        "--limit", type=int, default=100, help="prompts per --positive/--negative source (default 100)"
-    )
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
-    ap.add_argument("--out", type=Path, help="write the scores as JSON here")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+@dataclass(kw_only=True)
+class ProbeLabels:
+    """Where the labelled prompts come from: exactly one of these."""
 
-    modes = sum(x is not None for x in (args.run_dir, args.labelled)) + (args.positive is not None)
+    run_dir: Path | None = flag(None)
+    """a bootstrap run directory: its verdicts (gate_target)"""
+    labelled: str | None = flag(None)
+    """a JSONL file of {query, <label_key>: 0|1} rows"""
+    positive: list[str] | None = flag(None, many=True)
+    """class-1 prompts: benchmark:NAME or JSONL files of {query}"""
+    negative: list[str] | None = flag(None, many=True)
+    """class-0 prompts, as --positive"""
+
+
+@dataclass(kw_only=True)
+class ProbeGateSettings:
+    """``probe-gate``'s options, declared once: the command line is generated from these fields."""
+
+    labels: ProbeLabels = nested(ProbeLabels, ("labelled prompts (one of)", None))
+    label_key: str = flag("gate_target")
+    """the label field of --labelled (default gate_target)"""
+    model: str | None = flag(None)
+    """model id, local directory or embedded name (default: embedded)"""
+    layers: str = flag("0,1,2,4")
+    """comma list of decoder layers k (default 0,1,2,4)"""
+    pooling: str = flag("last,mean")
+    """comma list of last, mean (default both)"""
+    folds: int = flag(5)
+    """cross-validation folds (default 5)"""
+    limit: int = flag(100)
+    """prompts per --positive/--negative source (default 100)"""
+    batch_size: int = flag(16)
+    """prompts per forward"""
+    seed: int = flag(0)
+    """seed of the folds' split and the probes"""
+    dtype: str = flag("float32")
+    """float32 (default), bfloat16 or auto"""
+    out: Path | None = flag(None)
+    """write the scores as JSON here"""
+
+
+def probe_gate_main(argv: list[str] | None = None) -> int:
+    """``probe-gate`` from the command line: its flags are :class:`ProbeGateSettings`'s fields."""
+    ap = argparse.ArgumentParser(
+        prog="python -m prism_lightning probe-gate", description=__doc__, formatter_class=HelpFormatter
+    )
+    add_dataclass_arguments(ap, ProbeGateSettings)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    probe_gate_command(settings_from_namespace(ProbeGateSettings, args))
+    return 0
+
+
+def probe_gate_command(settings: ProbeGateSettings) -> list[ProbeScore]:
+    """Check every input, read the labelled prompts, fit the probes and print (and with ``out``, write)
+    their scores, which it returns. Every input is checked before the model loads."""
+    labels, folds = settings.labels, settings.folds
+    modes = sum(x is not None for x in (labels.run_dir, labels.labelled)) + (labels.positive is not None)
     require(modes == 1, "give exactly one of --run_dir, --labelled, or --positive with --negative")
-    require((args.positive is None) == (args.negative is None), "--positive and --negative go together")
-    require(args.folds >= 2, f"--folds must be >= 2, got {args.folds}")
-    require(args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
-    require(args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")
+    require((labels.positive is None) == (labels.negative is None), "--positive and --negative go together")
+    require(folds >= 2, f"--folds must be >= 2, got {folds}")
+    require(settings.limit >= 1, f"--limit must be >= 1, got {settings.limit}")
+    require(settings.batch_size >= 1, f"--batch_size must be >= 1, got {settings.batch_size}")
     try:
-        layers = sorted({int(k) for k in args.layers.split(",") if k.strip()})
+        layers = sorted({int(k) for k in settings.layers.split(",") if k.strip()})
     except ValueError:
-        raise ConfigError(f"--layers must be a comma list of integers, got {args.layers!r}") from None
-    require(bool(layers) and min(layers) >= 0, f"--layers must be non-negative integers, got {args.layers!r}")
-    poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
+        raise ConfigError(f"--layers must be a comma list of integers, got {settings.layers!r}") from None
+    require(
+        bool(layers) and min(layers) >= 0, f"--layers must be non-negative integers, got {settings.layers!r}"
+    )
+    poolings = [p.strip() for p in settings.pooling.split(",") if p.strip()]
     require(bool(poolings) and set(poolings) <= set(POOLINGS), f"--pooling takes {', '.join(POOLINGS)}")
-    if args.out is not None:
-        require(not args.out.is_dir(), f"--out {args.out} is a directory; give a file name")
+    if settings.out is not None:
+        require(not settings.out.is_dir(), f"--out {settings.out} is a directory; give a file name")
 
     # every input is read before the model loads
-    if args.positive is not None:
-        pos = [q for src in args.positive for q in read_prompts(src, args.limit)]
-        neg = [q for src in args.negative for q in read_prompts(src, args.limit)]
+    if labels.positive is not None:
+        pos = [q for src in labels.positive for q in read_prompts(src, settings.limit)]
+        neg = [q for src in labels.negative for q in read_prompts(src, settings.limit)]
         queries, y = pos + neg, [1] * len(pos) + [0] * len(neg)
-        what = f"{' + '.join(args.positive)} (1) vs {' + '.join(args.negative)} (0)"
+        what = f"{' + '.join(labels.positive)} (1) vs {' + '.join(labels.negative)} (0)"
     else:
-        path = str(verdicts_of_run(args.run_dir)) if args.run_dir is not None else args.labelled
-        queries, y = read_labelled(path, args.label_key)
-        what = f"{path} ({args.label_key})"
+        path = str(verdicts_of_run(labels.run_dir)) if labels.run_dir is not None else labels.labelled
+        queries, y = read_labelled(path, settings.label_key)
+        what = f"{path} ({settings.label_key})"
     ones = sum(y)
     require(
-        min(ones, len(y) - ones) >= args.folds,
-        f"each class needs at least --folds={args.folds} prompts; got {ones} of 1 and {len(y) - ones} of 0",
+        min(ones, len(y) - ones) >= folds,
+        f"each class needs at least --folds={folds} prompts; got {ones} of 1 and {len(y) - ones} of 0",
     )
 
     from prism_lightning.backbone import (
@@ -323,20 +360,20 @@ def probe_gate_main(argv: list[str] | None = None) -> int:
         load_model_config,
     )
 
-    model = args.model or DEFAULT_MODEL
+    model = settings.model or DEFAULT_MODEL
     depth = load_model_config(model)[1].num_hidden_layers  # the config only: checked before the weights load
     require(max(layers) < depth, f"--layers goes up to {max(layers)} but {model} has {depth} decoder layers")
     device = default_device()
-    backbone = load_backbone(model, dtype=inference_dtype(args.dtype, device), device=device)
-    features = prompt_features(backbone, queries, layers, batch_size=args.batch_size)
+    backbone = load_backbone(model, dtype=inference_dtype(settings.dtype, device), device=device)
+    features = prompt_features(backbone, queries, layers, batch_size=settings.batch_size)
     features = {key: x for key, x in features.items() if key[1] in poolings}
-    scores = run_probes(features, torch.tensor(y, dtype=torch.float32), folds=args.folds, seed=args.seed)
-    title = f"{backbone.name}: {what}; {len(y)} prompts, {ones} positive, {args.folds}-fold cross-validated"
+    scores = run_probes(features, torch.tensor(y, dtype=torch.float32), folds=folds, seed=settings.seed)
+    title = f"{backbone.name}: {what}; {len(y)} prompts, {ones} positive, {folds}-fold cross-validated"
     print(format_scores(scores, title))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if settings.out is not None:
+        settings.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": backbone.name, "labels": what, "scores": [asdict(s) for s in scores]}
-        args.out.write_text(json.dumps(payload, indent=2))
+        settings.out.write_text(json.dumps(payload, indent=2))
     if any(math.isnan(s.auroc) for s in scores):
         raise PrismError("a fold held one class only; lower --folds or add prompts")
-    return 0
+    return scores

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from prism_lightning.errors import ConfigError
 from prism_lightning.eval import benchmarks as B
 from prism_lightning.eval import scoring as S
+from prism_lightning.settings_args import flag
 
 if TYPE_CHECKING:
     from prism_lightning.engines.base import Engine
@@ -70,26 +71,45 @@ def subscore_names(
 
 @dataclass
 class EvalSettings:
-    """Everything that changes scores, besides the condition and the model."""
+    """Everything that changes scores, besides the condition and the model. Each field is one flag of
+    ``evaluate`` and ``study`` (``prism_lightning.settings_args``); its docstring is the flag's help."""
 
-    limit: int | None = None  # per sub-score group (MT-Bench category, MMLU domain, safety set)
-    seed: int = 0
-    mtbench_max_new_tokens: int = 256
-    mtbench_top_p: float = 0.9
-    safety_max_new_tokens: int = 256
-    judge_mode: str = "auto"  # "generate" ([[rating]] parsed) | "logprob" (expected rating) | "auto"
-    judge_max_new_tokens: int = 256
-    judge_model: str | None = None
-    batch_size: int = 64  # generation (answers, and the judge in generate mode)
-    mmlu_batch_size: int = 16  # MMLU option-scoring forwards of the evaluated model
-    judge_batch_size: int = 16  # the judge's scoring forwards (logprob ratings, safety yes/no)
-    n_resamples: int = 1000  # bootstrap resamples of every confidence interval
-    safety_sets: tuple[str, ...] = B.SAFETY_SETS
-    paths: dict[str, str] = field(default_factory=dict)  # benchmark-file overrides, see BENCH_FILES
-    mmlu_format: str = "chat"  # "raw" (the paper's plain-text prompt) | "chat" (a chat user turn)
-    # a reasoning model's (or judge's) thinking budget before its MT-Bench/safety answer, rating or yes/no;
-    # part of a row's key only when the model or the judge thinks (see runner.thinking_identity)
-    thinking_max_new_tokens: int = 1024
+    limit: int | None = flag(None)
+    """items per sub-score group: MT-Bench category, MMLU domain, safety set (default: all)"""
+    seed: int = flag(0)
+    """seed of the item sample, the persona draws and the confidence intervals' resamples"""
+    mtbench_max_new_tokens: int = flag(256)
+    """answer length of MT-Bench turns"""
+    mtbench_top_p: float = flag(0.9, cli=False)
+    """nucleus of MT-Bench's sampled categories (set from Python only)"""
+    safety_max_new_tokens: int = flag(256)
+    """answer length on the safety sets (greedy)"""
+    judge_mode: str = flag("auto", choices=JUDGE_MODES)
+    """generate: FastChat [[rating]] parsing (unparsable = missing); logprob: expected rating from the
+    judge's next-token probabilities after 'Rating: [['; auto: generate for judges of 1B parameters or
+    more, else logprob"""
+    judge_max_new_tokens: int = flag(256)
+    """length of the judge's reply in generate mode"""
+    judge_model: str | None = flag(None)
+    """judge model (default: the base model itself)"""
+    batch_size: int = flag(64)
+    """generation batch size (large batches pay off even on CPU: 2.7x the tokens/s of 8)"""
+    mmlu_batch_size: int = flag(16)
+    """batch size of MMLU's scoring forwards"""
+    judge_batch_size: int = flag(16)
+    """batch size of the judge's scoring forwards (logprob ratings, safety yes/no)"""
+    n_resamples: int = flag(1000, name="ci_resamples", aliases=("--bootstrap",))
+    """bootstrap resamples of every 95% confidence interval"""
+    safety_sets: tuple[str, ...] = flag(B.SAFETY_SETS, csv=True)
+    """comma list of the safety sets"""
+    paths: dict[str, str] = flag(keys=BENCH_FILES, default_factory=dict)
+    """local file replacing the pinned {key} data (same format)"""
+    mmlu_format: str = flag("chat", choices=B.MMLU_FORMATS)
+    """raw: the paper's plain-text MMLU prompt scored on ' A'..' D' (persona as a system prefix); chat:
+    the question as a chat user turn scored on the assistant's first token"""
+    thinking_max_new_tokens: int = flag(1024)
+    """a reasoning model's thinking budget (its chat template opens a <think> block): the MT-Bench and
+    safety answers, and a reasoning judge's rating or yes/no, are read after the block"""
 
     def __post_init__(self) -> None:
         if self.judge_mode not in JUDGE_MODES:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prism_lightning import files
@@ -26,49 +26,18 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.reproduce.compare import compare, format_table, paper_numbers
 from prism_lightning.reproduce.presets import Preset, load_preset, preset_names
 from prism_lightning.reproduce.steps import adapter_conditions, build_plan, run_steps
+from prism_lightning.settings_args import (
+    HelpFormatter,
+    add_dataclass_arguments,
+    flag,
+    settings_from_namespace,
+)
 
-__all__ = ["reproduce_main", "validate_preset"]
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m prism_lightning reproduce",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    names = ", ".join(preset_names())
-    ap.add_argument("--preset", default=None, help=f"one of {names}, or a preset YAML file")
-    ap.add_argument(
-        "--limit",
-        default=None,
-        help="items per sub-score group in evaluate and study, and at most this many bootstrap queries per "
-        "persona (default: the full sizes)",
-    )
-    ap.add_argument(
-        "--backend",
-        choices=["hf", "vllm"],
-        default="hf",
-        help="generation backend of the bootstrap, evaluate and study (training is Lightning's either way)",
-    )
-    ap.add_argument(
-        "--vllm",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (docs/backends.md)",
-    )
-    ap.add_argument(
-        "--seeds",
-        default="1",
-        help="training seeds: N fits (seed_everything = the preset's seed, +1, ...) on one bootstrap, each "
-        "evaluated; the table adds the spread across them (default 1)",
-    )
-    ap.add_argument("--run_dir", default=None, help="the run directory (default: runs/reproduce-<preset>)")
-    ap.add_argument("--list", action="store_true", help="list the presets and exit")
-    return ap
+__all__ = ["ReproduceSettings", "reproduce_command", "reproduce_main", "validate_preset"]
 
 
-def _limit(text: str | None) -> int | None:
+def _limit(text: str | int | None) -> int | None:
+    """``--limit`` as a whole number >= 1 (or None: the full sizes); a ConfigError otherwise."""
     if text is None:
         return None
     try:
@@ -80,7 +49,8 @@ def _limit(text: str | None) -> int | None:
     return value
 
 
-def _seeds(text: str) -> int:
+def _seeds(text: str | int) -> int:
+    """``--seeds`` as a whole number >= 1; a ConfigError otherwise."""
     try:
         value = int(text)
     except ValueError:
@@ -106,6 +76,36 @@ def _extra_seeds(preset: Preset, n: int) -> list[int]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"--seeds {n} needs a fixed seed_everything in the fit configs, not {seed!r}.")
     return [seed + k for k in range(1, n)]
+
+
+@dataclass(kw_only=True)
+class ReproduceSettings:
+    """``reproduce``'s options, declared once: the command line is generated from these fields."""
+
+    preset: str | None = flag(None)
+    """a built-in preset (listed by --list) or a preset YAML file"""
+    limit: int | None = flag(None, convert=_limit)
+    """items per sub-score group in evaluate and study, and at most this many bootstrap queries per
+    persona (default: the full sizes)"""
+    backend: str = flag("hf", choices=("hf", "vllm"))
+    """generation backend of the bootstrap, evaluate and study (training is Lightning's either way)"""
+    vllm: list[str] = flag(append=True, metavar="KEY=VALUE", default_factory=list)
+    """a vLLM engine setting (repeatable), e.g. tensor_parallel_size=2 (docs/backends.md)"""
+    seeds: int = flag(1, convert=_seeds)
+    """training seeds: N fits (seed_everything = the preset's seed, +1, ...) on one bootstrap, each
+    evaluated; the table adds the spread across them"""
+    run_dir: str | None = flag(None)
+    """the run directory (default: runs/reproduce-<preset>)"""
+    list_presets: bool = flag(False, name="list")
+    """list the presets and exit"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m prism_lightning reproduce", description=__doc__, formatter_class=HelpFormatter
+    )
+    add_dataclass_arguments(ap, ReproduceSettings)
+    return ap
 
 
 def _run_dir(text: str | None, preset: Preset) -> Path:
@@ -173,20 +173,27 @@ def _check_shape(preset: Preset, settings: dict) -> None:
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.list:
+    """``reproduce`` from the command line: its flags are :class:`ReproduceSettings`'s fields."""
+    ns = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    reproduce_command(settings_from_namespace(ReproduceSettings, ns))
+    return 0
+
+
+def reproduce_command(settings: ReproduceSettings) -> None:
+    """Run (or resume) the preset's steps in its run directory, then print and write the comparison with
+    the paper's numbers. Every input is checked before a model loads."""
+    if settings.list_presets:
         for name in preset_names():
             p = load_preset(name)
             print(f"{name:<30} {p.model:<42} steps: {' '.join(p.steps)}")
-        return 0
-    if not args.preset:
+        return
+    if not settings.preset:
         raise ConfigError(f"give --preset NAME (one of {', '.join(preset_names())}) or a preset YAML file.")
-    # every input is checked before a model loads
-    preset = load_preset(args.preset)
-    limit = _limit(args.limit)
-    root = _run_dir(args.run_dir, preset)
-    generation = _generation_args(args.backend, args.vllm)
-    n_seeds = _seeds(args.seeds)
+    preset = load_preset(settings.preset)
+    limit = _limit(settings.limit)
+    root = _run_dir(settings.run_dir, preset)
+    generation = _generation_args(settings.backend, settings.vllm)
+    n_seeds = _seeds(settings.seeds)
     queries = validate_preset(preset)
     extra = _extra_seeds(preset, n_seeds)
     plan = build_plan(preset, root, limit, queries, generation, extra)
@@ -216,4 +223,3 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     written = f"{plan.paths.comparison_md} and {plan.paths.comparison_json.name}"
     print(f"\nwrote {written}; this invocation {total:.0f} s ({took})")
-    return 0

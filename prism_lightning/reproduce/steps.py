@@ -22,26 +22,33 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from prism_lightning import files, run_paths
 from prism_lightning.reproduce.presets import Preset
 from prism_lightning.run_paths import RunPaths
+from prism_lightning.settings_args import parse_settings
+
+if TYPE_CHECKING:
+    from prism_lightning.eval.cli import EvaluateSettings, StudySettings
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", "EvaluateSettings", "StudySettings")
 
 __all__ = ["Plan", "RunState", "StepSpec", "adapter_conditions", "build_plan", "run_steps"]
 
 
 @dataclass
 class StepSpec:
-    """One step: the arguments it runs with, the file that says it finished, how to run it."""
+    """One step: the arguments it runs with (as flags: what reproduce.json records and the fingerprint
+    hashes), the file that says it finished, and the call that runs it."""
 
     name: str
     args: list[str]
     done_file: Path
-    run: Callable[[list[str]], None]
+    run: Callable[[], None]
     needs: tuple[str, ...] = ()  # steps whose rerun in this invocation makes this one run again
 
     @property
@@ -98,16 +105,19 @@ def _free_memory() -> None:
         pass
 
 
-def _run_bootstrap(args: list[str]) -> None:
-    from prism_lightning.bootstrap.cli import bootstrap_main
+def _bootstrap_runner(args: list[str]) -> Callable[[], None]:
+    def run() -> None:
+        from prism_lightning.bootstrap.cli import bootstrap_main
 
-    bootstrap_main(args)
+        bootstrap_main(list(args))
+
+    return run
 
 
-def _fit_runner(paths: RunPaths, first: RunPaths | None = None) -> Callable[[list[str]], None]:
+def _fit_runner(paths: RunPaths, args: list[str], first: RunPaths | None = None) -> Callable[[], None]:
     """``first``: the first seed's paths, whose bootstrap this (extra seed's) fit uses through a link."""
 
-    def run(args: list[str]) -> None:
+    def run() -> None:
         from prism_lightning.lightning_cli import run_lightning_cli
 
         if first is not None:
@@ -142,20 +152,41 @@ def _link_bootstrap(paths: RunPaths, first: RunPaths) -> None:
     link.symlink_to(Path("..") / target.relative_to(first.root), target_is_directory=True)
 
 
-def _run_evaluate(args: list[str]) -> None:
-    from prism_lightning.eval.cli import evaluate_main
+def _with_run_options(settings: S, limit: int | None, generation: list[str]) -> S:
+    """``evaluate``/``study`` settings with reproduce's own ``--limit`` and generation backend on top of
+    the preset's options."""
+    engine, scoring = settings.engine, settings.scoring
+    if limit is not None:
+        scoring = replace(scoring, limit=limit)
+    for pair in generation:
+        key, _, value = pair.partition("=")
+        if key == "backend":
+            engine = replace(engine, backend=value)
+        else:
+            engine = replace(engine, vllm=[*(engine.vllm or []), pair])
+    return replace(settings, engine=engine, scoring=scoring)
 
-    evaluate_main(args)
+
+def _evaluate_runner(settings: EvaluateSettings) -> Callable[[], None]:
+    def run() -> None:
+        from prism_lightning.eval.cli import evaluate_command
+
+        evaluate_command(settings)
+
+    return run
 
 
-def _run_study(args: list[str]) -> None:
-    from prism_lightning.eval.cli import study_main
+def _study_runner(settings: StudySettings) -> Callable[[], None]:
+    def run() -> None:
+        from prism_lightning.eval.cli import study_command
 
-    study_main(args)
+        study_command(settings)
+
+    return run
 
 
-def _report_runner(paths: RunPaths) -> Callable[[list[str]], None]:
-    def run(args: list[str]) -> None:
+def _report_runner(paths: RunPaths) -> Callable[[], None]:
+    def run() -> None:
         import matplotlib.pyplot as plt
 
         from prism_lightning.analysis.report import write_report
@@ -213,43 +244,66 @@ def build_plan(
         gen_eval.append(f"--backend={value}" if key == "backend" else f"--vllm={pair}")
     lim += gen_eval
     fit_args = [*common, f"--data.run_dir={paths.run}", *tail]
+    fit_export = [*fit_args, f"--export_dir={paths.checkpoint}"]
+    # evaluate and study run through their Python entry points, with settings objects: the preset's
+    # options parsed once here (a bad one fails before any step runs), reproduce's own set in Python
+    from prism_lightning.eval.cli import EvaluateSettings, StudySettings
+
+    trained = "fit" in preset.steps  # without a checkpoint evaluate runs the base-model conditions only
+    where = {"checkpoint": paths.checkpoint} if trained else {"model": preset.model}
+    eval_settings = parse_settings(
+        EvaluateSettings, preset.evaluate, f"preset {preset.name}: evaluate", out=paths.eval, **where
+    )
+    study_settings = parse_settings(
+        StudySettings, preset.study, f"preset {preset.name}: study", out=paths.study, model=preset.model
+    )
+    generation = list(generation or [])
+    eval_settings = _with_run_options(eval_settings, limit, generation)
+    study_settings = _with_run_options(study_settings, limit, generation)
+    first = f"--checkpoint={paths.checkpoint}" if trained else f"--model={preset.model}"
     specs = {
         "bootstrap": StepSpec(
-            "bootstrap", fit_args, run_paths.bootstrap_summary(paths.run), _run_bootstrap
+            "bootstrap", fit_args, run_paths.bootstrap_summary(paths.run), _bootstrap_runner(fit_args)
         ),
         "fit": StepSpec(
-            "fit", [*fit_args, f"--export_dir={paths.checkpoint}"], paths.checkpoint / run_paths.PRISM_JSON,
-            _fit_runner(paths), needs=("bootstrap",),
+            "fit", fit_export, paths.checkpoint / run_paths.PRISM_JSON, _fit_runner(paths, fit_export),
+            needs=("bootstrap",),
         ),
         "evaluate": StepSpec(
-            "evaluate", [f"--checkpoint={paths.checkpoint}", f"--out={paths.eval}", *preset.evaluate, *lim],
-            run_paths.eval_summary(paths.eval), _run_evaluate, needs=("bootstrap", "fit"),
+            "evaluate", [first, f"--out={paths.eval}", *preset.evaluate, *lim],
+            run_paths.eval_summary(paths.eval), _evaluate_runner(eval_settings), needs=("bootstrap", "fit"),
         ),
         "study": StepSpec(
             "study", [f"--model={preset.model}", f"--out={paths.study}", *preset.study, *lim],
-            run_paths.study_json(paths.study), _run_study, needs=("bootstrap", "fit"),
+            run_paths.study_json(paths.study), _study_runner(study_settings), needs=("bootstrap", "fit"),
         ),
         "report": StepSpec(
             "report", [], run_paths.report_md(paths.report), _report_runner(paths), needs=("bootstrap", "fit")
         ),
     }  # fmt: skip
-    if "fit" not in preset.steps:  # no checkpoint: evaluate runs the base-model conditions only
-        specs["evaluate"].args[0] = f"--model={preset.model}"
     steps = [specs[s] for s in preset.steps if s not in ("study", "report")]
     seed_paths = [paths.for_seed(s) for s in extra_seeds]
-    seed_conditions = ",".join(adapter_conditions(preset.evaluate)) if extra_seeds else ""
+    seed_conditions = adapter_conditions(preset.evaluate) if extra_seeds else []
     for sp in seed_paths:
         fit_name, eval_name = f"fit-seed{sp.seed}", f"evaluate-seed{sp.seed}"
         args = [*common, f"--seed_everything={sp.seed}", f"--data.run_dir={sp.run}", *tail]
+        seed_export = [*args, f"--export_dir={sp.checkpoint}"]
         steps.append(StepSpec(
-            fit_name, [*args, f"--export_dir={sp.checkpoint}"], sp.checkpoint / run_paths.PRISM_JSON,
-            _fit_runner(sp, paths), needs=("bootstrap",),
+            fit_name, seed_export, sp.checkpoint / run_paths.PRISM_JSON,
+            _fit_runner(sp, seed_export, paths), needs=("bootstrap",),
         ))  # fmt: skip
         if "evaluate" in preset.steps:
             eval_args = [f"--checkpoint={sp.checkpoint}", f"--out={sp.eval}", *preset.evaluate, *lim,
-                         f"--conditions={seed_conditions}"]  # fmt: skip
+                         f"--conditions={','.join(seed_conditions)}"]  # fmt: skip
+            seed_settings = replace(
+                eval_settings, checkpoint=sp.checkpoint, out=sp.eval, conditions=tuple(seed_conditions)
+            )
             done = run_paths.eval_summary(sp.eval)
-            steps.append(StepSpec(eval_name, eval_args, done, _run_evaluate, needs=("bootstrap", fit_name)))
+            steps.append(
+                StepSpec(
+                    eval_name, eval_args, done, _evaluate_runner(seed_settings), needs=("bootstrap", fit_name)
+                )
+            )
     steps += [specs[s] for s in preset.steps if s in ("study", "report")]
     return Plan(preset, paths, limit, steps, seed_paths)
 
@@ -274,7 +328,7 @@ def run_steps(plan: Plan, *, announce: Callable[[str], None] = print) -> dict[st
         entry.pop("seconds", None)
         state.save()
         start = time.perf_counter()
-        spec.run(list(spec.args))
+        spec.run()
         _free_memory()
         seconds = time.perf_counter() - start
         entry.update(status="done", seconds=round(seconds, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
