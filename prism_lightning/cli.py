@@ -18,7 +18,7 @@ LIGHTNING_COMMANDS = {
 }
 PRISM_COMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap": (
-        "prism_lightning.bootstrap.cli:bootstrap_main",
+        "prism_lightning.lightning_cli:bootstrap_main",
         "write queries, answers, verdicts, teacher logits",
     ),
     "chat": ("prism_lightning.chat:chat_main", "talk to a model, with a persona or a routed checkpoint"),

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import torch
 
-from prism_lightning.token_sampling import SeenTokens, pick_rows
+from prism_lightning.token_sampling import Sampling, SamplingConfig, SeenTokens, pick_rows
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Llama 2 / Mistral).
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
@@ -39,42 +39,6 @@ Prompt = str | Sequence[int]
 # ``finished`` maps each row that ended at this step to its finish reason. It may return rows to end
 # now; they leave the batch with finish reason "cancelled".
 StepCallback = Callable[[dict[int, int], dict[int, str]], Iterable[int] | None]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each new token; ``temperature == 0`` means greedy (and seeds are ignored).
-
-    ``top_k`` (0: off) and ``top_p`` narrow the sampled tokens, top-k first (transformers' and vLLM's
-    order); ``repetition_penalty`` (1: off) divides a positive logit (multiplies a negative one) of every
-    token already in the prompt or the answer, also when greedy, as transformers and vLLM do."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}.")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-# One config for every row, or one per prompt (rows with different settings share a batch, e.g.
-# MT-Bench's per-category temperatures).
-Sampling = SamplingConfig | Sequence[SamplingConfig]
 
 
 @dataclass

@@ -1,15 +1,51 @@
 """Choosing the next token per row: greedy, or sampled with temperature, top-k and top-p from each row's
 own generator, so a row's sample never depends on its batch mates (the generation engine's sampler).
-A repetition penalty reads which tokens each row has seen (:class:`SeenTokens`)."""
+A repetition penalty reads which tokens each row has seen (:class:`SeenTokens`). The settings themselves
+(:class:`SamplingConfig`) live here, below the decode loop that uses them (``generation`` re-exports them)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-if TYPE_CHECKING:
-    from prism_lightning.generation import SamplingConfig
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each new token; ``temperature == 0`` means greedy (and seeds are ignored).
+
+    ``top_k`` (0: off) and ``top_p`` narrow the sampled tokens, top-k first (transformers' and vLLM's
+    order); ``repetition_penalty`` (1: off) divides a positive logit (multiplies a negative one) of every
+    token already in the prompt or the answer, also when greedy, as transformers and vLLM do."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# One config for every row, or one per prompt (rows with different settings share a batch, e.g.
+# MT-Bench's per-category temperatures).
+Sampling = SamplingConfig | Sequence[SamplingConfig]
+
 
 # Top-p first looks among this many most likely tokens; a row whose nucleus reaches past them is
 # redone over the whole vocabulary, so the result is exact either way.

@@ -368,7 +368,7 @@ def test_response_ids_end_with_end_of_turn(tiny_backbone):
 def test_bootstrap_main_reads_fit_yaml_and_prints_summary(tiny_run, tmp_path, capsys):
     import yaml
 
-    from prism_lightning.bootstrap.cli import bootstrap_main
+    from prism_lightning.lightning_cli import bootstrap_main
 
     result, backbone = tiny_run
     run_dir = tmp_path / "run"

@@ -212,9 +212,9 @@ def _rows(stage_dir: str) -> list[dict]:
 def test_a_tiny_thinking_model_runs_through_bootstrap_verdicts_and_evaluate(
     thinking_model_dir, tmp_path, capsys
 ):
-    from prism_lightning.bootstrap.cli import bootstrap_main
     from prism_lightning.bootstrap.teacher import load_teacher_targets
     from prism_lightning.eval import evaluate_main
+    from prism_lightning.lightning_cli import bootstrap_main
 
     run_dir = tmp_path / "run"
     settings = {

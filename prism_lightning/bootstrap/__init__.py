@@ -3,7 +3,7 @@
 ``queries -> answers -> verdicts -> teacher``, each a Lightning ``trainer.predict`` run over the rows
 it still lacks, stored under ``<run_dir>/bootstrap/<stage>-<hash12>/`` (see
 :mod:`prism_lightning.bootstrap.store`). Entry points: :func:`run_bootstrap` (Python),
-:func:`prism_lightning.bootstrap.cli.bootstrap_main` (``python -m prism_lightning bootstrap``).
+:func:`prism_lightning.lightning_cli.bootstrap_main` (``python -m prism_lightning bootstrap``).
 
 Row schemas (``rows.jsonl`` of each stage; one JSON object per line)
 -------------------------------------------------------------------

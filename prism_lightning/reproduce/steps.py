@@ -107,7 +107,7 @@ def _free_memory() -> None:
 
 def _bootstrap_runner(args: list[str]) -> Callable[[], None]:
     def run() -> None:
-        from prism_lightning.bootstrap.cli import bootstrap_main
+        from prism_lightning.lightning_cli import bootstrap_main
 
         bootstrap_main(list(args))
 
