@@ -67,6 +67,24 @@ def test_greedy_answers_match_the_hf_backend(base_engine, hf_backbone):
     assert alone[0].token_ids == batched[0].token_ids
 
 
+def test_a_streamed_reply_joins_to_the_generated_one(base_engine):
+    """``VLLMEngine.stream`` steps one request through vLLM's engine: its deltas join to the text
+    ``generate`` returns for the same prompt and seed, greedy and sampled."""
+    from prism_lightning.backbone import BackboneConfig, meta_model
+    from prism_lightning.engines.vllm import VLLMEngine
+    from prism_lightning.generation import SamplingConfig
+
+    engine = VLLMEngine(base_engine, meta_model(BackboneConfig()), name="base")
+    prompt = engine.formatter.prompt(QUERIES[1])
+    for sampling in (SamplingConfig(max_new_tokens=16), SamplingConfig(max_new_tokens=16, temperature=0.9)):
+        (want,) = engine.generate([prompt], sampling, seeds=[7])
+        deltas: list[str] = []
+        out = engine.stream(prompt, sampling, deltas.append, seed=7)
+        assert "".join(deltas) == out.text == want.text
+        assert out.token_ids == want.token_ids and out.finish_reason == want.finish_reason
+        assert len(deltas) > 2 and out.route is None
+
+
 def test_repetition_penalty_and_top_k_follow_the_hf_backend(base_engine, hf_backbone):
     """The bootstrap's filters reach vLLM with the same meaning: a greedy penalised answer matches hf's
     (both penalise prompt and answer tokens), and top_k=1 sampling is greedy."""
