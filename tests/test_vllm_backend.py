@@ -304,6 +304,41 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     assert base != lora
 
 
+def test_a_routed_stream_on_vllm_takes_generates_routes_and_text(embedded_checkpoint):
+    """``VLLMEngine.stream`` on a checkpoint: gated, forced and a conversation routed on its first turn
+    give the route, gate probability and text ``generate`` gives, the route heard before the deltas."""
+    from prism_lightning.engines import GenerationConfig, open_engine
+    from prism_lightning.generation import SamplingConfig
+
+    engine = open_engine(embedded_checkpoint, GenerationConfig(**GEN, max_lora_rank=8))
+    fmt, sampling = engine.formatter, SamplingConfig(max_new_tokens=8)
+    cases = [(fmt.prompt(q), "gated", None, None) for q in QUERIES]
+    cases += [(fmt.prompt(QUERIES[0]), "on", None, None), (fmt.prompt(QUERIES[1]), "gated", False, None)]
+    cases.append(
+        (fmt.prompt([QUERIES[2], "And then?"], replies=["Sure."]), "gated", None, fmt.prompt(QUERIES[2]))
+    )
+    routes = set()
+    for prompt, mode, route, first_turn in cases:
+        decider = [first_turn] if first_turn is not None else [prompt]
+        (decided,) = engine.generate(decider, sampling, mode=mode, route=None if route is None else [route])
+        (want,) = engine.generate([prompt], sampling, mode=mode, route=[decided.route])
+        heard, deltas = [], []
+        out = engine.stream(
+            prompt,
+            sampling,
+            deltas.append,
+            mode=mode,
+            route=route,
+            first_turn=first_turn,
+            on_route=heard.append,
+        )
+        assert "".join(deltas) == out.text == want.text
+        assert [h.route for h in heard] == [out.route] == [decided.route]
+        assert out.gate_prob == pytest.approx(decided.gate_prob, abs=1e-6)
+        routes.add(out.route)
+    assert routes == {True, False}
+
+
 def test_prism_k_on_vllm_routes_as_on_hf(kway_checkpoint, tmp_path):
     """A K-way checkpoint on vLLM: the prefix gate and the routing rule pick, per request, none or one of
     the adapters (a LoRARequest each) exactly as the hf engine's single-pass routing does."""
