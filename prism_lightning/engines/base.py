@@ -8,9 +8,10 @@ behind the generating part of it (a bootstrap judge).
 
 What the bootstrap's stages need is part of it: per-row seeds, stopping at the first line break
 (queries), the verdict options' log-probabilities at the first generated position of the same request
-(the judge), and the top-k of the prompt's own positions over a response (teacher targets), and one
-reply streamed as text deltas with its route known before the first of them (``chat``; the hf engine
-runs it on :mod:`~prism_lightning.engines.hf_stream`; vLLM streams only inside ``serve``'s step loop).
+(the judge), the top-k of the prompt's own positions over a response (teacher targets), and one reply
+streamed as text deltas with its route known before the first of them (``chat``: the hf engine runs it
+on :mod:`~prism_lightning.engines.hf_stream`, vLLM steps one request through its ``LLMEngine``). ``serve``
+keeps its own schedulers over many requests (continuous batching), on the same streaming parts.
 
 ``mode`` says how a PRISM checkpoint's adapter runs: ``off`` (the untouched base model), ``on``,
 ``gated`` (the gate decides per row) or ``gated_k`` (``gated`` on a K-way checkpoint: none or one of its
