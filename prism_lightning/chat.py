@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prism_lightning.backbone import DEFAULT_MODEL, BackboneConfig
 from prism_lightning.chat_format import PLACEMENTS
@@ -18,6 +19,9 @@ from prism_lightning.settings_args import (
     flag,
     settings_from_namespace,
 )
+
+if TYPE_CHECKING:
+    from prism_lightning.engines.base import RowRoute
 
 __all__ = ["ChatSettings", "build_parser", "chat_command", "chat_main", "check_args", "checkpoint_backbone"]
 
@@ -76,6 +80,7 @@ class _Session:
     """Holds the conversation so follow-up turns see earlier ones."""
 
     def __init__(self, settings: ChatSettings) -> None:
+        from prism_lightning.engines.hf import HFEngine
         from prism_lightning.generation import SamplingConfig
 
         self.settings = settings
@@ -85,96 +90,71 @@ class _Session:
         self.turns: list[str] = []
         self.replies: list[str] = []
         self.route: bool | str | None = None  # K-way: the adapter name
+        self.context = None
         if settings.checkpoint:
             from prism_lightning.model.export import load_checkpoint
 
-            self.routed = load_checkpoint(
+            routed = load_checkpoint(
                 settings.checkpoint,
                 device=settings.device,
                 backbone_override=checkpoint_backbone(settings),
                 merge_weights=settings.merge_weights,
             )
             if settings.threshold is not None:
-                self.routed.threshold = settings.threshold
-            from prism_lightning.engines.hf_stream import RoutedBatchRunner
-
-            self.runner = RoutedBatchRunner(self.routed)  # the hf engine's streaming routed batches
-            self.backbone = None
-            self.context = None
+                routed.threshold = settings.threshold
+            self.engine = HFEngine.from_routed(routed)
+            self.mode = settings.route or "gated"
+            self.seed: int | None = 0  # a routed reply is the same for the same conversation
         else:
-            self.routed = None
-            self.runner = None
-            self.context = None
             if settings.persona:  # resolved before the model loads, so a typo fails at once
                 library = ContextLibrary.from_config(settings.context_file)
                 self.context = library.get(settings.persona).text(settings.persona_length or "short")
-            self.backbone = BackboneConfig(
+            backbone = BackboneConfig(
                 model=settings.model or DEFAULT_MODEL,
                 dtype=settings.dtype or "auto",
                 trust_remote_code=settings.trust_remote_code,
             ).load(settings.device)
+            self.engine = HFEngine.from_backbone(backbone)
+            self.mode = "off"
+            self.seed = None
 
     def ask(self, message: str, write: Callable[[str], object] | None = None) -> str:
         """Answer ``message`` (with the conversation so far); ``write`` gets the answer token by token
-        through the serving engine's streaming path (the deltas add up to the returned reply)."""
-        from prism_lightning.engines.text_stream import TextStream
-        from prism_lightning.generation import generate_batch
-
+        through the engine's streaming path (the deltas add up to the returned reply). With a checkpoint
+        the route is the first user turn's (the paper's rule), kept for the whole conversation, unless
+        --route forces it."""
         self.turns.append(message)
-        tokenizer = self.routed.tokenizer if self.routed is not None else self.backbone.tokenizer
-        stream = TextStream(tokenizer)
-
-        def on_step(new_tokens: dict[int, int], finished: dict[int, str]) -> None:
-            for token in new_tokens.values():
-                delta = stream.add(token)
-                if delta and write is not None:
-                    write(delta)
-
-        if self.routed is not None:
-            self._ask_routed(on_step)
+        fmt = self.engine.formatter
+        if self.engine.has_adapter:
+            prompt = fmt.prompt(self.turns, replies=self.replies)
+            first_turn = fmt.prompt(self.turns[0]) if len(self.turns) > 1 else None
         else:
-            prompt = self.backbone.formatter.prompt(
-                self.turns, self.context, self.settings.placement or "system", self.replies
-            )
-            generate_batch(
-                self.backbone.model, self.backbone.tokenizer, [prompt], self.sampling, on_step=on_step
-            )
-        tail = stream.finish()
-        if tail and write is not None:
-            write(tail)
-        reply = stream.text
-        self.replies.append(reply)
-        return reply
-
-    def _ask_routed(self, on_step) -> None:
-        """The routed answer: the route is the first user turn's (the paper's rule), kept for the
-        whole conversation, unless --route forces it."""
-        from prism_lightning.engines.hf_stream import RowRoute, RowSpec
-
-        routed = self.routed
-        forced = self.route if self.route is not None else {"on": True, "off": False}.get(self.settings.route)
-
-        def encode(prompt: str) -> list[int]:
-            return list(routed.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
-        first = encode(routed.formatter.prompt(self.turns[0])) if len(self.turns) > 1 else None
-        row = RowSpec(
-            encode(routed.formatter.prompt(self.turns, replies=self.replies)),
+            prompt = fmt.prompt(self.turns, self.context, self.settings.placement or "system", self.replies)
+            first_turn = None
+        out = self.engine.stream(
+            prompt,
             self.sampling,
-            route=forced,
-            first_turn_ids=first,
+            write if write is not None else _discard,
+            mode=self.mode,
+            seed=self.seed,
+            route=self.route,
+            first_turn=first_turn,
+            on_route=self._heard_route,
         )
+        self.replies.append(out.text)
+        return out.text
 
-        def on_route(routes: list[RowRoute]) -> None:
-            route = routes[0]
-            self.route = route.adapter or route.route  # K-way: the first turn's adapter holds, by name
-            label = route.adapter or ("adapter" if route.route else "base")
-            print(f"[route: {label}  gate p={route.gate_prob:.3f}]", file=sys.stderr, flush=True)
-
-        self.runner.run([row], on_route=on_route, on_step=on_step)
+    def _heard_route(self, route: RowRoute) -> None:
+        self.route = route.adapter or route.route  # K-way: the first turn's adapter holds, by name
+        label = route.adapter or ("adapter" if route.route else "base")
+        print(f"[route: {label}  gate p={route.gate_prob:.3f}]", file=sys.stderr, flush=True)
 
     def reset(self) -> None:
         self.turns, self.replies, self.route = [], [], None
+
+
+def _discard(text: str) -> None:
+    """The writer of a reply nobody watches being written."""
 
 
 def checkpoint_backbone(settings: ChatSettings) -> BackboneConfig | None:

@@ -67,6 +67,24 @@ def test_greedy_answers_match_the_hf_backend(base_engine, hf_backbone):
     assert alone[0].token_ids == batched[0].token_ids
 
 
+def test_a_streamed_reply_joins_to_the_generated_one(base_engine):
+    """``VLLMEngine.stream`` steps one request through vLLM's engine: its deltas join to the text
+    ``generate`` returns for the same prompt and seed, greedy and sampled."""
+    from prism_lightning.backbone import BackboneConfig, meta_model
+    from prism_lightning.engines.vllm import VLLMEngine
+    from prism_lightning.generation import SamplingConfig
+
+    engine = VLLMEngine(base_engine, meta_model(BackboneConfig()), name="base")
+    prompt = engine.formatter.prompt(QUERIES[1])
+    for sampling in (SamplingConfig(max_new_tokens=16), SamplingConfig(max_new_tokens=16, temperature=0.9)):
+        (want,) = engine.generate([prompt], sampling, seeds=[7])
+        deltas: list[str] = []
+        out = engine.stream(prompt, sampling, deltas.append, seed=7)
+        assert "".join(deltas) == out.text == want.text
+        assert out.token_ids == want.token_ids and out.finish_reason == want.finish_reason
+        assert len(deltas) > 2 and out.route is None
+
+
 def test_repetition_penalty_and_top_k_follow_the_hf_backend(base_engine, hf_backbone):
     """The bootstrap's filters reach vLLM with the same meaning: a greedy penalised answer matches hf's
     (both penalise prompt and answer tokens), and top_k=1 sampling is greedy."""
@@ -284,6 +302,41 @@ def test_evaluate_on_vllm_all_conditions(embedded_checkpoint, tmp_path):
     base = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__base.jsonl").open()]
     lora = [json.loads(x)["logprobs"] for x in (out_v / "items" / "mmlu__lora.jsonl").open()]
     assert base != lora
+
+
+def test_a_routed_stream_on_vllm_takes_generates_routes_and_text(embedded_checkpoint):
+    """``VLLMEngine.stream`` on a checkpoint: gated, forced and a conversation routed on its first turn
+    give the route, gate probability and text ``generate`` gives, the route heard before the deltas."""
+    from prism_lightning.engines import GenerationConfig, open_engine
+    from prism_lightning.generation import SamplingConfig
+
+    engine = open_engine(embedded_checkpoint, GenerationConfig(**GEN, max_lora_rank=8))
+    fmt, sampling = engine.formatter, SamplingConfig(max_new_tokens=8)
+    cases = [(fmt.prompt(q), "gated", None, None) for q in QUERIES]
+    cases += [(fmt.prompt(QUERIES[0]), "on", None, None), (fmt.prompt(QUERIES[1]), "gated", False, None)]
+    cases.append(
+        (fmt.prompt([QUERIES[2], "And then?"], replies=["Sure."]), "gated", None, fmt.prompt(QUERIES[2]))
+    )
+    routes = set()
+    for prompt, mode, route, first_turn in cases:
+        decider = [first_turn] if first_turn is not None else [prompt]
+        (decided,) = engine.generate(decider, sampling, mode=mode, route=None if route is None else [route])
+        (want,) = engine.generate([prompt], sampling, mode=mode, route=[decided.route])
+        heard, deltas = [], []
+        out = engine.stream(
+            prompt,
+            sampling,
+            deltas.append,
+            mode=mode,
+            route=route,
+            first_turn=first_turn,
+            on_route=heard.append,
+        )
+        assert "".join(deltas) == out.text == want.text
+        assert [h.route for h in heard] == [out.route] == [decided.route]
+        assert out.gate_prob == pytest.approx(decided.gate_prob, abs=1e-6)
+        routes.add(out.route)
+    assert routes == {True, False}
 
 
 def test_prism_k_on_vllm_routes_as_on_hf(kway_checkpoint, tmp_path):

@@ -2,8 +2,9 @@
 implementations, ``hf`` (:mod:`~prism_lightning.engines.hf`) and ``vllm``
 (:mod:`~prism_lightning.engines.vllm`), opened by :func:`open_engine`, plus an OpenAI-compatible endpoint
 (:mod:`~prism_lightning.engines.endpoint`, a bootstrap judge); ``evaluate``, ``study`` and the bootstrap's
-stages run on it, ``serve`` and ``chat`` route and stream through this layer
-(:mod:`~prism_lightning.engines.hf_stream`, :meth:`~prism_lightning.engines.vllm.VLLMEngine.request_routes`).
+stages run on it, ``chat`` streams through :meth:`~prism_lightning.engines.base.Engine.stream`, and
+``serve`` routes and streams through this layer's parts (:mod:`~prism_lightning.engines.hf_stream`,
+:meth:`~prism_lightning.engines.vllm.VLLMEngine.request_routes`).
 Routes are decided by :mod:`prism_lightning.model.route_rule`. This layer imports ``model/`` and the
 foundation only, never the pipelines (``bootstrap/``, ``eval/``) or the commands above them. vLLM is
 imported only when the ``vllm`` engine is opened.

@@ -8,9 +8,10 @@ behind the generating part of it (a bootstrap judge).
 
 What the bootstrap's stages need is part of it: per-row seeds, stopping at the first line break
 (queries), the verdict options' log-probabilities at the first generated position of the same request
-(the judge), and the top-k of the prompt's own positions over a response (teacher targets). Not in the
-protocol yet: streaming (the hf engine's :mod:`~prism_lightning.engines.hf_stream`, which ``serve`` and
-``chat`` use, and ``serve``'s vLLM step loop).
+(the judge), the top-k of the prompt's own positions over a response (teacher targets), and one reply
+streamed as text deltas with its route known before the first of them (``chat``: the hf engine runs it
+on :mod:`~prism_lightning.engines.hf_stream`, vLLM steps one request through its ``LLMEngine``). ``serve``
+keeps its own schedulers over many requests (continuous batching), on the same streaming parts.
 
 ``mode`` says how a PRISM checkpoint's adapter runs: ``off`` (the untouched base model), ``on``,
 ``gated`` (the gate decides per row) or ``gated_k`` (``gated`` on a K-way checkpoint: none or one of its
@@ -19,7 +20,7 @@ adapters per row). Routes follow :mod:`prism_lightning.model.route_rule`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -30,7 +31,15 @@ from prism_lightning.errors import ConfigError
 from prism_lightning.generation import Sampling, SamplingConfig, row_seed
 from prism_lightning.model.route_rule import RouteSpec
 
-__all__ = ["MODES", "Engine", "EngineOutput", "OptionLogprobs", "first_token_ids", "option_scores"]
+__all__ = [
+    "MODES",
+    "Engine",
+    "EngineOutput",
+    "OptionLogprobs",
+    "RowRoute",
+    "first_token_ids",
+    "option_scores",
+]
 
 MODES: tuple[str, ...] = ("off", "on", "gated", "gated_k")
 
@@ -50,6 +59,15 @@ class EngineOutput:
     thinking: str | None = None
     thinking_tokens: int = 0
     thinking_closed: bool | None = None
+
+
+@dataclass
+class RowRoute:
+    """A row's route as soon as it is decided (before its first token): what a stream reports first."""
+
+    route: bool  # an adapter runs
+    gate_prob: float  # P(an adapter runs)
+    adapter: str | None = None  # K-way: the adapter that runs (None: the base model)
 
 
 class OptionLogprobs(NamedTuple):
@@ -237,6 +255,29 @@ class Engine:
             continued.append(prompt + fmt.closing(reply.thinking))
         return continued, first
 
+    def stream(
+        self,
+        prompt: str,
+        sampling: SamplingConfig,
+        write: Callable[[str], object],
+        *,
+        mode: str = "off",
+        seed: int | None = None,
+        route: RouteSpec = None,
+        first_turn: str | None = None,
+        on_route: Callable[[RowRoute], object] | None = None,
+    ) -> EngineOutput:
+        """One reply to a chat-formatted ``prompt``, handed to ``write`` as text deltas while it is decoded
+        (``chat``); the deltas join to the returned ``text``, which is what :meth:`generate` returns for the
+        same prompt, sampling, seed and route. ``seed`` None: as :meth:`generate` without seeds.
+
+        ``route`` forces the route as in :meth:`generate`. ``first_turn``: the first user turn's own
+        prompt when ``prompt`` holds a longer conversation; the gate then decides on it (the paper's rule:
+        a conversation keeps its first turn's route), unless the route is forced. ``on_route`` hears the
+        route once it is decided, before the first delta. Callbacks rather than an iterator: the decode
+        loop pushes each step's token, and turning that into a pull would need a thread around it."""
+        return self._stream(prompt, sampling, write, self.check_mode(mode), seed, route, first_turn, on_route)
+
     def option_logprobs(
         self,
         prompts: Sequence[str],
@@ -278,6 +319,19 @@ class Engine:
         score_options: Mapping[str, Sequence[str]] | None,
     ) -> list[EngineOutput]:
         raise NotImplementedError
+
+    def _stream(
+        self,
+        prompt: str,
+        sampling: SamplingConfig,
+        write: Callable[[str], object],
+        mode: str,
+        seed: int | None,
+        route: RouteSpec,
+        first_turn: str | None,
+        on_route: Callable[[RowRoute], object] | None,
+    ) -> EngineOutput:
+        raise ConfigError(f"the {self.backend} engine does not stream replies; use the hf engine")
 
     def _option_logprobs(
         self,

@@ -7,12 +7,21 @@ base model (adapter layers skipped).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
-from prism_lightning.engines.base import Engine, EngineOutput, OptionLogprobs, first_token_ids, option_scores
+from prism_lightning.engines.base import (
+    Engine,
+    EngineOutput,
+    OptionLogprobs,
+    RowRoute,
+    first_token_ids,
+    option_scores,
+)
 from prism_lightning.engines.line_break import StopAfterLineBreak, line_break_token_ids
-from prism_lightning.generation import generate, left_pad, stop_token_ids
+from prism_lightning.engines.text_stream import TextStream
+from prism_lightning.generation import SamplingConfig, generate, generate_batch, left_pad, stop_token_ids
 from prism_lightning.model.route_rule import adapter_prob, forced_routes
 
 __all__ = ["HFEngine", "topk_over_response"]
@@ -38,13 +47,18 @@ def topk_over_response(model, prompt_ids: list[int], response_ids: list[int], k:
 
 class HFEngine(Engine):
     """The protocol on this package's decode loop; ``controller`` is the checkpoint's routing
-    controller (None: a plain backbone)."""
+    controller (None: a plain backbone); ``routed`` the loaded checkpoint it came from, which
+    :meth:`stream` runs on (its gate layer and threshold)."""
 
     backend = "hf"
 
-    def __init__(self, model, tokenizer, formatter, controller=None, *, name: str = "model") -> None:
+    def __init__(
+        self, model, tokenizer, formatter, controller=None, *, name: str = "model", routed=None
+    ) -> None:
         super().__init__(model, tokenizer, formatter, name=name)
         self.controller = controller
+        self.routed = routed
+        self._runner = None  # the streaming path's RoutedBatchRunner, made on the first routed stream
         self._line_breaks: tuple[list[int], list[int]] | None = None
 
     @classmethod
@@ -53,7 +67,9 @@ class HFEngine(Engine):
 
     @classmethod
     def from_routed(cls, routed, name: str = "checkpoint") -> HFEngine:
-        return cls(routed.model, routed.tokenizer, routed.formatter, routed.controller, name=name)
+        return cls(
+            routed.model, routed.tokenizer, routed.formatter, routed.controller, name=name, routed=routed
+        )
 
     @property
     def has_adapter(self) -> bool:
@@ -97,6 +113,77 @@ class HFEngine(Engine):
                 row.adapter = o.adapter
             results.append(row)
         return results
+
+    def _stream(
+        self,
+        prompt: str,
+        sampling: SamplingConfig,
+        write: Callable[[str], object],
+        mode: str,
+        seed: int | None,
+        route,
+        first_turn: str | None,
+        on_route: Callable[[RowRoute], object] | None,
+    ) -> EngineOutput:
+        """One row through ``generate_batch`` (a plain backbone) or the checkpoint's
+        :class:`~prism_lightning.engines.hf_stream.RoutedBatchRunner`, whose prefill settles the route;
+        tokens become text deltas through a :class:`TextStream` (the serving engine's own)."""
+        stream = TextStream(self.tokenizer)
+
+        def on_step(new_tokens: dict[int, int], finished: dict[int, str]) -> None:
+            for token in new_tokens.values():
+                delta = stream.add(token)
+                if delta:
+                    write(delta)
+
+        decided: list[RowRoute] = []
+        if self.controller is None:
+            seeds = [seed] if seed is not None else None
+            (out,) = generate_batch(
+                self.model, self.tokenizer, [prompt], sampling, seeds=seeds, on_step=on_step
+            )
+        else:
+            out = self._stream_routed(
+                prompt, sampling, mode, seed, route, first_turn, on_step, decided, on_route
+            )
+        tail = stream.finish()
+        if tail:
+            write(tail)
+        row = EngineOutput(
+            stream.text, None, None, out.finish_reason, None, out.token_ids, len(out.token_ids)
+        )
+        if decided:
+            got = decided[0]
+            row.route, row.adapter = got.route, got.adapter
+            row.gate_prob = got.gate_prob if got.gate_prob == got.gate_prob else None
+        return row
+
+    def _stream_routed(self, prompt, sampling, mode, seed, route, first_turn, on_step, decided, on_route):
+        """The routed row: ``mode`` on/off forces the route unless ``route`` does (K-way ``on``: the gate
+        picks the adapter); ``first_turn`` decides it otherwise."""
+        from prism_lightning.engines.hf_stream import RoutedBatchRunner, RowSpec
+
+        if self.routed is None:
+            raise ValueError("streaming a checkpoint needs the engine made by HFEngine.from_routed")
+        if self._runner is None:
+            self._runner = RoutedBatchRunner(self.routed)
+        forced = route if route is not None else {"on": True, "off": False}.get(mode)
+
+        def encode(text: str) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        first_ids = encode(first_turn) if first_turn is not None else None
+        if seed is None:  # as generate_batch without seeds
+            seed = 0 if sampling.greedy else int(torch.randint(0, 2**62, (1,)))
+        row = RowSpec(encode(prompt), sampling, seed=seed, route=forced, first_turn_ids=first_ids)
+
+        def heard(routes: list[RowRoute]) -> None:
+            decided.append(routes[0])
+            if on_route is not None:
+                on_route(routes[0])
+
+        (out,), _ = self._runner.run([row], on_route=heard, on_step=on_step)
+        return out
 
     def _line_stop(self):
         """(stop ids, forward-hook guard) of the line-break rule on this model."""

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_lightning.engines.base import RowRoute
 from prism_lightning.engines.running_batch import RunningBatch, StepResult
 from prism_lightning.generation import Generation, SamplingConfig, StepCallback, generate_batch, left_pad
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 from prism_lightning.model.routing import decoder_layers
+
+__all__ = ["RoutedBatchRunner", "RoutedRunningBatch", "RowRoute", "RowSpec"]
 
 
 @dataclass
@@ -36,13 +39,6 @@ class RowSpec:
     seed: int = 0
     route: RouteSpec = None  # None: the gate decides; True/False; K-way: an adapter's name
     first_turn_ids: list[int] | None = None
-
-
-@dataclass
-class RowRoute:
-    route: bool  # an adapter runs
-    gate_prob: float  # P(an adapter runs)
-    adapter: str | None = None  # K-way: the adapter that runs (None: the base model)
 
 
 RouteCallback = Callable[[list[RowRoute]], None]

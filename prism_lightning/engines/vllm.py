@@ -13,16 +13,25 @@ feature, the same gate, :mod:`~prism_lightning.model.route_rule`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prism_lightning.backbone import BackboneConfig, meta_model
-from prism_lightning.engines.base import Engine, EngineOutput, OptionLogprobs, first_token_ids, option_scores
+from prism_lightning.engines.base import (
+    Engine,
+    EngineOutput,
+    OptionLogprobs,
+    RowRoute,
+    first_token_ids,
+    option_scores,
+)
 from prism_lightning.engines.settings import GenerationConfig
+from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.engines.vllm_core import VLLMCore, get_engine
+from prism_lightning.generation import SamplingConfig
 from prism_lightning.model.route_rule import RouteSpec, adapter_prob, decide_routes, forced_routes
 
 __all__ = ["VLLMEngine"]
@@ -148,6 +157,41 @@ class VLLMEngine(Engine):
             )  # fmt: skip
             for o, r, p, a in zip(outs, routes, probs, adapters, strict=True)
         ]
+
+    def _stream(
+        self,
+        prompt: str,
+        sampling: SamplingConfig,
+        write: Callable[[str], object],
+        mode: str,
+        seed: int | None,
+        route: RouteSpec,
+        first_turn: str | None,
+        on_route: Callable[[RowRoute], object] | None,
+    ) -> EngineOutput:
+        """The route from :meth:`request_routes` (on ``first_turn`` when given), then one request stepped
+        through the engine (:meth:`~prism_lightning.engines.vllm_core.VLLMCore.stream`), its tokens turned
+        into deltas by the serving engines' :class:`TextStream`."""
+        lora, routes, probs, adapters = self.request_routes(
+            [first_turn if first_turn is not None else prompt], mode, None if route is None else [route]
+        )
+        if routes[0] is not None and on_route is not None:
+            on_route(RowRoute(routes[0], probs[0] if probs[0] is not None else float("nan"), adapters[0]))
+        stream = TextStream(self.tokenizer)
+
+        def on_token(token: int) -> None:
+            delta = stream.add(token)
+            if delta:
+                write(delta)
+
+        out = self.engine.stream(prompt, sampling, on_token, seed=seed, lora=lora[0] if lora else None)
+        tail = stream.finish()
+        if tail:
+            write(tail)
+        tokens = out.token_ids
+        return EngineOutput(
+            stream.text, routes[0], probs[0], out.finish_reason, adapters[0], tokens, len(tokens)
+        )
 
     def _option_logprobs(self, prompts, options, mode, batch_size, route) -> OptionLogprobs:
         """vLLM's next-token log-probabilities of the options (``batch_size`` is unused); ``route`` forces

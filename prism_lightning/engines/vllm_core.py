@@ -21,7 +21,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -99,6 +99,7 @@ class VLLMCore:
     dtype: str
     start_seconds: float
     _lora_ids: dict[str, int] = field(default_factory=dict)
+    _streams: int = 0  # requests streamed so far (their ids)
 
     # -- requests --------------------------------------------------------------------------------
     def token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -208,6 +209,50 @@ class VLLMCore:
                 first = torch.tensor([float(lps[int(t)].logprob) for t in score_ids], dtype=torch.float32)
             results[i] = Generation(text.strip(), tokens, finish, len(ids[i]), first)
         return results
+
+    def stream(
+        self,
+        prompt: Prompt,
+        sampling: SamplingConfig,
+        on_token: Callable[[int], object],
+        *,
+        seed: int | None = None,
+        lora: Any = None,
+    ) -> Generation:
+        """One request stepped through vLLM's ``LLMEngine`` (as ``serve --engine vllm``'s worker steps
+        it), each new token handed to ``on_token`` as it comes; returns the row as :meth:`generate` would
+        (the stopping token excluded). Not to be run while something else steps this engine."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = self.token_ids([prompt])[0]
+        if sampling.max_new_tokens == 0:
+            return Generation("", [], "length", len(ids))
+        engine = self.llm.llm_engine
+        params = sampling_params(
+            sampling, seed=seed, stop_token_ids=self.stop_ids, output_kind=RequestOutputKind.DELTA
+        )
+        self._streams += 1
+        rid = f"prism-stream-{self._streams}"
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params, lora_request=lora)
+        stops, tokens, finish = set(self.stop_ids), [], None
+        try:
+            while finish is None:
+                for out in engine.step():
+                    if out.request_id != rid:
+                        continue
+                    comp = out.outputs[0]
+                    for token in comp.token_ids:
+                        if int(token) not in stops:
+                            tokens.append(int(token))
+                            on_token(int(token))
+                    if out.finished:
+                        finish = "stop" if comp.finish_reason == "stop" else "length"
+        except BaseException:
+            engine.abort_request([rid])
+            raise
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text.strip(), tokens, finish, len(ids))
 
     def next_token_logprobs(
         self, prompts: Sequence[Prompt], token_ids: Sequence[int], *, lora: Sequence[Any] | None = None

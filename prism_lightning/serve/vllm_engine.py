@@ -17,7 +17,7 @@ import queue
 import time
 from pathlib import Path
 
-from prism_lightning.engines.hf_stream import RowRoute
+from prism_lightning.engines.base import RowRoute
 from prism_lightning.engines.text_stream import TextStream
 from prism_lightning.serve.engine import Event, Job, ServeEngine
 from prism_lightning.serve.metrics import ServeMetrics
