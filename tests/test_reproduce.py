@@ -235,6 +235,7 @@ def test_reproduce_end_to_end_killed_after_fit_and_resumed(tiny_preset, tmp_path
 
 
 @needs_assets
+@pytest.mark.second_tier
 def test_reproduce_with_two_training_seeds(tiny_preset, tmp_path, capsys):
     """``--seeds 2``: one bootstrap, two fits (seed_everything 0 and 1), each evaluated (the second under the
     adapter conditions only), the spread across them beside the first seed's CI; a rerun redoes nothing and
