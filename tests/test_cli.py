@@ -30,17 +30,17 @@ def test_unknown_command_exits_2(capsys):
 
 
 def test_chat_puts_the_persona_in_the_prompt_and_prints_the_answer(tiny_model_dir, capsys, monkeypatch):
-    import prism_lightning.generation as generation
+    import prism_lightning.engines.hf as hf_engine
     from prism_lightning.contexts import ContextLibrary
 
     seen = []
-    real = generation.generate_batch
+    real = hf_engine.generate_batch
 
     def spy(model, tokenizer, prompts, sampling, **kw):
         seen.extend(prompts)
         return real(model, tokenizer, prompts, sampling, **kw)
 
-    monkeypatch.setattr(generation, "generate_batch", spy)
+    monkeypatch.setattr(hf_engine, "generate_batch", spy)  # the hf engine's stream decodes a plain model
     with pytest.raises(SystemExit) as info:
         main(
             [
