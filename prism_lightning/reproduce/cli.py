@@ -36,28 +36,28 @@ from prism_lightning.settings_args import (
 __all__ = ["ReproduceSettings", "reproduce_command", "reproduce_main", "validate_preset"]
 
 
+def _at_least_one(flag: str, meaning: str):
+    """A converter for ``--<flag>``: a whole number >= 1, else a ConfigError saying what the flag counts."""
+
+    def convert(text: str | int) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"--{flag} must be a whole number >= 1, got {text!r}.") from None
+        if value < 1:
+            raise ConfigError(f"--{flag} must be >= 1 ({meaning}), got {value}.")
+        return value
+
+    return convert
+
+
+_seeds = _at_least_one("seeds", "training seeds")
+_limit_value = _at_least_one("limit", "items per sub-score group")
+
+
 def _limit(text: str | int | None) -> int | None:
-    """``--limit`` as a whole number >= 1 (or None: the full sizes); a ConfigError otherwise."""
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"--limit must be a whole number >= 1, got {text!r}.") from None
-    if value < 1:
-        raise ConfigError(f"--limit must be >= 1 (items per sub-score group), got {value}.")
-    return value
-
-
-def _seeds(text: str | int) -> int:
-    """``--seeds`` as a whole number >= 1; a ConfigError otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"--seeds must be a whole number >= 1, got {text!r}.") from None
-    if value < 1:
-        raise ConfigError(f"--seeds must be >= 1 (training seeds), got {value}.")
-    return value
+    """``--limit`` as a whole number >= 1, or None: the full sizes."""
+    return None if text is None else _limit_value(text)
 
 
 def _extra_seeds(preset: Preset, n: int) -> list[int]:
