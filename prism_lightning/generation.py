@@ -9,7 +9,8 @@ We run our own decode loop instead of ``model.generate`` for three reasons:
   several processes split a stage and still produce the same data.
 * **Finished rows cost nothing.** A row that emits a stop token is removed from the running batch
   (KV cache, ids, mask, positions, generators), instead of being padded along until the longest row
-  ends.
+  ends. (The static-cache compiled decode, :mod:`prism_lightning.static_decode`, trades this for fixed
+  shapes: there a finished row's slot runs on, unread, until the batch ends.)
 * **Hooks can follow the rows.** The prefill is one ``model(...)`` call over the whole batch (a
   forward hook can, e.g., compute a routing decision there), and ``on_rows_kept`` tells the caller
   which rows survive each compaction so per-row state kept outside the model stays aligned.

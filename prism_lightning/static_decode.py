@@ -94,13 +94,15 @@ def length_bucket(tokens: int) -> int:
 class StaticDecoder:
     """One model's static cache and compiled step; one batch decodes at a time.
 
-    ``compiled`` False runs the same static-cache step eagerly (to measure what each part buys)."""
+    ``compiled`` False runs the same static-cache step eagerly (to measure what each part buys);
+    ``backend`` is torch.compile's (inductor; benchmarks may pick a cheaper one off-GPU)."""
 
-    def __init__(self, model, *, compiled: bool = True) -> None:
+    def __init__(self, model, *, compiled: bool = True, backend: str = "inductor") -> None:
         from prism_lightning.generation import _base_model, _forward_kwarg_names
 
         self._model = weakref.ref(model)  # the per-model registry must not keep the model alive
         self.compiled = compiled
+        self.backend = backend
         cache_kw, keep_kw = _forward_kwarg_names(type(_base_model(model)))
         self._kwargs = {"use_cache": True, **({keep_kw: 1} if keep_kw else {})}
         self._cache_kw = cache_kw
@@ -153,13 +155,16 @@ class StaticDecoder:
         run = self._step
         if self.compiled:
             if self._compiled_step is None:
-                on_cuda = self._tokens.device.type == "cuda"  # CUDA graphs there
+                graphs = self._tokens.device.type == "cuda" and self.backend == "inductor"
                 self._compiled_step = torch.compile(
-                    self._step, dynamic=False, mode="reduce-overhead" if on_cuda else None
+                    self._step,
+                    backend=self.backend,
+                    dynamic=False,
+                    mode="reduce-overhead" if graphs else None,
                 )
             run = self._compiled_step
             if self._tokens.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
         logits = run(self._cache, self._tokens[:, None], self._mask, self._positions[:, None])
         return logits[self._slots]
 
