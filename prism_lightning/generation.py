@@ -437,7 +437,7 @@ def _generate_ids(
         if not kept:
             break
         if decoder is not None and step == 0:  # the prefilled batch moves to the static cache
-            slots = decoder.begin(cache, mask, last_pos, next_tok, width + max(budget))
+            slots = decoder.begin(cache, mask, last_pos, next_tok, width + max(budget), cache_kw, extra)
             cache = None
             if on_rows_kept is not None:
                 on_rows_kept(slots)

@@ -98,27 +98,32 @@ class StaticDecoder:
     ``backend`` is torch.compile's (inductor; benchmarks may pick a cheaper one off-GPU)."""
 
     def __init__(self, model, *, compiled: bool = True, backend: str = "inductor") -> None:
-        from prism_lightning.generation import _base_model, _forward_kwarg_names
-
         self._model = weakref.ref(model)  # the per-model registry must not keep the model alive
         self.compiled = compiled
         self.backend = backend
-        cache_kw, keep_kw = _forward_kwarg_names(type(_base_model(model)))
-        self._kwargs = {"use_cache": True, **({keep_kw: 1} if keep_kw else {})}
-        self._cache_kw = cache_kw
+        self._cache_kw, self._kwargs = "past_key_values", {}
         self._cache = None
         self._key: tuple | None = None
         self._compiled_step = None
 
     def begin(
-        self, prefill_cache, mask: torch.Tensor, last_pos: torch.Tensor, next_tok: torch.Tensor, length: int
+        self,
+        prefill_cache,
+        mask: torch.Tensor,
+        last_pos: torch.Tensor,
+        next_tok: torch.Tensor,
+        length: int,
+        cache_kw: str,
+        extra: dict,
     ) -> torch.Tensor:
         """Take over a prefilled batch: ``prefill_cache`` (a dynamic cache of ``n`` rows, all columns of
         ``mask``), each row's last position and its first sampled token; ``length`` is the most tokens
-        (prompt width + the longest answer) the cache must hold. Returns the row map (slot -> row), for
+        (prompt width + the longest answer) the cache must hold; ``cache_kw`` the model's keyword for
+        the cache and ``extra`` what else each forward takes. Returns the row map (slot -> row), for
         per-row state kept outside the model."""
         from transformers import StaticCache
 
+        self._cache_kw, self._kwargs = cache_kw, {"use_cache": True, **extra}
         n, width = mask.shape
         bucket = batch_bucket(n)
         rows = torch.cat([torch.arange(n), torch.zeros(bucket - n, dtype=torch.long)]).to(mask.device)
