@@ -830,7 +830,8 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--compile-backend",
         default="aot_eager",
-        help="CPU dry run: torch.compile backend of the static-cache generate (inductor: slow here)",
+        help="CPU dry run: torch.compile backend of the static-cache generate and of our compiled decode "
+        "(inductor: slow here)",
     )
     ap.add_argument("--estimate", action="store_true", help="print the GPU time estimate and exit")
     ap.add_argument("--allow-imports", action="store_true", help=f"do not block {', '.join(BLOCKED)}")

@@ -36,6 +36,7 @@ def both(model, tokenizer, prompts, sampling, **kwargs):
     return eager, static
 
 
+@pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_greedy_and_seeded_sampling_match_the_eager_loop(parts):
     model, tokenizer, prompts = parts
     seeds = [row_seed(5, f"row-{i}") for i in range(len(prompts))]
@@ -53,6 +54,7 @@ def test_greedy_and_seeded_sampling_match_the_eager_loop(parts):
     assert generate(model, tokenizer, prompts, rows, seeds=seeds, batch_size=8, decode_compile="on") == off
 
 
+@pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_rows_that_stop_early_match_and_stream_the_same(parts):
     """A stop token taken from the rows' own answers ends them at different steps: the static path keeps
     their slots and reads only the running rows; on_step sees the same tokens and finishes."""
@@ -71,6 +73,7 @@ def test_rows_that_stop_early_match_and_stream_the_same(parts):
     assert steps["on"] == steps["off"]
 
 
+@pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_routed_checkpoint_matches_the_eager_loop(tiny_model_dir, tmp_path):
     """Mixed forced routes and the gate's own routes in one batch: the controller's mask follows the padded
     static batch, and every row equals its eager row (which equals the plain adapter on/off row)."""
