@@ -14,7 +14,7 @@ first run of each path is a warm-up, not timed (its extra seconds over the timed
 path the compilation, are reported apart); then ``--repeats`` rounds run the paths in a rotating order.
 The token ids of the three paths are compared and the result printed.
 
-    python benchmarks/decode_compile.py --batch-sizes 1,8 --max-new-tokens 32 --repeats 5 --threads 2 \\
+    python benchmarks/decode_compile.py --batch-sizes 1,8 --max-new-tokens 24 --repeats 5 --threads 1 \\
         --json benchmarks/results/decode_compile_cpu.json
 """
 
