@@ -10,7 +10,10 @@ Methods (``--methods``), same model, same prompts, greedy decoding, same stop to
                  GPU (its defaults: inductor, "reduce-overhead"); elsewhere ``--compile-backend`` asks for
                  it (transformers' ``CompileConfig``; ``none``: a static cache without compiling). The
                  first call, untimed, compiles; its seconds are reported;
-5. ours:         ``prism_lightning.generation.generate`` (length-sorted batches, finished rows dropped).
+5. ours:         ``prism_lightning.generation.generate`` (length-sorted batches, finished rows dropped);
+6. ours_compiled: the same with ``decode_compile="on"`` (the engine's static cache + compiled decode
+                 step; off-GPU compiled with ``--compile-backend``, ``none``: the static cache alone). Its
+                 first call, untimed, compiles; its seconds are reported.
 
 Rows stop at different points, so throughput counts the new tokens each method actually produced
 (up to, not including, the first stop token). ``--ignore-eos`` makes the workload fixed-length: no
@@ -58,8 +61,12 @@ from routing_and_training import commit_hash  # noqa: E402  (one git lookup for 
 
 NAIVE, PLAIN = "naive (model.generate x1)", "plain batched model.generate"
 PLAIN_SORTED, OURS = "plain batched generate, sorted", "ours (generation.generate)"
+OURS_COMPILED = "ours, decode_compile=on"
 STATIC = "generate, static cache, compiled"
-METHODS = {"naive": NAIVE, "plain": PLAIN, "sorted": PLAIN_SORTED, "static": STATIC, "ours": OURS}
+METHODS = {
+    "naive": NAIVE, "plain": PLAIN, "sorted": PLAIN_SORTED, "static": STATIC, "ours": OURS,
+    "ours_compiled": OURS_COMPILED,
+}  # fmt: skip
 TARGET = 3.0  # ours vs length-sorted generate (docs/performance.md)
 
 # Model shapes for --random-shape (architecture class, config kwargs).
@@ -399,6 +406,29 @@ def main(argv: list[str] | None = None) -> dict:
             static_info["error"] = f"{type(err).__name__}: {err}"
             print(f"static-cache generate failed, left out: {static_info['error']}", flush=True)
 
+    compiled_info: dict = {"method": "ours_compiled" in chosen}
+    if "ours_compiled" in chosen:
+        from prism_lightning.static_decode import decoder_for
+
+        decoder = decoder_for(model)
+        decoder.compiled = device.type == "cuda" or args.compile_backend != "none"
+        if device.type != "cuda" and decoder.compiled:
+            decoder.backend = args.compile_backend
+        compiled_info["compile"] = decoder.backend if decoder.compiled else "none (static cache, eager)"
+
+        def ours_compiled() -> list[list[int]]:
+            outs = generate(
+                model, tokenizer, ids, sampling, batch_size=bs, stop_ids=stops, decode_compile="on"
+            )
+            return [g.token_ids for g in outs]
+
+        try:  # the warm-up is the whole workload once: compiling is never timed
+            compiled_info["first_call_seconds_with_compile"], _ = timed(ours_compiled, device)
+            methods[OURS_COMPILED] = ours_compiled
+        except Exception as err:  # noqa: BLE001 - reported, and ours without it still measured
+            compiled_info["error"] = f"{type(err).__name__}: {err}"
+            print(f"ours with decode_compile=on failed, left out: {compiled_info['error']}", flush=True)
+
     names = list(methods)
     times: dict[str, list[float]] = {name: [] for name in names}
     outputs: dict[str, list[list[int]]] = {}
@@ -452,6 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
                       ("naive", NAIVE)):  # fmt: skip
         if name in tps:
             ratios[f"ours/{key}"] = tps[OURS] / tps[name]
+    if OURS_COMPILED in tps:
+        ratios["ours_compiled/ours"] = tps[OURS_COMPILED] / tps[OURS]
+        if PLAIN_SORTED in tps:
+            ratios["ours_compiled/plain_sorted"] = tps[OURS_COMPILED] / tps[PLAIN_SORTED]
     if NAIVE in tps and PLAIN in tps:
         ratios["plain/naive"] = tps[PLAIN] / tps[NAIVE]
     if STATIC in tps and PLAIN_SORTED in tps:
@@ -487,6 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "target": target,
         "static_compile": static_info,
+        "compiled_decode": compiled_info,
         "identical_to_ours": same,
     }
     if args.json:

@@ -8,11 +8,12 @@ matter for mechanics or speed).
 
 Steps, most needed and never run first (``gpu_check_plan.STEPS``): fit_bf16_mixed (Trainer + DDP on 1
 device + PrismModule, synthetic batches), speed_routing (prefill and routing ratios), speed_training
-(ours beside plain peft), speed_generation (fixed length, ours beside ``model.generate`` with a dynamic
-cache and with a static cache + ``torch.compile``), fit_fsdp (``fsdp_strategy``; the model is built on
-the GPU, not on the host), bootstrap_hf (the 7B presets' strict rule: free-text verdicts), routed_generation
-(mixed forced batch: off rows == base model, on rows == always-on), eval_limit1 (MT-Bench judged by
-free text, as a >= 1B judge is), bootstrap_vllm (SKIP: no vLLM on the GPU image).
+(ours beside plain peft), speed_generation (fixed length, ours eager and with its compiled decode
+beside ``model.generate`` with a dynamic cache and with a static cache + ``torch.compile``), fit_fsdp
+(``fsdp_strategy``; the model is built on the GPU, not on the host), bootstrap_hf (the 7B presets' strict
+rule: free-text verdicts), routed_generation (mixed forced batch: off rows == base model, on rows ==
+always-on), eval_limit1 (MT-Bench judged by free text, as a >= 1B judge is), bootstrap_vllm (SKIP: no
+vLLM on the GPU image).
 
 Each step has a budget (``gpu_check_plan.budgets``: 1.3x the step's GPU estimate); a step whose budget
 does not fit in the time left before ``--deadline`` is recorded as SKIP with the reason, and a running
@@ -594,7 +595,8 @@ class Check:
             import torch._dynamo
 
             torch._dynamo.reset()  # compiled graphs (and CUDA graph pools) go with the model
-        keys = ("ratios", "target", "results", "identical_to_ours", "static_compile", "prompt_tokens", "args")
+        keys = ("ratios", "target", "results", "identical_to_ours", "static_compile", "compiled_decode")
+        keys += ("prompt_tokens", "args")
         return {k: rep[k] for k in keys} | {"repeats": rep["repeats"], "machine": rep["machine"]}
 
 
@@ -828,7 +830,8 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--compile-backend",
         default="aot_eager",
-        help="CPU dry run: torch.compile backend of the static-cache generate (inductor: slow here)",
+        help="CPU dry run: torch.compile backend of the static-cache generate and of our compiled decode "
+        "(inductor: slow here)",
     )
     ap.add_argument("--estimate", action="store_true", help="print the GPU time estimate and exit")
     ap.add_argument("--allow-imports", action="store_true", help=f"do not block {', '.join(BLOCKED)}")

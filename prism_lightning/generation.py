@@ -9,7 +9,8 @@ We run our own decode loop instead of ``model.generate`` for three reasons:
   several processes split a stage and still produce the same data.
 * **Finished rows cost nothing.** A row that emits a stop token is removed from the running batch
   (KV cache, ids, mask, positions, generators), instead of being padded along until the longest row
-  ends.
+  ends. (The static-cache compiled decode, :mod:`prism_lightning.static_decode`, trades this for fixed
+  shapes: there a finished row's slot runs on, unread, until the batch ends.)
 * **Hooks can follow the rows.** The prefill is one ``model(...)`` call over the whole batch (a
   forward hook can, e.g., compute a routing decision there), and ``on_rows_kept`` tells the caller
   which rows survive each compaction so per-row state kept outside the model stays aligned.
@@ -27,6 +28,7 @@ from functools import lru_cache
 
 import torch
 
+from prism_lightning.static_decode import decoder_for, use_static_decode
 from prism_lightning.token_sampling import Sampling, SamplingConfig, SeenTokens, pick_rows
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Llama 2 / Mistral).
@@ -101,6 +103,7 @@ def generate_batch(
     stop_ids: Sequence[int] | None = None,
     keep_first_log_probs: bool = False,
     on_step: StepCallback | None = None,
+    decode_compile: str = "off",
 ) -> list[Generation]:
     """Generate for one batch of already chat-formatted prompts (strings, tokenized without adding
     special tokens, or lists of token ids taken as they are).
@@ -112,15 +115,21 @@ def generate_batch(
     continues. ``stop_ids`` defaults to :func:`stop_token_ids`. ``keep_first_log_probs`` fills
     ``Generation.first_log_probs`` from the prefill. ``on_step`` streams the tokens (see
     :data:`StepCallback`); rows with ``max_new_tokens == 0`` never appear in it.
+
+    ``decode_compile`` (auto, on, off; see :mod:`prism_lightning.static_decode`): decode on a static
+    KV cache with a compiled step (auto: on CUDA). Rows then stay in the model's batch until it ends,
+    which is padded to a power of two: ``on_rows_kept`` is called once, after the prefill, with the row
+    each slot copies (padding slots repeat row 0), and not at compactions.
     """
     if len(prompts) == 0:
         return []
+    static = use_static_decode(decode_compile, model)
     ids = _tokenize(tokenizer, prompts)
     rows = _per_row(sampling, len(ids))
     seeds = _resolve_seeds(seeds, rows)
     stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
     return _generate_ids(
-        model, tokenizer, ids, rows, seeds, stops, on_rows_kept, keep_first_log_probs, on_step
+        model, tokenizer, ids, rows, seeds, stops, on_rows_kept, keep_first_log_probs, on_step, static
     )
 
 
@@ -136,6 +145,7 @@ def generate(
     desc: str = "generate",
     stop_ids: Sequence[int] | None = None,
     keep_first_log_probs: bool = False,
+    decode_compile: str = "off",
 ) -> list[Generation]:
     """Generate for any number of prompts in batches of ``batch_size``, returned in input order.
 
@@ -144,12 +154,13 @@ def generate(
     batch holds similar lengths and wastes little padding (and the longest batch runs first, so
     memory problems show at once). Without ``seeds``, sampling draws one seed per prompt from
     torch's global generator, in input order, so results still do not depend on ``batch_size``.
-    ``stop_ids`` and ``keep_first_log_probs`` as in :func:`generate_batch`.
+    ``stop_ids``, ``keep_first_log_probs`` and ``decode_compile`` as in :func:`generate_batch`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if len(prompts) == 0:
         return []
+    static = use_static_decode(decode_compile, model)
     ids = _tokenize(tokenizer, prompts)
     rows = _per_row(sampling, len(ids))
     seeds = _resolve_seeds(seeds, rows)
@@ -172,6 +183,8 @@ def generate(
                 stops,
                 None,
                 keep_first_log_probs,
+                None,
+                static,
             )
             for i, out in zip(chunk, outs, strict=True):
                 results[i] = out
@@ -349,6 +362,7 @@ def _generate_ids(
     on_rows_kept: Callable[[torch.Tensor], None] | None,
     keep_first_log_probs: bool = False,
     on_step: StepCallback | None = None,
+    static: bool = False,
 ) -> list[Generation]:
     n = len(ids)
     lengths = [len(row) for row in ids]
@@ -401,7 +415,8 @@ def _generate_ids(
     logits = forward(input_ids, mask, positions)  # prefill: one call over the whole batch
     first = torch.log_softmax(logits, dim=-1).cpu() if keep_first_log_probs else None
     seen = SeenTokens(ids, logits.shape[-1], device) if SeenTokens.needed(sampling) else None
-    for _ in range(max(budget)):
+    decoder = decoder_for(model) if static else None
+    for step in range(max(budget)):
         next_tok = pick_rows(logits, run_sampling, gens, seen)
         if seen is not None:
             seen.add(next_tok)
@@ -421,23 +436,35 @@ def _generate_ids(
             kept = _stream_step(on_step, step_tokens, alive, kept, budget, finish)
         if not kept:
             break
+        if decoder is not None and step == 0:  # the prefilled batch moves to the static cache
+            slots = decoder.begin(cache, mask, last_pos, next_tok, width + max(budget), cache_kw, extra)
+            cache = None
+            if on_rows_kept is not None:
+                on_rows_kept(slots)
         if len(kept) < len(alive):
             idx = torch.tensor(kept, dtype=torch.long, device=device)
-            cache.batch_select_indices(idx)
-            mask, last_pos, next_tok = mask[idx], last_pos[idx], next_tok[idx]
+            next_tok = next_tok[idx]
+            if decoder is not None:
+                decoder.keep(idx)
+            else:
+                cache.batch_select_indices(idx)
+                mask, last_pos = mask[idx], last_pos[idx]
+                pads = [pads[j] for j in kept]
+                trim = min(pads)
+                if trim and _trim_left(cache, trim):
+                    mask = mask[:, trim:]
+                    pads = [p - trim for p in pads]
+                padded = any(pads)
             alive = [alive[j] for j in kept]
-            pads = [pads[j] for j in kept]
-            trim = min(pads)
-            if trim and _trim_left(cache, trim):
-                mask = mask[:, trim:]
-                pads = [p - trim for p in pads]
-            padded = any(pads)
             gens = [gens[j] for j in kept]
             run_sampling = [run_sampling[j] for j in kept]
             if seen is not None:
                 seen.keep(idx)
-            if on_rows_kept is not None:
+            if on_rows_kept is not None and decoder is None:
                 on_rows_kept(idx)
+        if decoder is not None:
+            logits = decoder.step(next_tok)
+            continue
         if padded:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         last_pos = last_pos + 1

@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         [
             "errors", "files", "settings_args", "config_files", "run_paths", "assets", "token_sampling",
-            "generation", "chat_format", "backbone", "contexts/", "configs/",
+            "generation", "static_decode", "chat_format", "backbone", "contexts/", "configs/",
         ],
         0,
     ),

@@ -34,7 +34,7 @@ def open_engine(
     """An engine for ``source``: a checkpoint directory (its base + adapter + gate), a
     :class:`~prism_lightning.backbone.BackboneConfig` (a plain base model), or, for ``hf`` only, an
     already loaded backbone or :class:`~prism_lightning.model.inference.RoutedModel`. ``generation``
-    picks the engine (default ``hf``) and holds the vLLM settings; ``device`` is where hf runs (and the
+    picks the engine (default ``hf``) and holds its settings; ``device`` is where hf runs (and the
     vLLM engine's prefix gate)."""
     from prism_lightning.backbone import BackboneConfig
     from prism_lightning.errors import ConfigError
@@ -53,15 +53,16 @@ def open_engine(
         raise ConfigError("the vllm engine opens a checkpoint directory or a BackboneConfig, not a model.")
     from prism_lightning.engines.hf import HFEngine
 
+    compiled = generation.decode_compile
     if isinstance(source, str | Path):
         from prism_lightning.model.export import load_checkpoint
 
         routed = load_checkpoint(
             source, device=device, backbone_override=backbone_override, merge_weights=merge_weights
         )
-        return HFEngine.from_routed(routed, name=str(source))
+        return HFEngine.from_routed(routed, name=str(source), decode_compile=compiled)
     if isinstance(source, BackboneConfig):
-        return HFEngine.from_backbone(source.load(device))
+        return HFEngine.from_backbone(source.load(device), decode_compile=compiled)
     if hasattr(source, "controller"):  # a RoutedModel
-        return HFEngine.from_routed(source)
-    return HFEngine.from_backbone(source)
+        return HFEngine.from_routed(source, decode_compile=compiled)
+    return HFEngine.from_backbone(source, decode_compile=compiled)

@@ -48,28 +48,40 @@ def topk_over_response(model, prompt_ids: list[int], response_ids: list[int], k:
 class HFEngine(Engine):
     """The protocol on this package's decode loop; ``controller`` is the checkpoint's routing
     controller (None: a plain backbone); ``routed`` the loaded checkpoint it came from, which
-    :meth:`stream` runs on (its gate layer and threshold)."""
+    :meth:`stream` runs on (its gate layer and threshold). ``decode_compile`` (auto, on, off) is the
+    batched generation's static-cache compiled decode (``generation.decode_compile``); streaming keeps
+    the eager loop."""
 
     backend = "hf"
 
     def __init__(
-        self, model, tokenizer, formatter, controller=None, *, name: str = "model", routed=None
+        self,
+        model,
+        tokenizer,
+        formatter,
+        controller=None,
+        *,
+        name: str = "model",
+        routed=None,
+        decode_compile: str = "off",
     ) -> None:
         super().__init__(model, tokenizer, formatter, name=name)
+        self.decode_compile = decode_compile
         self.controller = controller
         self.routed = routed
         self._runner = None  # the streaming path's RoutedBatchRunner, made on the first routed stream
         self._line_breaks: tuple[list[int], list[int]] | None = None
 
     @classmethod
-    def from_backbone(cls, bb) -> HFEngine:
-        return cls(bb.model, bb.tokenizer, bb.formatter, None, name=bb.name)
+    def from_backbone(cls, bb, *, decode_compile: str = "off") -> HFEngine:
+        return cls(bb.model, bb.tokenizer, bb.formatter, None, name=bb.name, decode_compile=decode_compile)
 
     @classmethod
-    def from_routed(cls, routed, name: str = "checkpoint") -> HFEngine:
+    def from_routed(cls, routed, name: str = "checkpoint", *, decode_compile: str = "off") -> HFEngine:
         return cls(
-            routed.model, routed.tokenizer, routed.formatter, routed.controller, name=name, routed=routed
-        )
+            routed.model, routed.tokenizer, routed.formatter, routed.controller, name=name, routed=routed,
+            decode_compile=decode_compile,
+        )  # fmt: skip
 
     @property
     def has_adapter(self) -> bool:
@@ -89,6 +101,7 @@ class HFEngine(Engine):
         stop_ids, guard = self._line_stop() if stop_at_newline else (None, contextlib.nullcontext())
         scored = first_token_ids(self.tokenizer, score_options) if score_options else None
         kwargs = {"batch_size": batch_size, "seeds": seeds, "stop_ids": stop_ids}
+        kwargs["decode_compile"] = self.decode_compile
         kwargs["keep_first_log_probs"] = scored is not None
         with guard:
             if self.controller is None:

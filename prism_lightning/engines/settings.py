@@ -22,10 +22,14 @@ VLLM_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class GenerationConfig:
-    """Which engine generates, and the vLLM engine's settings (ignored by ``hf``).
+    """Which engine generates, the hf engine's decode and the vLLM engine's settings.
 
     Args:
         backend: hf (default; exact per-row seeds, single-pass routing, any device) or vllm.
+        decode_compile: hf only: decode on a static KV cache with a torch.compile-d one-token step
+            (batches padded to powers of two; CUDA graphs on GPU): auto (on for CUDA, off on CPU), on
+            or off. Same tokens up to the compiled kernels' rounding; the first batch of each size pays
+            the compilation.
         tensor_parallel_size: GPUs one vLLM engine shards the model over (models that do not fit one GPU).
         data_parallel_size: vLLM engine replicas (throughput); each has tensor_parallel_size GPUs.
         pipeline_parallel_size: pipeline stages (e.g. one per node when a model spans several nodes).
@@ -42,6 +46,7 @@ class GenerationConfig:
     """
 
     backend: str = "hf"
+    decode_compile: str = "auto"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -58,6 +63,18 @@ class GenerationConfig:
         if self.backend not in BACKENDS:
             choices = ", ".join(BACKENDS)
             raise ConfigError(f"unknown generation backend {self.backend!r}; choose one of {choices}.")
+        from prism_lightning.static_decode import DECODE_COMPILE
+
+        if self.decode_compile not in DECODE_COMPILE:
+            choices = ", ".join(DECODE_COMPILE)
+            raise ConfigError(
+                f"generation.decode_compile must be one of {choices}, got {self.decode_compile!r}."
+            )
+        if self.backend == "vllm" and self.decode_compile == "on":
+            raise ConfigError(
+                "generation.decode_compile=on compiles the hf engine's decode; the vllm backend compiles its "
+                "own (generation.enforce_eager)."
+            )
         if self.dtype not in VLLM_DTYPES:
             choices = ", ".join(VLLM_DTYPES)
             raise ConfigError(f"generation.dtype must be one of {choices}, got {self.dtype!r}.")

@@ -208,7 +208,8 @@ def _load_judge(judge_model: str | None, dtype: str, generation, device: str):
 
         judge = BackboneConfig(model=judge_model, dtype=dtype)
         return VLLMEngine.from_backbone_config(judge, generation)
-    return HFEngine.from_backbone(BackboneConfig(model=judge_model, dtype=dtype).load(device))
+    judge = BackboneConfig(model=judge_model, dtype=dtype).load(device)
+    return HFEngine.from_backbone(judge, decode_compile=generation.decode_compile)
 
 
 def _wandb_config(settings: EvaluateSettings | StudySettings, dtype: str) -> dict:
@@ -340,7 +341,7 @@ def evaluate_command(settings: EvaluateSettings) -> dict:
             )
         )
         if routed is not None:
-            engine = HFEngine.from_routed(routed, name=str(ckpt))
+            engine = HFEngine.from_routed(routed, name=str(ckpt), decode_compile=generation.decode_compile)
             base_name = routed.meta["base_model"]["name"]
             merged = ":merged" if settings.merge_weights else ""  # rows of the two paths are kept apart
             model_id = f"{ckpt.resolve()}@{routed.meta.get('created')}:{base_name}:{dtype}{merged}"
@@ -352,7 +353,7 @@ def evaluate_command(settings: EvaluateSettings) -> dict:
         model_id = f"{backbone.model}:{dtype}:vllm"
     else:
         bb = BackboneConfig(model=engine_settings.model or DEFAULT_MODEL, dtype=dtype).load(device)
-        engine = HFEngine.from_backbone(bb)
+        engine = HFEngine.from_backbone(bb, decode_compile=generation.decode_compile)
         model_id = f"{bb.name}:{dtype}"
     summary = evaluate(
         engine,
@@ -427,7 +428,8 @@ def study_command(settings: StudySettings) -> list[dict]:
         engine, model_id = VLLMEngine.from_backbone_config(backbone, generation), None
     else:
         bb = backbone.load(device)
-        engine, model_id = HFEngine.from_backbone(bb), f"{bb.name}:{dtype}"
+        engine = HFEngine.from_backbone(bb, decode_compile=generation.decode_compile)
+        model_id = f"{bb.name}:{dtype}"
     records = study_module.run_study(
         engine,
         benchmarks=benchmarks,

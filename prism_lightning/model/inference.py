@@ -64,13 +64,15 @@ def routed_generate(
     route: Sequence[RouteSpec] | bool | str | None = None,
     stop_ids: Sequence[int] | None = None,
     keep_first_log_probs: bool = False,
+    decode_compile: str = "off",
 ) -> list[RoutedGeneration]:
     """Generate for chat-formatted prompts with per-sequence routing decided in each prefill.
 
     Prompts run in length-sorted batches (longest first) through ``generate_batch``; before each
     prefill the controller is armed, so the gate reads layer k's last-prompt-token state in that same
-    forward and sets the mask for the layers above it and for every decode step. ``stop_ids`` and
-    ``keep_first_log_probs`` go to ``generate_batch``.
+    forward and sets the mask for the layers above it and for every decode step. ``stop_ids``,
+    ``keep_first_log_probs`` and ``decode_compile`` go to ``generate_batch`` (with a static decode the
+    controller's mask follows the padded batch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -102,6 +104,7 @@ def routed_generate(
                 on_rows_kept=controller.select,
                 stop_ids=stop_ids,
                 keep_first_log_probs=keep_first_log_probs,
+                decode_compile=decode_compile,
             )
             controller.disarm()
             probs = controller.probs
