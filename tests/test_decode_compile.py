@@ -36,6 +36,7 @@ def both(model, tokenizer, prompts, sampling, **kwargs):
     return eager, static
 
 
+@pytest.mark.second_tier
 @pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_greedy_and_seeded_sampling_match_the_eager_loop(parts):
     model, tokenizer, prompts = parts
@@ -54,6 +55,7 @@ def test_greedy_and_seeded_sampling_match_the_eager_loop(parts):
     assert generate(model, tokenizer, prompts, rows, seeds=seeds, batch_size=8, decode_compile="on") == off
 
 
+@pytest.mark.second_tier
 @pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_rows_that_stop_early_match_and_stream_the_same(parts):
     """A stop token taken from the rows' own answers ends them at different steps: the static path keeps
@@ -73,6 +75,7 @@ def test_rows_that_stop_early_match_and_stream_the_same(parts):
     assert steps["on"] == steps["off"]
 
 
+@pytest.mark.second_tier
 @pytest.mark.slow  # compiles the tiny model's decode step (about 30 s on 2 cores)
 def test_routed_checkpoint_matches_the_eager_loop(tiny_model_dir, tmp_path):
     """Mixed forced routes and the gate's own routes in one batch: the controller's mask follows the padded
