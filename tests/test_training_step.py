@@ -284,3 +284,31 @@ def test_a_rows_loss_in_a_padded_batch_is_its_loss_alone(chunk):
         assert out.n_tokens == r
         total = total + out.kl * r
     torch.testing.assert_close(whole.kl, total / whole.n_tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_distill_rows_stops_at_the_gate_with_the_full_passs_loss_and_gradients():
+    """Only the gate learns from retain rows: layers <= k suffice, and every trainable weight still gets
+    the (zero) gradient the pass over every layer gives it (what DDP expects)."""
+
+    def run(sharded: bool):
+        model = _lora(None).train()
+        torch.manual_seed(4)
+        gate = Gate(model.config.hidden_size, (16,), dropout=0.0)
+        ctl = RoutingController(model, gate, GATE_LAYER)
+        batch = {k: v[[2, 4, 5]] for k, v in _batch().items()}  # the retain rows
+        routes = route_targets(batch["gate_target"])
+        calls = []
+        top = model.get_base_model().model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+        out = distill_step(model, ctl, gate, batch, routes, torch.ones(2), kl_temperature=T, sharded=sharded)
+        top.remove()
+        out.loss.backward()
+        params = [p for p in [*model.parameters(), *gate.parameters()] if p.requires_grad]
+        return out, [p.grad for p in params], len(calls)
+
+    want, want_grads, want_calls = run(sharded=True)  # one pass over every row and layer
+    got, got_grads, got_calls = run(sharded=False)
+    assert (want_calls, got_calls) == (1, 0) and got.n_tokens == 0 and float(got.kl.detach()) == 0.0
+    torch.testing.assert_close(got.loss, want.loss)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g is not None
+        torch.testing.assert_close(g, w)

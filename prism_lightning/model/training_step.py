@@ -303,7 +303,8 @@ def distill_step(
     response token j, and the LM head runs only at those positions.
 
     Passes: without a retain loss, retain rows need nothing above layer k, so they stop after the gate
-    layer and only distill rows (padding trimmed) run the full stack. With a retain loss, an adapter-off
+    layer and only distill rows (padding trimmed) run the full stack; a batch without distill rows runs
+    layers <= k only. With a retain loss, an adapter-off
     reference pass over the retain rows, then one forward over every row with the adapter on. Sharded
     (FSDP), every rank must run the same layer forwards (each one all-gathers its weights), so the passes
     may not depend on a rank's rows: one pass over all rows (the losses equal the split path's), and with
@@ -338,7 +339,16 @@ def distill_step(
             sub = retain_sel[ref_rows]
             ref_logits = lm_head(h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[ref_rows][sub]])
 
-    split = not (sharded or use_retain or not bool(distill.any()) or bool(distill.all()))
+    if not (sharded or use_retain or bool(distill.any())):
+        # no row needs the layers above the gate: gate features only. The zero KL over the trainable
+        # weights gives each the zero gradient a full pass would give (DDP expects one per parameter).
+        features = features_until_gate(model, controller, ids, attn, prompt_len - 1)
+        gate_logits = gate(features)
+        g_loss = gate_loss(gate_logits, routes, class_weight)
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return StepOutput(g_loss + zero, g_loss, zero, torch.zeros((), device=ids.device), 0, gate_logits)
+
+    split = not (sharded or use_retain or bool(distill.all()))
     # the retain loss compares adapter-on with the reference on retain rows: adapter on for every row
     mask = routes[distill] if split else (torch.ones_like(routes) if use_retain else routes)
     out = student_forward(model, controller, ids, attn, prompt_len, distill, mask, split)
@@ -356,7 +366,7 @@ def distill_step(
             ).mean()
         else:
             kl = topk_kl(lm_head(hidden), t_values[sel], t_indices[sel], kl_temperature).mean()
-    else:  # keep every adapter parameter in the graph (DDP) with a zero loss
+    else:  # distill rows without response tokens: every adapter parameter in the graph with a zero loss
         kl = out.hidden.sum() * 0.0
     loss = g_loss + kl
     retain = torch.zeros((), device=ids.device)
