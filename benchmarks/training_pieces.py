@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_and_training import Variant, interleaved, machine, shared_twin, stats  # noqa: E402
 
 TOP_K = 64
+VARIANTS = ("plain_peft", "plain_peft_grouped", "ours_today", "ours_bucketed", "ours_chunked_kl",
+            "ours_compiled", "ours_all")  # fmt: skip
 
 
 # -- rows ---------------------------------------------------------------------------------------------
@@ -245,6 +247,8 @@ def run(args) -> dict:
     if not args.skip_compile:
         variants["ours_compiled"] = Variant(ours(free, 0), setup(True), after)
     variants["ours_all"] = Variant(ours(grouped, args.kl_chunk), setup(not args.skip_compile), after)
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
 
     # exactness of the chunked KL on the first batch of these rows (the same weights, no step)
     checks = {}
@@ -292,9 +296,10 @@ def run(args) -> dict:
         )
         base = statistics.median(memory.peaks["plain_peft"])
         ratios[f"peak_extra_mem_{name}_vs_plain_peft"] = statistics.median(memory.peaks[name]) / base
-    ratios["tokens_per_s_ours_all_vs_plain_peft_grouped"] = statistics.median(
-        [p / o for p, o in zip(times["plain_peft_grouped"], times["ours_all"], strict=True)]
-    )
+    if "plain_peft_grouped" in times and "ours_all" in times:
+        ratios["tokens_per_s_ours_all_vs_plain_peft_grouped"] = statistics.median(
+            [p / o for p, o in zip(times["plain_peft_grouped"], times["ours_all"], strict=True)]
+        )
     data = {
         "rows": len(rows),
         "distill_rows": sum(1 for r in rows if r["gate_target"]),
@@ -333,10 +338,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="", help="comma list of variants to keep (default: all)")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.rows < 1 or args.batch_size < 1:
         print("error: --repeats, --rows and --batch-size must be >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    keep = set(args.variants.split(",")) if args.variants else set(VARIANTS)
+    if not keep <= set(VARIANTS) or not {"plain_peft", "ours_today"} <= keep:
+        print(f"error: --variants takes names from {', '.join(VARIANTS)}, with plain_peft and ours_today "
+              "(the ratios' bases)", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     load_start = os.getloadavg()

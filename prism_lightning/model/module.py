@@ -117,7 +117,7 @@ class PrismModule(L.LightningModule):
         kl_temperature: float = 2.0,
         retain_weight: float = 0.0,
         gradient_checkpointing: bool = False,
-        kl_chunk_positions: int = 256,
+        kl_chunk_positions: int = 0,
         compile_layers: bool = False,
         threshold: float = 0.5,
         gate_dropout: float = 0.1,
