@@ -312,3 +312,14 @@ def test_a_batch_without_distill_rows_stops_at_the_gate_with_the_full_passs_loss
     for g, w in zip(got_grads, want_grads, strict=True):
         assert g is not None
         torch.testing.assert_close(g, w)
+
+
+def test_a_batch_without_distill_rows_gives_tensors_when_nothing_trains():
+    """Validating an exported run (every weight frozen): the losses are still tensors the module logs."""
+    model = _lora(None).requires_grad_(False)
+    gate = Gate(model.config.hidden_size, (16,)).eval().requires_grad_(False)
+    ctl = RoutingController(model, gate, GATE_LAYER)
+    batch = {k: v[[2, 4]] for k, v in _batch().items()}
+    out = _step(model, ctl, gate, batch, route_targets(batch["gate_target"]))
+    assert all(torch.is_tensor(v) for k, v in out.logged().items() if k != "n_tokens")
+    assert float(out.kl) == 0.0 and torch.equal(out.loss, out.gate_loss)

@@ -345,7 +345,8 @@ def distill_step(
         features = features_until_gate(model, controller, ids, attn, prompt_len - 1)
         gate_logits = gate(features)
         g_loss = gate_loss(gate_logits, routes, class_weight)
-        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        start = torch.zeros((), device=ids.device)  # a tensor even when nothing trains (validate)
+        zero = sum((p.sum() for p in model.parameters() if p.requires_grad), start) * 0.0
         return StepOutput(g_loss + zero, g_loss, zero, torch.zeros((), device=ids.device), 0, gate_logits)
 
     split = not (sharded or use_retain or bool(distill.all()))
