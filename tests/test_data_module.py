@@ -204,3 +204,31 @@ def test_teacher_tensors_that_disagree_with_their_row_are_refused(tiny_run):
     rows[0]["n_tokens"] += 1  # the row and its tensors no longer agree
     with pytest.raises(PrismError, match=f"teacher tensors of row {rows[0]['id']}"):
         load_teacher_targets(result.stage_dirs["teacher"], rows)
+
+
+def test_length_grouping_keeps_every_training_row_and_pads_no_more(tiny_run):
+    result, backbone = tiny_run
+    free = make_dm(result, backbone, batch_size=2, val_fraction=0.2)
+    grouped = make_dm(result, backbone, batch_size=2, val_fraction=0.2, length_grouping=8)
+    for dm in (free, grouped):
+        dm.setup("fit")
+
+    def rows_and_pads(dm):
+        rows, pads = [], 0
+        for batch in dm.train_dataloader():
+            rows += [
+                tuple(ids[m.bool()].tolist())
+                for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            ]
+            pads += int((batch["attention_mask"] == 0).sum())
+        return sorted(rows), pads
+
+    free_rows, free_pads = rows_and_pads(free)
+    grouped_rows, grouped_pads = rows_and_pads(grouped)
+    assert grouped_rows == free_rows and grouped_pads <= free_pads
+    assert rows_and_pads(grouped) == (
+        grouped_rows,
+        grouped_pads,
+    )  # the same order for the same seed and epoch
+    with pytest.raises(ConfigError, match="length_grouping"):
+        make_dm(result, backbone, length_grouping=-1)

@@ -211,3 +211,115 @@ def test_class_weights_of_empty_classes_and_train_split_counts():
     )
     assert split == [6.0, 3.0, 4.0]
     assert route_counts(torch.tensor([0, 2, 2]), 3, groups=groups) == [1.0, 0.0, 2.0]
+
+
+# -- the top-k KL without full logits, and per-row losses -------------------------------------------
+
+
+def _grads(chunk: int, lm_head_grad: bool = False):
+    """Losses and the gradients of every trainable tensor (LoRA, gate, optionally the LM head) of one
+    training step with ``kl_chunk_positions=chunk``; the same model and rows every call."""
+    model = _lora(None).train()
+    head = model.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(lm_head_grad)
+    torch.manual_seed(4)
+    gate = Gate(model.config.hidden_size, (16,), dropout=0.0)
+    ctl = RoutingController(model, gate, GATE_LAYER)
+    batch = _batch()
+    routes = route_targets(batch["gate_target"])
+    out = distill_step(
+        model, ctl, gate, batch, routes, torch.ones(2), kl_temperature=T, kl_chunk_positions=chunk
+    )
+    out.loss.backward()
+    params = [p for p in [*model.parameters(), *gate.parameters()] if p.requires_grad]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    return out, [p.grad for p in params]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_topk_kl_from_hidden_states_equals_the_full_logits_loss_and_gradients(chunk):
+    """The LM head on the teacher's k ids only, in chunks of positions: the loss and every gradient of the
+    full-logits computation (the vocabulary's logsumexp cancels in the top-k renormalisation)."""
+    want, want_grads = _grads(0)
+    got, got_grads = _grads(chunk)
+    torch.testing.assert_close(got.kl, want.kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_kl_from_hidden_states_gives_a_trainable_lm_head_its_gradient():
+    """A tied LM head that trains (not this project's setting, but allowed by the function) gets the same
+    gradient as through the full logits."""
+    _, want = _grads(0, lm_head_grad=True)
+    _, got = _grads(2, lm_head_grad=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_a_rows_loss_in_a_padded_batch_is_its_loss_alone(chunk):
+    """Right padding is masked: the batch's KL is the token-weighted mean of each distill row's KL computed
+    on its own (so grouping rows by length changes which rows share a batch, not any row's loss)."""
+    model = _lora(None)
+    gate = Gate(model.config.hidden_size, (16,)).eval()
+    ctl = RoutingController(model, gate, GATE_LAYER)
+    batch = _batch()
+    routes = route_targets(batch["gate_target"])
+    whole = _step(model, ctl, gate, batch, routes, kl_chunk_positions=chunk)
+    total = torch.zeros(())
+    for i in range(len(GATE_TARGET)):
+        if not GATE_TARGET[i]:
+            continue
+        width = PROMPT_LEN[i] + RESP_LEN[i]
+        alone = {k: v[i : i + 1] for k, v in batch.items()}
+        alone["input_ids"], alone["attention_mask"] = (
+            alone["input_ids"][:, :width],
+            alone["attention_mask"][:, :width],
+        )
+        r = RESP_LEN[i]
+        for key in ("teacher_values", "teacher_indices", "teacher_mask"):
+            alone[key] = alone[key][:, :r]
+        out = _step(model, ctl, gate, alone, routes[i : i + 1], kl_chunk_positions=chunk)
+        assert out.n_tokens == r
+        total = total + out.kl * r
+    torch.testing.assert_close(whole.kl, total / whole.n_tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_distill_rows_stops_at_the_gate_with_the_full_passs_loss_and_gradients():
+    """Only the gate learns from retain rows: layers <= k suffice, and every trainable weight still gets
+    the (zero) gradient the pass over every layer gives it (what DDP expects)."""
+
+    def run(sharded: bool):
+        model = _lora(None).train()
+        torch.manual_seed(4)
+        gate = Gate(model.config.hidden_size, (16,), dropout=0.0)
+        ctl = RoutingController(model, gate, GATE_LAYER)
+        batch = {k: v[[2, 4, 5]] for k, v in _batch().items()}  # the retain rows
+        routes = route_targets(batch["gate_target"])
+        calls = []
+        top = model.get_base_model().model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+        out = distill_step(model, ctl, gate, batch, routes, torch.ones(2), kl_temperature=T, sharded=sharded)
+        top.remove()
+        out.loss.backward()
+        params = [p for p in [*model.parameters(), *gate.parameters()] if p.requires_grad]
+        return out, [p.grad for p in params], len(calls)
+
+    want, want_grads, want_calls = run(sharded=True)  # one pass over every row and layer
+    got, got_grads, got_calls = run(sharded=False)
+    assert (want_calls, got_calls) == (1, 0) and got.n_tokens == 0 and float(got.kl.detach()) == 0.0
+    torch.testing.assert_close(got.loss, want.loss)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g is not None
+        torch.testing.assert_close(g, w)
+
+
+def test_a_batch_without_distill_rows_gives_tensors_when_nothing_trains():
+    """Validating an exported run (every weight frozen): the losses are still tensors the module logs."""
+    model = _lora(None).requires_grad_(False)
+    gate = Gate(model.config.hidden_size, (16,)).eval().requires_grad_(False)
+    ctl = RoutingController(model, gate, GATE_LAYER)
+    batch = {k: v[[2, 4]] for k, v in _batch().items()}
+    out = _step(model, ctl, gate, batch, route_targets(batch["gate_target"]))
+    assert all(torch.is_tensor(v) for k, v in out.logged().items() if k != "n_tokens")
+    assert float(out.kl) == 0.0 and torch.equal(out.loss, out.gate_loss)

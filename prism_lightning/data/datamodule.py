@@ -45,6 +45,7 @@ from prism_lightning.bootstrap.config import BootstrapConfig
 from prism_lightning.bootstrap.runner import resolve_personas, run_bootstrap, stage_stores
 from prism_lightning.bootstrap.stage import dist_ready
 from prism_lightning.bootstrap.teacher import end_of_turn_id, load_teacher_targets, response_token_ids
+from prism_lightning.data.length_sampler import LengthGroupedSampler
 from prism_lightning.errors import ConfigError, PrismError, require
 from prism_lightning.files import read_input_jsonl
 
@@ -230,7 +231,10 @@ class PrismDataModule(L.LightningDataModule):
             bootstrap CIs, in prism.json); 0 keeps no test split (``test`` then scores the validation split).
         max_length: longest prompt + response in tokens; longer rows lose response tokens first.
         num_workers: DataLoader workers.
-        seed: seed of the train/validation split.
+        seed: seed of the train/validation split and of the training order.
+        length_grouping: 0 shuffles the training rows freely; G > 0 puts rows of similar length into the
+            same batch (sorted within windows of G batches, see ``LengthGroupedSampler``), so batches
+            carry few pad tokens. Each row's loss is unchanged; which rows share a batch changes.
         predict_file: JSONL of {"query": ...} rows for ``predict``.
     """
 
@@ -247,6 +251,7 @@ class PrismDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         predict_file: str | None = None,
+        length_grouping: int = 0,
     ) -> None:
         super().__init__()
         require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}.")
@@ -259,6 +264,7 @@ class PrismDataModule(L.LightningDataModule):
         require(max_length >= 2, f"data.max_length must be >= 2, got {max_length}.")
         require(batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}.")
         require(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}.")
+        require(length_grouping >= 0, f"data.length_grouping must be >= 0, got {length_grouping}.")
         require(
             global_batch_size is None or global_batch_size >= 1,
             f"data.global_batch_size must be >= 1 or null, got {global_batch_size}.",
@@ -274,6 +280,7 @@ class PrismDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.predict_file = predict_file
+        self.length_grouping = length_grouping
         self.tokenizer = None
         self.formatter = None
         self.train_set: PrismExamples | None = None
@@ -419,14 +426,18 @@ class PrismDataModule(L.LightningDataModule):
         return collate_examples(batch, int(self.tokenizer.pad_token_id), self.bootstrap.teacher_top_k)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        if self.length_grouping > 0:
+            lengths = [len(ex["input_ids"]) for ex in self.train_set]
+            sampler = LengthGroupedSampler(lengths, self.batch_size, self.length_grouping, seed=self.seed)
+            order = {"sampler": sampler}
+        else:
+            order = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
             collate_fn=self._collate,
             num_workers=self.num_workers,
+            **order,
         )
 
     def val_dataloader(self) -> DataLoader:

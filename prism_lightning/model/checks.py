@@ -26,6 +26,8 @@ def check_module_settings(settings: dict) -> None:
         require(s[key] > 0, f"model.{key} must be > 0, got {s[key]}.")
     for key in ("weight_decay", "retain_weight", "predict_temperature"):
         require(s[key] >= 0, f"model.{key} must be >= 0, got {s[key]}.")
+    chunk = s["kl_chunk_positions"]
+    require(chunk >= 0, f"model.kl_chunk_positions must be >= 0 (0: full logits), got {chunk}.")
     require(0.0 < s["threshold"] < 1.0, f"model.threshold must be in (0, 1), got {s['threshold']}.")
     top_p = s["predict_top_p"]
     require(0.0 < top_p <= 1.0, f"model.predict_top_p must be in (0, 1], got {top_p}.")

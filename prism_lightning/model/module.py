@@ -31,6 +31,7 @@ from prism_lightning.model.schedule import format_plan, lr_factor, training_plan
 from prism_lightning.model.sharding import shard_module
 from prism_lightning.model.training_step import (
     balanced_class_weights,
+    compile_layers,
     distill_step,
     features_until_gate,
     route_counts,
@@ -81,6 +82,11 @@ class PrismModule(L.LightningModule):
         retain_weight: weight of the optional retain loss (adapter-on vs base on retain rows); 0 skips
             it, and retain rows then stop after the gate layer.
         gradient_checkpointing: recompute activations in backward to save memory.
+        kl_chunk_positions: 0 computes the full-vocabulary logits at the response positions before the
+            top-k KL; N > 0 computes only the logits at the teacher's top-k ids, N positions at a time
+            (the same loss and gradients, without a (positions, vocabulary) tensor).
+        compile_layers: ``torch.compile`` the decoder layers above the gate layer while training
+            (dynamic shapes; the first steps pay the compilation).
         threshold: gate probability at which the adapter turns on, in (0, 1).
         gate_dropout: dropout inside the gate MLP, in [0, 1).
         predict_mode: routing in ``predict``: gated, on (adapter always) or off (base model).
@@ -111,6 +117,8 @@ class PrismModule(L.LightningModule):
         kl_temperature: float = 2.0,
         retain_weight: float = 0.0,
         gradient_checkpointing: bool = False,
+        kl_chunk_positions: int = 0,
+        compile_layers: bool = False,
         threshold: float = 0.5,
         gate_dropout: float = 0.1,
         predict_mode: str = "gated",
@@ -255,10 +263,22 @@ class PrismModule(L.LightningModule):
         return [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
 
     # -- training -----------------------------------------------------------------------------------
+    def compile_training_layers(self, enabled: bool = True) -> None:
+        """Compile (or back to eager) the decoder layers above the gate layer, the ones that carry LoRA."""
+        self._require_model()
+        compile_layers(decoder_layers(self.model)[self.hparams.gate_layer + 1 :], enabled)
+
+    def on_train_end(self) -> None:
+        if self.hparams.compile_layers:
+            self.compile_training_layers(False)
+
     def on_train_start(self) -> None:
         """Standardise the gate's input with the training rows' feature statistics (see Gate): one
         pass over the train split through layers <= k only. Sharded, every rank runs the same number
-        of batches (Lightning's distributed sampler pads), as the layers' all-gathers need."""
+        of batches (Lightning's distributed sampler pads), as the layers' all-gathers need. With
+        ``compile_layers``, the layers above the gate are compiled from here to the end of training."""
+        if self.hparams.compile_layers:
+            self.compile_training_layers(True)
         total = total_sq = count = None
         with torch.no_grad():
             for batch in self.trainer.train_dataloader:
@@ -355,6 +375,7 @@ class PrismModule(L.LightningModule):
             kl_temperature=hp.kl_temperature,
             retain_weight=hp.retain_weight,
             sharded=self._sharded,
+            kl_chunk_positions=hp.kl_chunk_positions,
         )
         logits = out.gate_logits.detach().float()
         if logits.dim() == 1:

@@ -45,6 +45,68 @@ def topk_kl(
     return kl * (t * t)
 
 
+class _TopkLogits(torch.autograd.Function):
+    """(N, H) hidden x the LM head's rows at (N, k) ids -> (N, k) logits, ``chunk`` positions at a time.
+
+    Only (chunk, k, H) gathered weight rows exist at once, and nothing of that size is kept for backward:
+    the gradient of the hidden states is an ``embedding_bag`` (sum of k weight rows per position, weighted
+    by the logits' gradient), and a weight that needs a gradient gets an ``index_add``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, indices, chunk):
+        ctx.save_for_backward(hidden, weight, indices)
+        ctx.chunk = chunk
+        out = hidden.new_empty(indices.shape, dtype=torch.promote_types(hidden.dtype, weight.dtype))
+        for s in range(0, hidden.shape[0], chunk):
+            rows = weight[indices[s : s + chunk]]  # (c, k, H)
+            out[s : s + chunk] = torch.bmm(rows, hidden[s : s + chunk, :, None].to(rows.dtype))[..., 0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, indices = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            per = grad.to(weight.dtype)
+            grad_hidden = F.embedding_bag(indices, weight, per_sample_weights=per, mode="sum")
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                g, h = grad[s : s + ctx.chunk], hidden[s : s + ctx.chunk]
+                contrib = (g[:, :, None] * h[:, None, :]).to(weight.dtype)  # (c, k, H)
+                grad_weight.index_add_(0, indices[s : s + ctx.chunk].reshape(-1), contrib.flatten(0, 1))
+        return grad_hidden, grad_weight, None, None
+
+
+def topk_student_logits(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, indices: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """The student's logits at the teacher's top-k ids only, (N, H) x (N, k) -> (N, k), without the
+    (N, V) logits: :func:`topk_kl` renormalises the student over those k ids, so the vocabulary's
+    logsumexp cancels and the other V - k logits are never needed. Equal to
+    ``lm_head(hidden).gather(-1, indices)`` (up to summation order), ``chunk`` positions at a time."""
+    logits = _TopkLogits.apply(hidden, lm_head.weight, indices, max(1, int(chunk)))
+    if getattr(lm_head, "bias", None) is not None:
+        logits = logits + lm_head.bias[indices]
+    return logits
+
+
+def topk_kl_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    temperature: float,
+    chunk: int,
+) -> torch.Tensor:
+    """:func:`topk_kl` from the final hidden states (N, H): the LM head runs on the k teacher ids of each
+    position only (:func:`topk_student_logits`), ``chunk`` positions at a time."""
+    student = topk_student_logits(hidden, lm_head, teacher_indices, chunk)
+    arange = torch.arange(teacher_indices.shape[-1], device=teacher_indices.device)
+    return topk_kl(student, teacher_values, arange.expand_as(teacher_indices), temperature)
+
+
 def full_kl(ref_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-token KL(ref || student) over the full vocabulary at temperature T, (N, V) x (N, V) -> (N,),
     scaled by T^2 (the retain loss: adapter-on student vs adapter-off reference)."""
@@ -229,6 +291,7 @@ def distill_step(
     kl_temperature: float,
     retain_weight: float = 0.0,
     sharded: bool = False,
+    kl_chunk_positions: int = 0,
 ) -> StepOutput:
     """One joint training step: gate loss on every row + top-k KL on the distill rows, each under its
     own adapter (+ ``retain_weight`` x the retain KL, one adapter only).
@@ -240,11 +303,17 @@ def distill_step(
     response token j, and the LM head runs only at those positions.
 
     Passes: without a retain loss, retain rows need nothing above layer k, so they stop after the gate
-    layer and only distill rows (padding trimmed) run the full stack. With a retain loss, an adapter-off
+    layer and only distill rows (padding trimmed) run the full stack; a batch without distill rows runs
+    layers <= k only. With a retain loss, an adapter-off
     reference pass over the retain rows, then one forward over every row with the adapter on. Sharded
     (FSDP), every rank must run the same layer forwards (each one all-gathers its weights), so the passes
     may not depend on a rank's rows: one pass over all rows (the losses equal the split path's), and with
     a retain loss a reference pass over all rows.
+
+    ``kl_chunk_positions`` 0: the LM head gives full (N, V) logits at the response positions, then the
+    top-k KL; > 0: the LM head runs on the teacher's k ids only, that many positions at a time
+    (:func:`topk_kl_from_hidden`; the same loss and gradients). The retain KL needs the full
+    vocabulary either way.
     """
     ids, attn = batch["input_ids"], batch["attention_mask"]
     prompt_len, resp_len = batch["prompt_lengths"], batch["response_lengths"]
@@ -270,7 +339,17 @@ def distill_step(
             sub = retain_sel[ref_rows]
             ref_logits = lm_head(h_ref.last_hidden_state[rows[: sub.shape[0]][sub], pos[ref_rows][sub]])
 
-    split = not (sharded or use_retain or not bool(distill.any()) or bool(distill.all()))
+    if not (sharded or use_retain or bool(distill.any())):
+        # no row needs the layers above the gate: gate features only. The zero KL over the trainable
+        # weights gives each the zero gradient a full pass would give (DDP expects one per parameter).
+        features = features_until_gate(model, controller, ids, attn, prompt_len - 1)
+        gate_logits = gate(features)
+        g_loss = gate_loss(gate_logits, routes, class_weight)
+        start = torch.zeros((), device=ids.device)  # a tensor even when nothing trains (validate)
+        zero = sum((p.sum() for p in model.parameters() if p.requires_grad), start) * 0.0
+        return StepOutput(g_loss + zero, g_loss, zero, torch.zeros((), device=ids.device), 0, gate_logits)
+
+    split = not (sharded or use_retain or bool(distill.all()))
     # the retain loss compares adapter-on with the reference on retain rows: adapter on for every row
     mask = routes[distill] if split else (torch.ones_like(routes) if use_retain else routes)
     out = student_forward(model, controller, ids, attn, prompt_len, distill, mask, split)
@@ -281,9 +360,14 @@ def distill_step(
     sel = t_mask.bool() & distill[:, None]  # (B, R)
     n_tok = int(sel.sum())
     if n_tok > 0:
-        logits = lm_head(out.hidden[out.hidden_rows[rows[sel]], pos[sel]])
-        kl = topk_kl(logits, t_values[sel], t_indices[sel], kl_temperature).mean()
-    else:  # keep every adapter parameter in the graph (DDP) with a zero loss
+        hidden = out.hidden[out.hidden_rows[rows[sel]], pos[sel]]
+        if kl_chunk_positions > 0:
+            kl = topk_kl_from_hidden(
+                hidden, lm_head, t_values[sel], t_indices[sel], kl_temperature, kl_chunk_positions
+            ).mean()
+        else:
+            kl = topk_kl(lm_head(hidden), t_values[sel], t_indices[sel], kl_temperature).mean()
+    else:  # distill rows without response tokens: every adapter parameter in the graph with a zero loss
         kl = out.hidden.sum() * 0.0
     loss = g_loss + kl
     retain = torch.zeros((), device=ids.device)
@@ -292,3 +376,14 @@ def distill_step(
         retain = full_kl(ref_logits, student, kl_temperature).mean()
         loss = loss + retain_weight * retain
     return StepOutput(loss, g_loss, kl, retain, n_tok, gate_logits)
+
+
+def compile_layers(layers: Sequence[torch.nn.Module], enabled: bool = True) -> None:
+    """``torch.compile`` each of ``layers`` (dynamic shapes, so new batch widths do not recompile) or undo
+    it. The layers share one code path, so they share the compiled graph; the routing hooks on their LoRA
+    modules are traced into it, guarded on the controller's state."""
+    for layer in layers:
+        if enabled:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; back to the eager call
