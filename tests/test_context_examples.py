@@ -248,3 +248,43 @@ def test_recall_script_on_the_tiny_checkpoint(context_checkpoint, tmp_path, caps
     for base_row, ctx_row in zip(by["base"], by["context"], strict=True):  # the context is in the prompt
         assert ctx_row["prompt_tokens"] - base_row["prompt_tokens"] > sheet_tokens / 2
     assert set(result["summary"]["conditions"]) == {"base", "context", "adapter", "gated"}
+
+
+def test_prefix_cache_gives_the_prompts_own_logits(tiny_backbone):
+    """Serving the context from a prefix KV cache (benchmarks/context_savings.py) changes no next-token
+    logit: the shared prefix is prefilled once, each query's suffix against it, pads between the two."""
+    import torch
+
+    savings = _load_script("context_savings")
+    model, tokenizer, formatter = tiny_backbone.model.eval(), tiny_backbone.tokenizer, tiny_backbone.formatter
+    context = savings.context_of_tokens(tokenizer, 60)
+    queries = ["What is the frame made of?", "Who?", "How long does the battery last on a cold day?"]
+    split = savings.split_prefix(tokenizer, formatter, context, queries)
+    full = [formatter.prompt(q, context, "system") for q in queries]
+    rows = [list(r) for r in tokenizer(full, add_special_tokens=False)["input_ids"]]
+    assert all(row == split.prefix + suffix for row, suffix in zip(rows, split.suffixes, strict=True))
+    assert len({len(s) for s in split.suffixes}) > 1  # the suffixes need padding
+    assert not any(tokenizer.decode(split.prefix).endswith(q[:1]) for q in queries)
+
+    cache = savings.prefix_cache(model, split.prefix, "cpu")
+    config = model.config
+    assert savings._cache_bytes(cache) == savings.kv_bytes_per_token(config, torch.float32) * len(
+        split.prefix
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    got = savings.suffix_forward(model, cache, len(split.prefix), split.suffixes, pad, "cpu")
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=torch.tensor([row])).logits[:, -1] for row in rows])
+    torch.testing.assert_close(got, want, atol=savings.LOGIT_ATOL, rtol=0)
+    # The shared cache is read, never written: a second batch sees the same prefix.
+    assert cache.get_seq_length() == len(split.prefix)
+    again = savings.suffix_forward(model, cache, len(split.prefix), split.suffixes[:1], pad, "cpu")
+    torch.testing.assert_close(again, want[:1], atol=savings.LOGIT_ATOL, rtol=0)
+
+
+def test_context_savings_rejects_bad_sizes(capsys):
+    savings = _load_script("context_savings")
+    with pytest.raises(SystemExit) as exit_:
+        savings.main(["--sizes", "0,x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --sizes")
