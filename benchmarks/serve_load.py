@@ -72,7 +72,11 @@ def demo_checkpoint(path: Path) -> Path:
     from prism_lightning.testing import untrained_checkpoint
 
     return untrained_checkpoint(
-        "smollm2-135m-instruct", path, lora_std=0.02, lora_params="lora_B", personas=("demo",),
+        "smollm2-135m-instruct",
+        path,
+        lora_std=0.02,
+        lora_params="lora_B",
+        personas=("demo",),
         gate_hidden=[256],
     )
 

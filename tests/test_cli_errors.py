@@ -124,7 +124,10 @@ CASES = {
     "fit unknown persona": ([*FIT, "--data.bootstrap.personas", "[mathz]"], "unknown context 'mathz'"),
     "fit no personas": ([*FIT, "--data.bootstrap.personas", "[]"], "bootstrap.personas is empty"),
     "fit missing context file": ([*FIT, "--data.bootstrap.context_files", "[nope.yaml]"], "nope.yaml"),
-    "fit queries 0": ([*FIT, "--data.bootstrap.queries_per_persona", "0"], "queries_per_persona must be >= 1"),  # noqa: E501
+    "fit queries 0": (
+        [*FIT, "--data.bootstrap.queries_per_persona", "0"],
+        "queries_per_persona must be >= 1",
+    ),  # noqa: E501
     "fit verdict rule": ([*FIT, "--data.bootstrap.verdict_rule", "vote"], "Unknown verdict_rule 'vote'"),
     "fit heldout_check -1": ([*FIT, "--heldout_check", "-1"], "--heldout_check must be >= 0"),
     "fit heldout_check self-judged": ([*FIT, "--heldout_check", "8"], "--heldout_check needs data.bootstrap"),
@@ -141,7 +144,10 @@ CASES = {
     # predict: the prompt file and the checkpoint, before the model loads
     "predict no file": (PREDICT, "predict needs --data.predict_file"),
     "predict missing file": ([*PREDICT, "--data.predict_file", "nope.jsonl"], "nope.jsonl does not exist"),
-    "predict malformed line": ([*PREDICT, "--data.predict_file", "prompts-bad.jsonl"], "prompts-bad.jsonl:2:"),  # noqa: E501
+    "predict malformed line": (
+        [*PREDICT, "--data.predict_file", "prompts-bad.jsonl"],
+        "prompts-bad.jsonl:2:",
+    ),  # noqa: E501
     "predict row without query": ([*PREDICT, "--data.predict_file", "prompts-noquery.jsonl"], "row 2"),
     "predict missing checkpoint": (
         [*PREDICT, "--data.predict_file", "prompts-noquery.jsonl", "--model.checkpoint", "nope"],

@@ -156,9 +156,21 @@ def test_sigterm_during_training_exits_143_without_an_export(tiny_model_dir, tmp
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     err_file = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prism_lightning", "fit", "--config", str(ROOT / "configs/default.yaml"),
-         "--config", str(override)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+        [
+            sys.executable,
+            "-m",
+            "prism_lightning",
+            "fit",
+            "--config",
+            str(ROOT / "configs/default.yaml"),
+            "--config",
+            str(override),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=err_file,
+        text=True,
     )  # fmt: skip  (stderr to a file: an undrained pipe could fill up and stall the run)
     deadline = time.time() + 300
     for line in proc.stdout:  # the plan is printed when training starts

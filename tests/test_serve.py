@@ -305,8 +305,10 @@ def test_bad_cli_input_is_one_error_line(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(checkpoint), "--port", port], "cannot listen on 127.0.0.1:" + port),
         (["--checkpoint", str(checkpoint), "--port", "70000"], "--port must be in 0..65535"),
         (["--checkpoint", str(checkpoint), "--threshold", "1.5"], "--threshold must be in (0, 1)"),
-        (["--checkpoint", str(checkpoint), "--engine", "vllm", "--scheduler", "static"],
-         "--scheduler static is for --engine hf"),  # fmt: skip
+        (
+            ["--checkpoint", str(checkpoint), "--engine", "vllm", "--scheduler", "static"],
+            "--scheduler static is for --engine hf",
+        ),  # fmt: skip
     ]
     try:
         for argv, message in cases:

@@ -106,8 +106,10 @@ def _body(**overrides):
         (_body(messages="hi"), "messages"),
         (_body(messages=[{"role": "user", "content": 3}]), "messages"),
         (_body(messages=[{"role": "wizard", "content": "x"}]), "messages"),
-        (_body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
-         "messages"),  # fmt: skip
+        (
+            _body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+            "messages",
+        ),  # fmt: skip
         (_body(messages=[{"role": "user", "content": "  "}]), "messages"),
         (_body(model="other"), "model"),
         (_body(max_tokens=0), "max_tokens"),
@@ -155,7 +157,10 @@ def tiny_routed(tiny_model_dir, tmp_path_factory):
     from prism_lightning.model.export import load_checkpoint
 
     path = untrained_checkpoint(
-        str(tiny_model_dir), tmp_path_factory.mktemp("ckpt") / "run", lora_std=0.5, lora_rank=4,
+        str(tiny_model_dir),
+        tmp_path_factory.mktemp("ckpt") / "run",
+        lora_std=0.5,
+        lora_rank=4,
         gate_hidden=[16],
     )
     return load_checkpoint(path, device="cpu")
