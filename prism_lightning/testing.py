@@ -56,6 +56,16 @@ _LINES_CORPUS = (
 )
 
 
+#: Prompts of very different lengths (one a single word, one code) for the decode-loop equality tests.
+GENERATION_QUERIES = (
+    "Write a short poem about the sea.",
+    "What is twelve times seven?",
+    "Explain how photosynthesis works in plants, step by step, for a curious child of ten.",
+    "Hi",
+    "def add(a, b): return a + b  # explain this code",
+)
+
+
 def build_tiny_tokenizer(
     vocab_size: int = 384,
     chat_template: str = TINY_CHAT_TEMPLATE,

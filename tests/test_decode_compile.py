@@ -10,15 +10,9 @@ from prism_lightning.engines import GenerationConfig
 from prism_lightning.errors import ConfigError
 from prism_lightning.generation import SamplingConfig, generate, generate_batch, row_seed
 from prism_lightning.static_decode import batch_bucket, length_bucket, use_static_decode
-from prism_lightning.testing import untrained_checkpoint, with_large_random_weights
+from prism_lightning.testing import GENERATION_QUERIES, untrained_checkpoint, with_large_random_weights
 
-QUERIES = [
-    "Write a short poem about the sea.",
-    "What is twelve times seven?",
-    "Explain how photosynthesis works in plants, step by step, for a curious child of ten.",
-    "Hi",
-    "def add(a, b): return a + b  # explain this code",
-]
+QUERIES = list(GENERATION_QUERIES)
 N_NEW = 12
 
 

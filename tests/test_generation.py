@@ -17,15 +17,9 @@ from prism_lightning.generation import (
     row_seed,
     stop_token_ids,
 )
-from prism_lightning.testing import with_large_random_weights
+from prism_lightning.testing import GENERATION_QUERIES, with_large_random_weights
 
-QUERIES = [
-    "Write a short poem about the sea.",
-    "What is twelve times seven?",
-    "Explain how photosynthesis works in plants, step by step, for a curious child of ten.",
-    "Hi",
-    "def add(a, b): return a + b  # explain this code",
-]
+QUERIES = list(GENERATION_QUERIES)
 N_NEW = 12
 
 
