@@ -15,7 +15,9 @@ are end-to-end wall times, not a speed ratio. This script measures the ratio:
 * after ``--warmup`` rounds, ``--repeats`` rounds run interleaved (hf, vllm, hf, vllm, ...), each
   generation timed on its own;
 * reported: the median (and every repeat's) generation seconds and tokens/s per engine, then the time
-  ratio (vllm s / hf s) and the rate ratio (vllm tokens/s / hf tokens/s) in separate columns.
+  ratio (vllm s / hf s) and the rate ratio (vllm tokens/s / hf tokens/s) in separate columns, from the
+  medians and, per round (the two runs of a round are neighbours in time), their median; on a shared
+  machine the per-round ratios are the steadier. Each round's 1-minute load average is recorded.
 
 Examples::
 
@@ -155,9 +157,27 @@ def summarize(repeats: list[dict]) -> dict:
     }
 
 
+def paired(results: dict, loads: list[float]) -> dict:
+    """Each timed round's ratios (its hf and vLLM runs are neighbours in time, so they share the machine's
+    load more than two medians do) and their medians."""
+    rows = []
+    for hf, vl, load in zip(results["hf"]["repeats"], results["vllm"]["repeats"], loads, strict=True):
+        rows.append({
+            "load_1min": load,
+            "time_vllm_over_hf": round(vl["seconds"] / hf["seconds"], 3),
+            "rate_vllm_over_hf": round(vl["tokens_per_s"] / hf["tokens_per_s"], 3),
+        })  # fmt: skip
+    return {
+        "per_round": rows,
+        "median_time_vllm_over_hf": round(statistics.median(r["time_vllm_over_hf"] for r in rows), 3),
+        "median_rate_vllm_over_hf": round(statistics.median(r["rate_vllm_over_hf"] for r in rows), 3),
+    }
+
+
 def table(results: dict) -> str:
     hf, vl = results["hf"]["summary"], results["vllm"]["summary"]
     opened = {b: results[b]["open_seconds"] for b in BACKENDS}
+    rounds = results["rounds"]
     time_ratio = vl["median_seconds"] / hf["median_seconds"]
     rate_ratio = vl["median_tokens_per_s"] / hf["median_tokens_per_s"]
     lines = [
@@ -170,6 +190,8 @@ def table(results: dict) -> str:
         f"{time_ratio:10.2f} | {'':>10}",
         f"{'generation tokens/s (median)':34} | {hf['median_tokens_per_s']:10.1f} | "
         f"{vl['median_tokens_per_s']:10.1f} | {'':>10} | {rate_ratio:10.2f}",
+        f"{'per-round ratios (median)':34} | {'':>10} | {'':>10} | "
+        f"{rounds['median_time_vllm_over_hf']:10.2f} | {rounds['median_rate_vllm_over_hf']:10.2f}",
     ]
     return "\n".join(lines)
 
@@ -196,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         "vllm": vllm_runner(engines["vllm"], ids, sampling),
     }
     expected = args.prompts * args.max_new_tokens
+    round_loads = []  # the 1-minute load average as each timed round starts
     for round_ in range(args.warmup + args.repeats):
         slot = "warmup" if round_ < args.warmup else "repeats"
+        if slot == "repeats":
+            round_loads.append(round(os.getloadavg()[0], 2))
         for backend in args.order:
             row = timed(runs[backend], expected)
             results[backend][slot].append(row)
@@ -205,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['tokens_per_s']:.1f} tokens/s", flush=True)  # fmt: skip
     for backend in BACKENDS:
         results[backend]["summary"] = summarize(results[backend]["repeats"])
+    results["rounds"] = paired(results, round_loads)
     results["vllm"]["engine_start_seconds"] = round(engines["vllm"].engine.start_seconds, 2)
     results["vllm"]["dtype"] = engines["vllm"].engine.dtype
     results["hf"]["dtype"] = str(next(hf.model.parameters()).dtype).removeprefix("torch.")
@@ -230,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": {
             "time_vllm_over_hf": round(vl_s["median_seconds"] / hf_s["median_seconds"], 3),
             "rate_vllm_over_hf": round(vl_s["median_tokens_per_s"] / hf_s["median_tokens_per_s"], 3),
+            "per_round_median_time_vllm_over_hf": results["rounds"]["median_time_vllm_over_hf"],
+            "per_round_median_rate_vllm_over_hf": results["rounds"]["median_rate_vllm_over_hf"],
             "open_vllm_over_hf": round(results["vllm"]["open_seconds"] / results["hf"]["open_seconds"], 3),
         },
     }
