@@ -27,7 +27,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation_throughput import machine_description  # noqa: E402
+from routing_and_training import write_report  # noqa: E402
 
 from prism_lightning.backbone import BackboneConfig  # noqa: E402
 from prism_lightning.bootstrap.config import BootstrapConfig  # noqa: E402
@@ -179,17 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**info, "load_average_at_end": os.getloadavg()},
         "results": results,
     }
+    out["machine"]["vllm"] = vllm_version()
+    write_report(out, args.json)
+    return out
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version for the report; None where it is not installed."""
     try:
         import vllm
-
-        out["machine"]["vllm"] = vllm.__version__
     except ImportError:
-        pass
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
-    return out
+        return None
+    return vllm.__version__
 
 
 if __name__ == "__main__":  # vLLM may spawn its engine process: keep the guard

@@ -31,7 +31,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from backends import vllm_version  # noqa: E402
 from generation_throughput import machine_description  # noqa: E402
+from routing_and_training import write_report  # noqa: E402
 
 from prism_lightning.backbone import BackboneConfig  # noqa: E402
 from prism_lightning.engines import GenerationConfig, open_engine, parse_overrides  # noqa: E402
@@ -261,16 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             "open_vllm_over_hf": round(results["vllm"]["open_seconds"] / results["hf"]["open_seconds"], 3),
         },
     }
-    try:
-        import vllm
-
-        out["machine"]["vllm"] = vllm.__version__
-    except ImportError:
-        pass
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+    out["machine"]["vllm"] = vllm_version()
+    write_report(out, args.json)
     return out
 
 

@@ -545,6 +545,14 @@ def commit_hash() -> str | None:
         return None
 
 
+def write_report(report: dict, path: str | Path | None) -> None:
+    """The results JSON at ``path`` (its folder made); nothing when no path was asked for."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+
+
 def machine() -> dict:
     import peft
     import transformers
@@ -691,9 +699,7 @@ def main(argv=None) -> dict:
     print("-- ratios (same run) --")
     for k, v in ratios.items():
         print(f"{k:52s} {v:8.4f}  {verdicts.get(k, '')}")
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json_out)
     return report
 
 

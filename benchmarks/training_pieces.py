@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import random
@@ -45,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from routing_and_training import Variant, interleaved, machine, shared_twin, stats  # noqa: E402
+from routing_and_training import Variant, interleaved, machine, shared_twin, stats, write_report  # noqa: E402
 
 TOP_K = 64
 VARIANTS = ("plain_peft", "plain_peft_grouped", "ours_today", "ours_bucketed", "ours_chunked_kl",
@@ -373,9 +372,7 @@ def main(argv=None) -> dict:
     for k, v in out["ratios"].items():
         print(f"{k:60s} {v:.3f}")
     print("checks:", out["checks"])
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json_out)
     return report
 
 
