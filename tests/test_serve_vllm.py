@@ -1,7 +1,8 @@
 """`serve --engine vllm` on the real vLLM engine (CPU build): one server process, the embedded SmolLM2
 checkpoint, the official `openai` client. Routes come from the prefix gate before admission and must
 equal the hf engine's; greedy answers on both routes must equal the hf routed model's; bad requests,
-a client leaving mid-stream and SIGTERM are checked as for the hf engine."""
+a client leaving mid-stream and SIGTERM are checked as for the hf engine, and a base request sent
+together with adapter requests must still get the base answer."""
 
 from __future__ import annotations
 
@@ -69,6 +70,23 @@ def test_streaming_and_concurrent_requests(server):
 
     with ThreadPoolExecutor(6) as pool:  # vLLM batches them (continuous batching)
         assert list(pool.map(run, questions * 3)) == single * 3
+
+
+def test_a_base_request_beside_adapter_requests_gets_the_base_answer(server):
+    """On vLLM's CPU build a request without an adapter that shares an engine step with adapter requests
+    runs the last adapter; the serve engine admits one group at a time there, so a ``:off`` request sent
+    together with ``:on`` requests answers as when sent alone."""
+    question = QUESTIONS[0]
+
+    def run(model):
+        return ask(server, question, model=model).parse().choices[0].message.content
+
+    off, on = run(f"{NAME}:off"), run(f"{NAME}:on")
+    assert off != on  # the adapter changes this answer, else the check below would prove nothing
+    models = [f"{NAME}:on", f"{NAME}:on", f"{NAME}:off", f"{NAME}:on", f"{NAME}:off"]
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(run, models))
+    assert answers == [off if m.endswith(":off") else on for m in models]
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
