@@ -1,21 +1,26 @@
 """Load test of `serve`: N concurrent streaming clients against localhost servers, for a bounded
 number of requests and seconds per phase, measured side by side for
 
+* engines: ``--engines hf,vllm`` starts one server per engine, all up at once (only the one being
+  measured works), so the engines are measured in one run on one machine state;
 * schedulers (hf engine): ``continuous`` (a request joins the running batch at the next decode step)
-  and ``static`` (each batch runs to its end before the next starts), one server each, both up at once
-  (only the one being measured works);
+  and ``static`` (each batch runs to its end before the next starts), one server each;
 * client counts, e.g. ``--clients 8,32``;
-* models: routed ``NAME`` (the gate decides each request's route in its prefill) and base ``NAME:off``
-  (adapter layers switched off: the base model's compute; the gate still reads layer k in the prefill,
-  which is all routing adds); with ``--with-on`` also ``NAME:on``.
+* models: routed ``NAME`` (the gate decides each request's route) and base ``NAME:off`` (adapter layers
+  switched off: the base model's compute; the routing work is all the routed phase adds); with
+  ``--with-on`` also ``NAME:on``.
 
-Every phase runs once per round; phases are interleaved (the order reverses every other round) so a
-change in machine load hits all of them. The table pools each phase's requests over the rounds: TTFT
-and latency percentiles over all its requests, throughput as its tokens over its wall time; ratios are
-continuous / static and routed / base. The routed phases record the share of requests the gate routed
-to the adapter. Greedy decoding; answers stop at their own length, so throughput counts the tokens
-actually generated (``usage`` of each stream), and each phase checks its answers against the first
-phase's answers to the same prompts (greedy answers do not depend on the scheduler or the batch).
+A phase is one server x client count x model. Every phase runs once per round; phases are interleaved
+(the order reverses every other round) so a change in machine load hits all of them, and the 1-minute
+load average is recorded after each phase. The table pools each phase's requests over the rounds: TTFT
+and latency percentiles over all its requests, throughput as its tokens over its wall time. Ratios
+(continuous / static, routed / base per server, vllm / hf per model) keep rates (requests/s, tokens/s)
+and times (latency, TTFT) in separate, labelled columns. The routed phases record the share of
+requests the gate routed to the adapter. Greedy decoding; answers stop at their own length, so
+throughput counts the tokens actually generated (``usage`` of each stream). Within an engine, each
+phase checks its answers against that engine's first phase's answers to the same prompts (greedy
+answers do not depend on the scheduler or the batch); between engines (hf and vLLM may differ in
+floating point) the share of identical answers is reported, not enforced.
 
 Examples::
 
@@ -26,9 +31,11 @@ Examples::
     python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --schedulers continuous,static \
         --clients 8,32 --models routed --requests 100 --rounds 2 --max-tokens 16 --threads 2 \
         --json benchmarks/results/serve_continuous_cpu.json
-    # the vLLM engine (adapter as a per-request LoRA, routed by the prefix gate; it schedules itself)
-    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --engine vllm ... \
-        --json benchmarks/results/serve_vllm_cpu.json
+    # both engines in one run (vLLM: adapter as a per-request LoRA, routed by the prefix gate before
+    # admission; it schedules itself), routed and base, 200 requests or 200 s per phase and round
+    python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --engines hf,vllm --clients 8 \
+        --models routed,base --requests 200 --seconds 200 --rounds 2 --max-tokens 16 --threads 2 \
+        --threshold 0.4672 --json benchmarks/results/serve_engines_cpu.json
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,13 +92,15 @@ def demo_checkpoint(path: Path) -> Path:
 class Server:
     """`python -m prism_lightning serve` in a child process on a free port."""
 
-    def __init__(self, checkpoint: Path, args: argparse.Namespace, scheduler: str | None) -> None:
+    def __init__(
+        self, checkpoint: Path, args: argparse.Namespace, engine: str, scheduler: str | None
+    ) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else dict(os.environ)
         env.pop("PRISM_API_KEY", None)  # a loopback server without a key: the clients here send none
-        self.log = Path(args.log if scheduler is None else f"{args.log}.{scheduler}")
+        self.log = Path(f"{args.log}.{server_label(engine, scheduler)}")
         cmd = [sys.executable, "-m", "prism_lightning", "serve", "--checkpoint", str(checkpoint),
                "--port", "0", "--served_model_name", "prism", "--max_batch_size", str(args.max_batch_size),
-               "--log_level", "warning", "--engine", args.engine]  # fmt: skip
+               "--log_level", "warning", "--engine", engine]  # fmt: skip
         if scheduler is not None:
             cmd += ["--scheduler", scheduler]
         if args.threshold is not None:
@@ -114,7 +124,9 @@ class Server:
                 except httpx.HTTPError:
                     pass
             time.sleep(0.3)
-        sys.exit("error: the server did not come up in time")
+        self.proc.kill()
+        self.proc.wait()
+        sys.exit(f"error: the server did not come up in time (log: {self.log})")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -211,7 +223,27 @@ def _pct(values: list[float], q: float) -> float:
     return values[k]
 
 
-METRICS = ["requests_per_s", "tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
+RATES = ["requests_per_s", "tokens_per_s"]  # higher is faster
+TIMES = ["latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]  # lower is faster
+METRICS = RATES + TIMES
+ENGINES = ("hf", "vllm")
+SCHEDULERS = ("continuous", "static")
+MODELS = {"routed": "prism", "base": "prism:off"}
+
+
+def server_label(engine: str, scheduler: str | None) -> str:
+    return engine if scheduler is None else f"{engine}-{scheduler}"
+
+
+def ratio(top: dict, bottom: dict) -> dict:
+    """top / bottom of two phases' pooled numbers, rates and times apart (a rate ratio above 1 and a
+    time ratio below 1 both mean ``top`` is faster)."""
+
+    def div(m: str) -> float | None:
+        a, b = top[m], bottom[m]
+        return a / b if b and a == a and b == b else None  # no requests or nan: no ratio
+
+    return {"rate": {m: div(m) for m in RATES}, "time": {m: div(m) for m in TIMES}}
 
 
 def machine() -> dict:
@@ -233,20 +265,34 @@ def machine() -> dict:
     return info
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one ``error:`` line and exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> typing.NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
 def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in allowed]
     if not names or bad:
-        sys.exit(f"error: {flag} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
+        _fail(f"{flag} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
     return list(dict.fromkeys(names))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (bad input: one error line, exit 2), with the plan added: ``servers``
+    (engine, scheduler or None) pairs, ``client_counts`` and ``model_names`` (phase -> served name)."""
+    p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--checkpoint", type=Path, help="exported PRISM checkpoint to serve")
     where.add_argument("--demo-checkpoint", type=Path, help="make (once) and serve an untrained checkpoint")
-    p.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="the server's engine")
+    p.add_argument("--engines", "--engine", default="hf", help="hf, vllm or hf,vllm (one server each)")
     p.add_argument("--schedulers", default="continuous", help="hf: continuous,static (one server each)")
     p.add_argument("--clients", default="8", help="concurrent clients, one or a comma-separated list")
     p.add_argument("--models", default="routed,base", help="phases: routed, base (NAME:off)")
@@ -256,101 +302,162 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="each phase runs this many times, interleaved")
     p.add_argument("--with-on", action="store_true", help="also measure NAME:on (adapter for every request)")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=None, help="the server's gate threshold")
-    p.add_argument("--threads", type=int, default=None, help="OMP threads of the server (default: torch's)")
-    p.add_argument("--log", default="serve_load_server.log", help="the server's log file")
+    p.add_argument("--threshold", type=float, default=None, help="the servers' gate threshold")
+    p.add_argument("--threads", type=int, default=None, help="OMP threads of each server (default: torch's)")
+    p.add_argument("--log", default="serve_load_server.log", help="the servers' log files: this + .<server>")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
-        clients = [int(c) for c in args.clients.split(",")]
+        args.client_counts = [int(c) for c in args.clients.split(",")]
     except ValueError:
-        sys.exit(f"error: --clients takes numbers, e.g. 8 or 8,32; got {args.clients!r}")
-    schedulers = _names(args.schedulers, ("continuous", "static"), "--schedulers")
-    if args.engine == "vllm" and schedulers != ["continuous"]:
-        sys.exit("error: --schedulers is for --engine hf (vLLM schedules continuously itself)")
-    models = {"routed": "prism", "base": "prism:off"}
-    models = {m: models[m] for m in _names(args.models, tuple(models), "--models")}
+        _fail(f"--clients takes numbers, e.g. 8 or 8,32; got {args.clients!r}")
+    engines = _names(args.engines, ENGINES, "--engines")
+    schedulers = _names(args.schedulers, SCHEDULERS, "--schedulers")
+    if "hf" not in engines and schedulers != ["continuous"]:
+        _fail("--schedulers is for the hf engine (vLLM schedules continuously itself)")
+    args.servers = [("hf", s) for s in schedulers if "hf" in engines] + [("vllm", None)] * ("vllm" in engines)
+    args.model_names = {m: MODELS[m] for m in _names(args.models, tuple(MODELS), "--models")}
     if args.with_on:
-        models["on"] = "prism:on"
+        args.model_names["on"] = "prism:on"
     for name in ("requests", "max_tokens", "rounds", "max_batch_size"):
         if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if min(clients) < 1:
-        sys.exit("error: --clients must be >= 1")
+            _fail(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.client_counts) < 1:
+        _fail("--clients must be >= 1")
     if args.seconds <= 0:
-        sys.exit("error: --seconds must be > 0")
+        _fail("--seconds must be > 0")
     if args.checkpoint is not None and not (args.checkpoint / "prism.json").exists():
-        sys.exit(f"error: {args.checkpoint} is not an exported PRISM checkpoint (no prism.json)")
-    checkpoint = args.checkpoint or demo_checkpoint(args.demo_checkpoint)
+        _fail(f"{args.checkpoint} is not an exported PRISM checkpoint (no prism.json)")
+    return args
 
+
+def phase_order(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(server, clients, model) phases of one round; the servers of one client count and model are
+    neighbours in time, so the engine and scheduler ratios compare phases that shared the machine."""
+    labels = [server_label(e, s) for e, s in args.servers]
+    return [(label, n, m) for n in args.client_counts for m in args.model_names for label in labels]
+
+
+def compare(args: argparse.Namespace, summary: dict, runs: dict) -> tuple[dict, dict, dict]:
+    """(ratios, the routed phases' routing share, hf-vs-vLLM answer agreement) from the pooled phases."""
+    labels = [server_label(e, s) for e, s in args.servers]
+    hf = [label for label in labels if label.startswith("hf")]
+    ratios, shares, agreement = {}, {}, {}
+    for n in args.client_counts:
+        for model in args.model_names:
+            if {"hf-continuous", "hf-static"} <= set(labels):
+                cont, stat = summary[f"hf-continuous/{n}/{model}"], summary[f"hf-static/{n}/{model}"]
+                ratios[f"continuous/static {n} {model}"] = ratio(cont, stat)
+            for h in hf if "vllm" in labels else []:
+                name = f"vllm/{h} {n} {model}"
+                ratios[name] = ratio(summary[f"vllm/{n}/{model}"], summary[f"{h}/{n}/{model}"])
+                agreement[name] = _agreement(runs[("vllm", n, model)], runs[(h, n, model)])
+        for label in labels:
+            if {"routed", "base"} <= set(args.model_names):
+                routed, base = summary[f"{label}/{n}/routed"], summary[f"{label}/{n}/base"]
+                ratios[f"routed/base {label} {n}"] = ratio(routed, base)
+            if "routed" in args.model_names:
+                shares[f"{label} {n}"] = summary[f"{label}/{n}/routed"]["routed_share"]
+    return ratios, shares, agreement
+
+
+def _agreement(runs: list[dict], reference_runs: list[dict]) -> dict:
+    """How many of one phase's answers (and routes) equal the reference phase's answer to that prompt."""
+    ref: dict[int, dict] = {}
+    for rec in (x for run in reference_runs for x in run["records"]):
+        ref.setdefault(rec["prompt"], rec)
+    recs = [x for run in runs for x in run["records"] if x["prompt"] in ref]
+    same_text = sum(x["text"] == ref[x["prompt"]]["text"] for x in recs)
+    same_route = sum(x["route"] == ref[x["prompt"]]["route"] for x in recs)
+    return {
+        "compared": len(recs),
+        "identical_answers_share": same_text / len(recs) if recs else None,
+        "identical_routes_share": same_route / len(recs) if recs else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    checkpoint = args.checkpoint or demo_checkpoint(args.demo_checkpoint)
     info = machine()
     loads = [os.getloadavg()]
-    servers = {s: Server(checkpoint, args, s if args.engine == "hf" else None) for s in schedulers}
-    phases = [(s, c, m) for c in clients for m in models for s in schedulers]
+    phases = phase_order(args)
+    engine_of = {server_label(e, s): e for e, s in args.servers}
     runs: dict[tuple, list[dict]] = {phase: [] for phase in phases}
+    servers: dict[str, Server] = {}
     try:
+        for engine, sched in args.servers:
+            servers[server_label(engine, sched)] = Server(checkpoint, args, engine, sched)
         for server in servers.values():  # warm up: first calls allocate and compile
-            run_phase(server.url, "prism", max(clients), argparse.Namespace(**{**vars(args), "requests": 8}))
+            n = max(args.client_counts)
+            run_phase(server.url, "prism", n, argparse.Namespace(**{**vars(args), "requests": 8}))
         started = time.perf_counter()
         for r in range(args.rounds):
             for phase in phases if r % 2 == 0 else phases[::-1]:
-                sched, n, model = phase
-                result = run_phase(servers[sched].url, models[model], n, args)
-                runs[phase].append(result)
+                label, n, model = phase
+                result = run_phase(servers[label].url, args.model_names[model], n, args)
                 loads.append(os.getloadavg())
+                result["load_average_after"] = loads[-1]
+                runs[phase].append(result)
                 tokens = sum(x["tokens"] for x in result["records"])
                 done = len(result["records"])
                 rate = tokens / result["wall_s"]
-                print(f"round {r + 1} {sched:<10} {n:>3} clients {model:<6} {done} requests, {rate:.1f} tok/s"
-                      f", load {loads[-1][0]:.1f}", flush=True)  # fmt: skip
+                print(f"round {r + 1} {label:<14} {n:>3} clients {model:<6} {done} requests in "
+                      f"{result['wall_s']:.0f} s, {rate:.1f} tok/s, load {loads[-1][0]:.1f}",
+                      flush=True)  # fmt: skip
         elapsed = time.perf_counter() - started
     finally:
         for server in servers.values():
             server.stop()
 
-    # greedy answers must not depend on the scheduler or on the batch: compare with the first phase's
+    # within an engine, greedy answers must not depend on the scheduler or on the batch: compare with
+    # the engine's first phase's answer to the same prompt
     reference: dict[tuple, str] = {}
-    for (_, _, model), rs in runs.items():
+    for (label, _, model), rs in runs.items():
         for rec in (x for run in rs for x in run["records"]):
-            reference.setdefault((model, rec["prompt"]), rec["text"])
+            reference.setdefault((engine_of[label], model, rec["prompt"]), rec["text"])
     summary = {}
-    for phase, rs in runs.items():
-        sched, n, model = phase
+    for (label, n, model), rs in runs.items():
         row = pooled(rs)
         texts = [(rec["prompt"], rec["text"]) for run in rs for rec in run["records"]]
-        row["answers_differing_from_first_phase"] = sum(t != reference[(model, k)] for k, t in texts)
-        summary[f"{sched}/{n}/{model}"] = row
-    ratios = {}
-    if {"continuous", "static"} <= set(schedulers):
-        for n in clients:
-            for model in models:
-                cont, stat = summary[f"continuous/{n}/{model}"], summary[f"static/{n}/{model}"]
-                ratios[f"continuous/static {n} {model}"] = {m: cont[m] / stat[m] for m in METRICS}
-    if {"routed", "base"} <= set(models):
-        for s in schedulers:
-            for n in clients:
-                routed, base = summary[f"{s}/{n}/routed"], summary[f"{s}/{n}/base"]
-                ratios[f"routed/base {s} {n}"] = {m: routed[m] / base[m] for m in METRICS}
+        key = engine_of[label], model
+        row["answers_differing_from_first_phase"] = sum(t != reference[(*key, k)] for k, t in texts)
+        row["requests_per_round"] = [len(run["records"]) for run in rs]
+        row["load_average_after_each_round"] = [run["load_average_after"][0] for run in rs]
+        summary[f"{label}/{n}/{model}"] = row
+    ratios, shares, agreement = compare(args, summary, runs)
+
     low, high = min(x[0] for x in loads), max(x[0] for x in loads)
     print(f"\n{args.requests} requests or {args.seconds:g} s per phase and round, max_tokens "
-          f"{args.max_tokens}, {args.engine} engine, {args.rounds} interleaved rounds pooled ({info['cpu']}, "
+          f"{args.max_tokens}, {args.rounds} interleaved rounds pooled ({info['cpu']}, "
           f"{info['cpu_count']} cores, load average {low:.1f}-{high:.1f})")  # fmt: skip
-    cols = [*METRICS, "routed_share"]
+    cols = ["requests", *METRICS, "routed_share"]
     print(f"{'':<26}" + "".join(f"{m:>15}" for m in cols))
     for name, row in summary.items():
         cells = (f"{row[m]:>15.3f}" if row[m] is not None else f"{'-':>15}" for m in cols)
         print(f"{name:<26}" + "".join(cells))
-    for name, row in ratios.items():
-        print(f"{name:<26}" + "".join(f"{row[m]:>15.3f}" for m in METRICS))
+    if ratios:
+        print(f"\n{'ratio':<34}" + "".join(f"{'rate ' + m:>22}" for m in RATES) + " |"
+              + "".join(f"{'time ' + m:>20}" for m in TIMES))  # fmt: skip
+        for name, row in ratios.items():
+            fmt = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+            print(f"{name:<34}" + "".join(fmt(row["rate"][m], 22) for m in RATES) + " |"
+                  + "".join(fmt(row["time"][m], 20) for m in TIMES))  # fmt: skip
+    for name, row in agreement.items():
+        print(f"{name}: {row['compared']} answers compared, identical {row['identical_answers_share']:.3f}, "
+              f"same route {row['identical_routes_share']:.3f}")  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        plan = {"servers", "client_counts", "model_names"}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in plan}
+        settings["servers"] = [server_label(e, s) for e, s in args.servers]
         info["load_average_after_each_phase"] = loads[1:]
         info["measured_s"] = elapsed
         raw = {f"{s}/{n}/{m}": [{k: v for k, v in run.items() if k != "records"} | {"records": [
             {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items() if k != "text"}
             for rec in run["records"]]} for run in rs] for (s, n, m), rs in runs.items()}  # fmt: skip
-        out = {"machine": info, "settings": settings, "summary": summary, "ratios": ratios, "runs": raw}
+        out = {"machine": info, "settings": settings, "summary": summary, "ratios": ratios,
+               "routing_share": shares, "engine_agreement": agreement, "runs": raw}  # fmt: skip
         args.json.write_text(json.dumps(out, indent=1) + "\n")  # per-request records: 0.1 ms is plenty
         print(f"wrote {args.json}")
 
