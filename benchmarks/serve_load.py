@@ -32,9 +32,9 @@ Examples::
         --clients 8,32 --models routed --requests 100 --rounds 2 --max-tokens 16 --threads 2 \
         --json benchmarks/results/serve_continuous_cpu.json
     # both engines in one run (vLLM: adapter as a per-request LoRA, routed by the prefix gate before
-    # admission; it schedules itself), routed and base, 200 requests or 200 s per phase and round
+    # admission; it schedules itself), routed and base, 200 requests or 240 s per phase and round
     python benchmarks/serve_load.py --demo-checkpoint /tmp/prism-demo --engines hf,vllm --clients 8 \
-        --models routed,base --requests 200 --seconds 200 --rounds 2 --max-tokens 16 --threads 2 \
+        --models routed,base --requests 200 --seconds 240 --rounds 2 --max-tokens 16 --threads 2 \
         --threshold 0.4672 --json benchmarks/results/serve_engines_cpu.json
 """
 
