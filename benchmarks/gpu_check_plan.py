@@ -36,7 +36,7 @@ SETTINGS: dict[str, dict[str, dict]] = {
         "tiny": {"batch": 2, "prompt_len": 16, "reps": 2},
     },
     "training": {
-        "gpu": {"batch": 4, "tokens": 1024, "reps": 5},
+        "gpu": {"batch": 4, "tokens": 1024, "reps": 3},
         "tiny": {"batch": 2, "tokens": 16, "reps": 2},
     },
     # Fixed length (stop tokens ignored), one batch of 128 prompts of 128-256 tokens on the GPU (64 new
@@ -134,7 +134,8 @@ def estimate(r: Rates = H200) -> list[tuple[str, float, str]]:
     routing_how = f"build + ({g['reps']}+1) x {units:.1f} prefills of {p:.2f} s + 6 decode variants"
     t = SETTINGS["training"]["gpu"]
     step = _train_s(t["batch"] * t["tokens"], r)
-    tunits = 1 + 1 + 0.55 + 0.5 + 1.1  # ours, plain, ours mixed, plain distill rows, reference style
+    # ours, ours with the chunked top-k KL, plain, ours mixed, plain distill rows, reference style
+    tunits = 1 + 1 + 1 + 0.55 + 0.5 + 1.1
     training = r.build_s + r.trainer_s + (t["reps"] + 1) * tunits * step
     training_how = f"build + ({t['reps']}+1) x {tunits:.2f} steps of {step:.2f} s"
     q = SETTINGS["generation"]["gpu"]

@@ -60,6 +60,8 @@ SHAPES = {
     "qwen2.5-7b": dict(hidden=3584, layers=28, heads=28, kv=4, inter=18944, vocab=152064, tie=False),
 }
 REFERENCE_STYLE = "reference_style_mixed_all_rows_full_logits"
+KL_CHUNKED = "ours_all_distill_kl_chunked"
+KL_CHUNK_POSITIONS = 256  # response positions per LM-head chunk of the chunked top-k KL
 # docs/performance.md's targets. Training is held against a competent plain transformers + peft step on
 # the same rows with the same response-only loss: the naive step (every row through every layer, logits
 # everywhere) is reported beside it but is no target, since a peft user need not train that way. The
@@ -479,8 +481,9 @@ def bench_training(args, device: str, dtype: torch.dtype) -> dict:
         return step
 
     # Plain steps run without our hooks on the model; ours with them (re-registered, untimed).
-    def hooks(on: bool):
+    def hooks(on: bool, kl_chunk: int = 0):
         def setup():
+            module.hparams.kl_chunk_positions = kl_chunk  # read by every training step
             have = module.controller is not None
             if on and not have:
                 from prism_lightning.model.routing import RoutingController
@@ -512,6 +515,8 @@ def bench_training(args, device: str, dtype: torch.dtype) -> dict:
 
     variants = {
         "ours_all_distill": Variant(ours(full), hooks(True), after),
+        # the top-k KL from the hidden states and the teacher's k rows of the LM head (kl_chunk_positions)
+        KL_CHUNKED: Variant(ours(full), hooks(True, KL_CHUNK_POSITIONS), after),
         "plain_peft_all_distill": Variant(plain(full), hooks(False), after),
         "ours_mixed": Variant(ours(mix), hooks(True), after),
         "plain_peft_mixed_distill_rows": Variant(plain(mix), hooks(False), after),
@@ -617,7 +622,15 @@ def ratios_from(res: dict) -> dict:
         r["train_tokens_per_s_ours_mixed_vs_reference_style"] = statistics.median(
             [f / m for m, f in zip(t["ours_mixed"], t[REFERENCE_STYLE], strict=True)]
         )
+        if KL_CHUNKED in t:
+            r["train_tokens_per_s_ours_kl_chunked_vs_plain_same_rows"] = statistics.median(
+                [p / c for c, p in zip(t[KL_CHUNKED], t["plain_peft_all_distill"], strict=True)]
+            )
         if "peak_gib" in res["ours_all_distill"]:
+            if KL_CHUNKED in res:
+                r["train_peak_mem_ours_kl_chunked_vs_plain_same_rows"] = (
+                    res[KL_CHUNKED]["peak_gib"] / res["plain_peft_all_distill"]["peak_gib"]
+                )
             r["train_peak_mem_ours_vs_plain_same_rows"] = (
                 res["ours_all_distill"]["peak_gib"] / res["plain_peft_all_distill"]["peak_gib"]
             )
