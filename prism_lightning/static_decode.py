@@ -28,6 +28,10 @@ import torch
 
 __all__ = ["DECODE_COMPILE", "StaticDecoder", "decoder_for", "use_static_decode"]
 
+#: Compilations of the decode step a process may make (one per batch x length bucket pair it meets: up to
+#: 9 batch buckets x 7 length buckets for batches of 1-256 and caches of 64-4,096 tokens).
+RECOMPILE_LIMIT = 64
+
 # decode_compile settings: auto (on for CUDA, off elsewhere), on, off
 DECODE_COMPILE: tuple[str, ...] = ("auto", "on", "off")
 MIN_CACHE_LEN = 64
@@ -105,6 +109,7 @@ class StaticDecoder:
         self._cache = None
         self._key: tuple | None = None
         self._compiled_step = None
+        self._fresh = True
 
     def begin(
         self,
@@ -144,6 +149,7 @@ class StaticDecoder:
         self._positions = last_pos[rows].clone()
         self._tokens = next_tok[rows].clone()
         self._slots = torch.arange(n, device=mask.device)  # the slot of each running row
+        self._fresh = True  # the next step may meet new shapes or inputs: a recompilation
         return rows
 
     def keep(self, kept: torch.Tensor) -> None:
@@ -170,7 +176,15 @@ class StaticDecoder:
             run = self._compiled_step
             if self._tokens.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read already
-        logits = run(self._cache, self._tokens[:, None], self._mask, self._positions[:, None])
+        args = (self._cache, self._tokens[:, None], self._mask, self._positions[:, None])
+        if self.compiled and self._fresh:
+            # Each bucket pair is one more compilation of the same step; past dynamo's default limit (8)
+            # it would fall back to eager silently for the rest of the process.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                logits = run(*args)
+        else:
+            logits = run(*args)
+        self._fresh = False
         return logits[self._slots]
 
     def _step(self, cache, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):

@@ -144,3 +144,27 @@ def test_sliding_window_models_are_refused():
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert [length_bucket(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 512]
+
+
+def test_many_bucket_pairs_stay_compiled(parts):
+    """A long-running process meets more batch x length buckets than dynamo's default recompile limit (8);
+    each must still get its compiled step rather than a silent fall-back to eager (dynamo's own eager
+    backend here, so the test traces without paying inductor's compile)."""
+    import torch
+
+    from prism_lightning.static_decode import StaticDecoder, _decoders
+
+    model, tokenizer, prompts = parts
+    torch._dynamo.reset()  # no compilations of the step left from other tests count against the limit
+    _decoders[model] = StaticDecoder(model, backend="eager")
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for rows in (1, 2, 3, 5, 9):  # batch buckets 1, 2, 4, 8, 16
+                batch = (prompts * 2)[:rows]
+                for new in (2, 70):  # cache buckets 64 and 128
+                    sampling = SamplingConfig(max_new_tokens=new)
+                    out = generate_batch(model, tokenizer, batch, sampling, stop_ids=[], decode_compile="on")
+                    assert [len(o.token_ids) for o in out] == [new] * rows
+    finally:
+        del _decoders[model]
+        torch._dynamo.reset()
