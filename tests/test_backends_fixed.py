@@ -3,21 +3,12 @@ opens an engine (the measurement itself needs vLLM and minutes; it is run by han
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("backends_fixed", ROOT / "benchmarks" / "backends_fixed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def script(load_benchmark):
+    return load_benchmark("backends_fixed")
 
 
 @pytest.mark.parametrize(
@@ -31,15 +22,15 @@ def _script():
         (["--vllm", "nosuch=1"], "error: unknown generation key(s) nosuch"),
     ],
 )
-def test_bad_arguments_are_one_error_line_and_exit_2(argv, message, capsys):
+def test_bad_arguments_are_one_error_line_and_exit_2(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _script().main(argv)
+        script.main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(message)
 
 
-def test_good_arguments_parse():
-    args = _script().parse_args(["--prompts", "4", "--order", "vllm,hf", "--vllm", "max_num_seqs=8"])
+def test_good_arguments_parse(script):
+    args = script.parse_args(["--prompts", "4", "--order", "vllm,hf", "--vllm", "max_num_seqs=8"])
     assert args.order == ["vllm", "hf"] and args.generation.backend == "vllm"
     assert args.generation.max_num_seqs == 8

@@ -4,7 +4,6 @@ then the recall check through benchmarks/context_recall.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -32,13 +31,6 @@ from prism_lightning.eval.recall import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------- the examples and their configs
@@ -174,8 +166,8 @@ def test_bad_recall_file_is_a_config_error(tmp_path):
         load_recall_set(tmp_path / "missing.yaml")
 
 
-def test_context_of_tokens_has_the_asked_size(tiny_backbone):
-    savings = _load_script("context_savings")
+def test_context_of_tokens_has_the_asked_size(tiny_backbone, load_benchmark):
+    savings = load_benchmark("context_savings")
     tokenizer = tiny_backbone.tokenizer
     for n in (20, 300):
         text = savings.context_of_tokens(tokenizer, n)
@@ -229,8 +221,8 @@ def test_examples_bootstrap_train_and_export(context_checkpoint):
 
 
 @pytest.mark.slow
-def test_recall_script_on_the_tiny_checkpoint(context_checkpoint, tmp_path, capsys):
-    recall_script = _load_script("context_recall")
+def test_recall_script_on_the_tiny_checkpoint(context_checkpoint, tmp_path, capsys, load_benchmark):
+    recall_script = load_benchmark("context_recall")
     out = tmp_path / "recall.json"
     recall_script.main(
         ["--checkpoint", str(context_checkpoint / "export"), "--limit", "2", "--max_new_tokens", "4",
@@ -250,12 +242,12 @@ def test_recall_script_on_the_tiny_checkpoint(context_checkpoint, tmp_path, caps
     assert set(result["summary"]["conditions"]) == {"base", "context", "adapter", "gated"}
 
 
-def test_prefix_cache_gives_the_prompts_own_logits(tiny_backbone):
+def test_prefix_cache_gives_the_prompts_own_logits(tiny_backbone, load_benchmark):
     """Serving the context from a prefix KV cache (benchmarks/context_savings.py) changes no next-token
     logit: the shared prefix is prefilled once, each query's suffix against it, pads between the two."""
     import torch
 
-    savings = _load_script("context_savings")
+    savings = load_benchmark("context_savings")
     model, tokenizer, formatter = tiny_backbone.model.eval(), tiny_backbone.tokenizer, tiny_backbone.formatter
     context = savings.context_of_tokens(tokenizer, 60)
     queries = ["What is the frame made of?", "Who?", "How long does the battery last on a cold day?"]
@@ -282,8 +274,8 @@ def test_prefix_cache_gives_the_prompts_own_logits(tiny_backbone):
     torch.testing.assert_close(again, want[:1], atol=savings.LOGIT_ATOL, rtol=0)
 
 
-def test_context_savings_rejects_bad_sizes(capsys):
-    savings = _load_script("context_savings")
+def test_context_savings_rejects_bad_sizes(capsys, load_benchmark):
+    savings = load_benchmark("context_savings")
     with pytest.raises(SystemExit) as exit_:
         savings.main(["--sizes", "0,x"])
     assert exit_.value.code == 2

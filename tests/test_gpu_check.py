@@ -6,7 +6,6 @@ skipped with the reason, and every performance target gets a PASS / MISS line.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,17 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "benchmarks" / "gpu_check.py")
 
 
-def _plan():
+@pytest.fixture(scope="module")
+def plan(load_benchmark):
     """benchmarks/gpu_check_plan.py (standard library only), loaded without the check's import blocking."""
-    spec = importlib.util.spec_from_file_location("gpu_check_plan", ROOT / "benchmarks" / "gpu_check_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check_plan")
 
 
 def _run(args: list[str], out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
@@ -36,8 +34,7 @@ def _run(args: list[str], out: Path, timeout: float) -> tuple[subprocess.Complet
     return proc, json.loads((out / "gpu_check-cpu.json").read_text())
 
 
-def test_gpu_check_dry_run_on_cpu(tmp_path):
-    plan = _plan()
+def test_gpu_check_dry_run_on_cpu(plan, tmp_path):
     proc, report = _run(["--threads", "1"], tmp_path, timeout=900)
     steps = report["steps"]
     failed = {k: v["error"] for k, v in steps.items() if v["status"] == "FAIL"}
@@ -120,8 +117,7 @@ def test_a_step_whose_budget_does_not_fit_is_skipped(tmp_path):
     assert sum("N/A (not in the check" in line for line in lines) == 1
 
 
-def test_estimate_budgets_and_target_verdicts():
-    plan = _plan()
+def test_estimate_budgets_and_target_verdicts(plan):
     assert plan.total_estimate() <= 360
     budgets = plan.budgets()
     assert set(budgets) == set(plan.STEPS)
